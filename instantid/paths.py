@@ -1,0 +1,31 @@
+"""Where the pack's models live inside a ComfyUI installation.
+
+`models/instantid/` holds the adapter, `models/controlnet/` the IdentityNet (any subfolder),
+`models/insightface/models/antelopev2/` the face models. Folders from extra_model_paths.yaml
+(keys `instantid`, `insightface`) are kept and searched first.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import ModuleType
+
+ADAPTER_FOLDER = "instantid"
+FACE_MODELS_FOLDER = "insightface"
+
+
+def register_model_folders(folder_paths: ModuleType) -> None:
+    """Add the pack's folder names to ComfyUI's folder_paths, keeping any paths that
+    extra_model_paths.yaml registered before the pack was imported."""
+    wanted = {ADAPTER_FOLDER: set(folder_paths.supported_pt_extensions), FACE_MODELS_FOLDER: {".onnx"}}
+    for name, extensions in wanted.items():
+        default = os.path.join(folder_paths.models_dir, name)
+        paths = list(folder_paths.folder_names_and_paths.get(name, ([], set()))[0])
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[name] = (paths, extensions)
+
+
+def face_model_roots(folder_paths: ModuleType) -> list[Path]:
+    """The insightface roots to search for antelopev2, in ComfyUI's order."""
+    return [Path(p) for p in folder_paths.get_folder_paths(FACE_MODELS_FOLDER)]

@@ -1,0 +1,247 @@
+"""ComfyUI node declarations (V3 schema). Node ids, input names and widget order are those of the
+original ComfyUI_InstantID pack, so workflows shared for it load here; new options are appended
+as optional inputs with defaults. Each execute() calls into instantid/, where the work happens."""
+from __future__ import annotations
+
+from typing import Any
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io, ui
+from typing_extensions import override
+
+from .instantid.adapter import load_adapter
+from .instantid.apply import (ON_NO_FACE, apply_attention_only, apply_control_only, apply_instantid,
+                              keypoints_image)
+from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
+from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
+
+register_model_folders(folder_paths)
+
+InstantIDType = io.Custom("INSTANTID")
+FaceAnalysisType = io.Custom("FACEANALYSIS")
+FaceEmbedsType = io.Custom("FACE_EMBEDS")
+CATEGORY = "InstantID"
+
+
+def _notes_ui(notes: list[str]) -> dict | None:
+    return ui.PreviewText("\n".join(notes)) if notes else None
+
+
+def _on_no_face_input() -> io.Combo.Input:
+    return io.Combo.Input("on_no_face", options=list(ON_NO_FACE), default="error", optional=True,
+                          tooltip="What to do when an image has no detectable face: 'error' stops with a message "
+                                  "naming the image; 'skip' passes the inputs through unchanged and reports it.")
+
+
+def _schedule_inputs() -> list[io.Input]:
+    return [io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.001,
+                           tooltip="Fraction of the sampling schedule where InstantID starts acting (0 = first step)."),
+            io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.001,
+                           tooltip="Fraction of the sampling schedule where InstantID stops acting (1 = last step).")]
+
+
+def _apply_head_inputs() -> list[io.Input]:
+    return [InstantIDType.Input("instantid", tooltip="The InstantID adapter from 'Load InstantID Model'."),
+            FaceAnalysisType.Input("insightface", tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
+            io.ControlNet.Input("control_net", tooltip="The InstantID IdentityNet, loaded with 'Load ControlNet Model'."),
+            io.Image.Input("image", tooltip="Reference photo(s) of the person. Several images are combined into one identity."),
+            io.Model.Input("model", tooltip="An SDXL model. It is not modified: a patched copy is returned."),
+            io.Conditioning.Input("positive", tooltip="Positive conditioning (your prompt)."),
+            io.Conditioning.Input("negative", tooltip="Negative conditioning.")]
+
+
+def _apply_tail_inputs() -> list[io.Input]:
+    return [io.Image.Input("image_kps", optional=True,
+                           tooltip="Optional pose image: its face keypoints set the face position and angle. "
+                                   "Without it the pose of the reference photo is used."),
+            io.Mask.Input("mask", optional=True,
+                          tooltip="Optional mask: the identity (and this positive prompt) act only inside it; "
+                                  "combine two masked Apply nodes for two people."),
+            _on_no_face_input()]
+
+
+def _apply_outputs() -> list[io.Output]:
+    return [io.Model.Output(display_name="MODEL", tooltip="The model with InstantID face attention."),
+            io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning with the IdentityNet."),
+            io.Conditioning.Output(display_name="negative", tooltip="Negative conditioning with the IdentityNet.")]
+
+
+class InstantIDModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDModelLoader", display_name="Load InstantID Model", category=CATEGORY,
+            description="Loads the InstantID adapter (ip-adapter.bin or .safetensors from models/instantid) and "
+                        "checks its layout.",
+            inputs=[io.Combo.Input("instantid_file", options=folder_paths.get_filename_list(ADAPTER_FOLDER),
+                                   tooltip="The adapter file in ComfyUI/models/instantid (ip-adapter.bin from InstantX/InstantID).")],
+            outputs=[InstantIDType.Output(display_name="INSTANTID", tooltip="The loaded adapter.")])
+
+    @classmethod
+    def execute(cls, instantid_file: str) -> io.NodeOutput:
+        return io.NodeOutput(load_adapter(folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, instantid_file)))
+
+
+class InstantIDFaceAnalysis(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDFaceAnalysis", display_name="InstantID Face Analysis", category=CATEGORY,
+            description="Loads the antelopev2 face detector and recognizer (models/insightface/models/antelopev2). "
+                        "Never downloads anything.",
+            inputs=[io.Combo.Input("provider", options=PROVIDER_CHOICES, default="auto",
+                                   tooltip="Where face analysis runs. 'auto' picks the best available onnxruntime "
+                                           "provider and falls back to CPU.")],
+            outputs=[FaceAnalysisType.Output(display_name="FACEANALYSIS", tooltip="Face detection and recognition.")])
+
+    @classmethod
+    def execute(cls, provider: str) -> io.NodeOutput:
+        analyzer = FaceAnalyzer.load(find_antelopev2(face_model_roots(folder_paths)), provider)
+        return io.NodeOutput(analyzer, ui=_notes_ui(analyzer.warnings))
+
+
+class FaceKeypointsPreprocessor(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceKeypointsPreprocessor", display_name="Face Keypoints Preprocessor", category=CATEGORY,
+            description="Draws the five face keypoints (eyes, nose, mouth corners) of each image, as the IdentityNet "
+                        "expects them. Batch positions are kept.",
+            inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis'."),
+                    io.Image.Input("image", tooltip="Image(s) whose face pose to extract."),
+                    _on_no_face_input()],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The keypoint image(s), same size as the input.")])
+
+    @classmethod
+    def execute(cls, faceanalysis: Any, image: Any, on_no_face: str = "error") -> io.NodeOutput:
+        keypoints, notes = keypoints_image(faceanalysis, image, on_no_face)
+        return io.NodeOutput(keypoints, ui=_notes_ui(notes))
+
+
+class ApplyInstantID(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyInstantID", display_name="Apply InstantID", category=CATEGORY,
+            description="Makes the SDXL model draw the person in the reference photo: face attention on all 70 "
+                        "cross-attention layers plus the IdentityNet, one strength for both.",
+            inputs=[*_apply_head_inputs(),
+                    io.Float.Input("weight", default=0.8, min=0.0, max=5.0, step=0.01,
+                                   tooltip="Strength of both the face attention and the IdentityNet (0.8 recommended)."),
+                    *_schedule_inputs(), *_apply_tail_inputs()],
+            outputs=_apply_outputs())
+
+    @classmethod
+    def execute(cls, instantid: Any, insightface: Any, control_net: Any, image: Any, model: Any, positive: Any,
+                negative: Any, weight: float, start_at: float, end_at: float, image_kps: Any = None, mask: Any = None,
+                on_no_face: str = "error") -> io.NodeOutput:
+        outcome = apply_instantid(adapter=instantid, face_analysis=insightface, control_net=control_net, image=image,
+                                  model=model, positive=positive, negative=negative, ip_weight=weight,
+                                  cn_strength=weight, start_at=start_at, end_at=end_at, image_kps=image_kps,
+                                  mask=mask, on_no_face=on_no_face)
+        return io.NodeOutput(outcome.model, outcome.positive, outcome.negative, ui=_notes_ui(outcome.notes))
+
+
+class ApplyInstantIDAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyInstantIDAdvanced", display_name="Apply InstantID Advanced", category=CATEGORY,
+            description="Apply InstantID with separate strengths for the face attention and the IdentityNet, "
+                        "uncond noise, and the way several reference photos are combined.",
+            inputs=[*_apply_head_inputs(),
+                    io.Float.Input("ip_weight", default=0.8, min=0.0, max=3.0, step=0.01,
+                                   tooltip="Strength of the face attention (identity detail)."),
+                    io.Float.Input("cn_strength", default=0.8, min=0.0, max=10.0, step=0.01,
+                                   tooltip="Strength of the IdentityNet (identity and pose)."),
+                    *_schedule_inputs(),
+                    io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
+                                   tooltip="0 = official InstantID (negative uses Resampler(0)). Above 0 the negative "
+                                           "face tokens come from seeded noise, which can reduce burn."),
+                    io.Combo.Input("combine_embeds", options=list(COMBINE_MODES), default="average",
+                                   tooltip="How several reference photos combine: average of the embeddings, "
+                                           "average of their directions ('norm average'), or all faces' tokens ('concat')."),
+                    *_apply_tail_inputs()],
+            outputs=_apply_outputs())
+
+    @classmethod
+    def execute(cls, instantid: Any, insightface: Any, control_net: Any, image: Any, model: Any, positive: Any,
+                negative: Any, ip_weight: float, cn_strength: float, start_at: float, end_at: float, noise: float,
+                combine_embeds: str, image_kps: Any = None, mask: Any = None, on_no_face: str = "error") -> io.NodeOutput:
+        outcome = apply_instantid(adapter=instantid, face_analysis=insightface, control_net=control_net, image=image,
+                                  model=model, positive=positive, negative=negative, ip_weight=ip_weight,
+                                  cn_strength=cn_strength, start_at=start_at, end_at=end_at, noise=noise,
+                                  combine=combine_embeds, image_kps=image_kps, mask=mask, on_no_face=on_no_face)
+        return io.NodeOutput(outcome.model, outcome.positive, outcome.negative, ui=_notes_ui(outcome.notes))
+
+
+class InstantIDAttentionPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDAttentionPatch", display_name="InstantID Patch Attention", category=CATEGORY,
+            description="Only the face attention part of InstantID (no IdentityNet). Its FACE_EMBEDS output feeds "
+                        "'InstantID Apply ControlNet'.",
+            inputs=[InstantIDType.Input("instantid", tooltip="The InstantID adapter from 'Load InstantID Model'."),
+                    FaceAnalysisType.Input("insightface", tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
+                    io.Image.Input("image", tooltip="Reference photo(s) of the person (averaged)."),
+                    io.Model.Input("model", tooltip="An SDXL model. It is not modified: a patched copy is returned."),
+                    io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.01,
+                                   tooltip="Strength of the face attention."),
+                    *_schedule_inputs(),
+                    io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
+                                   tooltip="0 = official InstantID negative face tokens; above 0 seeded noise."),
+                    io.Mask.Input("mask", optional=True, tooltip="Optional mask: the face attention acts only inside it."),
+                    _on_no_face_input()],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with InstantID face attention."),
+                     FaceEmbedsType.Output(display_name="FACE_EMBEDS", tooltip="The face tokens, for 'InstantID Apply ControlNet'.")])
+
+    @classmethod
+    def execute(cls, instantid: Any, insightface: Any, image: Any, model: Any, weight: float, start_at: float,
+                end_at: float, noise: float, mask: Any = None, on_no_face: str = "error") -> io.NodeOutput:
+        outcome = apply_attention_only(adapter=instantid, face_analysis=insightface, image=image, model=model,
+                                       weight=weight, start_at=start_at, end_at=end_at, noise=noise, mask=mask,
+                                       on_no_face=on_no_face)
+        return io.NodeOutput(outcome.model, outcome.face_tokens, ui=_notes_ui(outcome.notes))
+
+
+class ApplyInstantIDControlNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyInstantIDControlNet", display_name="InstantID Apply ControlNet", category=CATEGORY,
+            description="Only the IdentityNet part of InstantID, driven by face tokens from 'InstantID Patch Attention' "
+                        "and a keypoint image from 'Face Keypoints Preprocessor'.",
+            inputs=[FaceEmbedsType.Input("face_embeds", tooltip="Face tokens from 'InstantID Patch Attention'."),
+                    io.ControlNet.Input("control_net", tooltip="The InstantID IdentityNet, loaded with 'Load ControlNet Model'."),
+                    io.Image.Input("image_kps", tooltip="The keypoint image (output of 'Face Keypoints Preprocessor'), used as is."),
+                    io.Conditioning.Input("positive", tooltip="Positive conditioning."),
+                    io.Conditioning.Input("negative", tooltip="Negative conditioning."),
+                    io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                                   tooltip="Strength of the IdentityNet (0 passes the conditioning through)."),
+                    *_schedule_inputs(),
+                    io.Mask.Input("mask", optional=True, tooltip="Optional mask: this positive prompt and the "
+                                                                  "IdentityNet act only inside it.")],
+            outputs=[io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning with the IdentityNet."),
+                     io.Conditioning.Output(display_name="negative", tooltip="Negative conditioning with the IdentityNet.")])
+
+    @classmethod
+    def execute(cls, face_embeds: Any, control_net: Any, image_kps: Any, positive: Any, negative: Any,
+                strength: float, start_at: float, end_at: float, mask: Any = None) -> io.NodeOutput:
+        return io.NodeOutput(*apply_control_only(face_tokens=face_embeds, control_net=control_net, image_kps=image_kps,
+                                                 positive=positive, negative=negative, strength=strength,
+                                                 start_at=start_at, end_at=end_at, mask=mask))
+
+
+NODES: list[type[io.ComfyNode]] = [InstantIDModelLoader, InstantIDFaceAnalysis, FaceKeypointsPreprocessor, ApplyInstantID,
+                                   ApplyInstantIDAdvanced, InstantIDAttentionPatch, ApplyInstantIDControlNet]
+
+
+class InstantIDExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> InstantIDExtension:
+    return InstantIDExtension()

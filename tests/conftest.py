@@ -1,0 +1,104 @@
+"""Shared test setup.
+
+The repo root goes at the END of sys.path so that `import instantid` and `import resampler` work
+while ComfyUI's own `nodes` module (put first at boot) wins over the pack's nodes.py.
+
+ComfyUI tests use the `comfy` fixture: ComfyUI booted once in this process (CPU), the pack and a
+test-only node pack loaded as custom nodes, and generated models (tiny SDXL-layout UNet, tiny
+IdentityNet in diffusers format, an adapter with the real layout, a synthetic antelopev2) in a
+temporary ComfyUI base directory. Without ComfyUI those tests are skipped, and the report header
+says why in one line.
+"""
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+FIXTURE_PACK = TESTS / "fixture_pack"
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+from instantid.comfy_home import comfyui_version, find_comfyui, why_not_found  # noqa: E402
+
+COMFYUI = find_comfyui()
+UNET_NAME = "tiny_sdxl.safetensors"
+IDENTITYNET_NAME = "instantid/diffusion_pytorch_model.safetensors"  # the path the shared workflows use
+ADAPTER_BIN = "ip-adapter.bin"
+ADAPTER_SAFETENSORS = "ip-adapter.safetensors"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if COMFYUI is None:
+        return f"ComfyUI: NOT FOUND, the ComfyUI tests will be SKIPPED. {why_not_found()}"
+    return f"ComfyUI: {COMFYUI} (version {comfyui_version(COMFYUI)}); ComfyUI tests will run"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test touches the network: insightface's downloader fails at once, and so does any socket
+    connection to an address outside the loopback range."""
+    real_connect = socket.socket.connect
+
+    def loopback_only(sock: socket.socket, address: object) -> object:
+        host = address[0] if isinstance(address, tuple) else ""
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not (host.startswith("127.") or host in ("::1", "localhost")):
+            raise OSError(f"tests must not use the network (attempted connection to {address})")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    try:
+        import insightface.utils.storage as storage
+    except ImportError:
+        return
+
+    def refuse_download(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("insightface tried to download a model during a test")
+
+    monkeypatch.setattr(storage, "download_file", refuse_download)
+
+
+@dataclass
+class ComfyBed:
+    """The booted ComfyUI with the generated models in place."""
+    embedded: object          # instantid.embedded.EmbeddedComfyUI
+    base: Path                # the ComfyUI base directory (models/, input/, output/)
+    pack: ModuleType          # the pack as ComfyUI loaded it
+
+    def pack_module(self, name: str) -> ModuleType:
+        """A module of the pack as ComfyUI loaded it, e.g. 'instantid.attention'."""
+        return sys.modules[f"{self.pack.__name__}.{name}"]
+
+    def run(self, prompt: dict, reuse_outputs: bool = False):
+        return self.embedded.run(prompt, reuse_outputs=reuse_outputs)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory: pytest.TempPathFactory) -> ComfyBed:
+    if COMFYUI is None:
+        pytest.skip(why_not_found())
+    from instantid.embedded import EmbeddedComfyUI
+    base = tmp_path_factory.mktemp("comfy-base")
+    embedded = EmbeddedComfyUI.start(COMFYUI, cpu=True, base_directory=base, load_custom_nodes=False,
+                                     extra_node_dirs=[REPO_ROOT, FIXTURE_PACK])
+    from support.antelope import write_antelopev2
+    from support.tiny_models import (adapter_state, build_tiny_unet, write_adapter_bin, write_adapter_safetensors,
+                                     write_tiny_identitynet, write_tiny_unet)
+    import torch
+    models = base / "models"
+    write_tiny_unet(models / "diffusion_models" / UNET_NAME)
+    write_tiny_identitynet(models / "controlnet" / IDENTITYNET_NAME)
+    from instantid.sdxl import attn2_widths
+    state = adapter_state(attn2_widths(build_tiny_unet().model.diffusion_model))
+    write_adapter_bin(models / "instantid" / ADAPTER_BIN, state)
+    write_adapter_safetensors(models / "instantid" / ADAPTER_SAFETENSORS,
+                              {section: {k: v.to(torch.float16) for k, v in part.items()} for section, part in state.items()})
+    write_antelopev2(models / "insightface" / "models" / "antelopev2")
+    (base / "input").mkdir(exist_ok=True)
+    return ComfyBed(embedded, base, sys.modules[str(REPO_ROOT).replace(".", "_x_")])

@@ -1,0 +1,97 @@
+"""Test-only ComfyUI nodes, loaded beside the pack: what a weightless test cannot get from a real
+checkpoint. The UNet still comes through ComfyUI's real UNETLoader; only text encoding and VAE
+decoding are replaced by seeded stand-ins with SDXL's shapes (2048-wide tokens, 1280 pooled)."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from typing_extensions import override
+
+import folder_paths
+import nodes as comfy_nodes
+from comfy_api.latest import ComfyExtension, io
+from support.tiny_models import register_tiny_sdxl
+
+register_tiny_sdxl()
+
+
+def _seed_of(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def seeded_sdxl_conditioning(seed: int, tokens: int = 77) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    cond = torch.randn(1, tokens, 2048, generator=generator)
+    pooled = torch.randn(1, 1280, generator=generator)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+class SeededTextEncoder:
+    """Stands in for SDXL's CLIP in CLIPTextEncode: the same text always gives the same tokens."""
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens: str) -> list:
+        return seeded_sdxl_conditioning(_seed_of(tokens))
+
+
+class LatentPreviewDecoder:
+    """Stands in for the SDXL VAE in VAEDecode: first three latent channels, squashed to 0..1 and
+    upscaled 8x, so different latents give different images."""
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        rgb = torch.sigmoid(latent[:, :3].float())
+        return torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest").movedim(1, -1)
+
+
+class TinyCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDTest_TinyCheckpoint", category="testing", description="Tiny SDXL UNet (via UNETLoader) with stand-in text encoder and VAE.",
+            inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"))],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+    @classmethod
+    def execute(cls, unet_name: str) -> io.NodeOutput:
+        (model,) = comfy_nodes.UNETLoader().load_unet(unet_name, "default")
+        return io.NodeOutput(model, SeededTextEncoder(), LatentPreviewDecoder())
+
+
+class RandomConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDTest_RandomConditioning", category="testing", description="Seeded SDXL-shaped conditioning.",
+            inputs=[io.Int.Input("seed", default=0), io.Int.Input("tokens", default=77, min=1)],
+            outputs=[io.Conditioning.Output()])
+
+    @classmethod
+    def execute(cls, seed: int, tokens: int) -> io.NodeOutput:
+        return io.NodeOutput(seeded_sdxl_conditioning(seed, tokens))
+
+
+class LatentStats(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDTest_LatentStats", category="testing", description="Reports a latent's values to the UI output.",
+            inputs=[io.Latent.Input("samples")], outputs=[], is_output_node=True)
+
+    @classmethod
+    def execute(cls, samples: dict) -> io.NodeOutput:
+        latent = samples["samples"]
+        return io.NodeOutput(ui={"latent": [{"shape": list(latent.shape), "finite": bool(torch.isfinite(latent).all()),
+                                             "values": latent.flatten().tolist()}]})
+
+
+class FixtureExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [TinyCheckpoint, RandomConditioning, LatentStats]
+
+
+async def comfy_entrypoint() -> FixtureExtension:
+    return FixtureExtension()

@@ -1,0 +1,1 @@
+"""Test-only helpers: ComfyUI discovery and boot, tiny models, synthetic face models."""

@@ -1,0 +1,168 @@
+"""Tiny models with SDXL's real architecture and key layout (random weights), for CPU tests.
+
+The UNet keeps SDXL's block structure, all 70 cross-attention layers, context 2048 and ADM 2816,
+with narrow channels (32/64/128). The IdentityNet-shaped ControlNet is written in diffusers key
+format, like the real InstantID ControlNet. The adapter has the real Resampler and the 140
+per-layer key names, with widths matching the tiny UNet. Needs ComfyUI on sys.path (booted).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_CHANNELS = 32
+TINY_SDXL = dict(image_size=32, in_channels=4, out_channels=4, model_channels=TINY_CHANNELS,
+                 num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                 context_dim=2048, adm_in_channels=2816, num_head_channels=64,
+                 use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
+                 num_classes="sequential", use_checkpoint=False, use_temporal_attention=False,
+                 use_temporal_resblock=False)
+
+
+def register_tiny_sdxl() -> None:
+    """Let ComfyUI's real loaders recognise the tiny UNet (checkpoint detection) and the tiny
+    diffusers-format ControlNet (whose config detection only knows full-size layouts)."""
+    import comfy.model_detection as detection
+    import comfy.supported_models as supported
+
+    if not any(getattr(m, "tiny_for_tests", False) for m in supported.models):
+        class TinySDXL(supported.SDXL):
+            tiny_for_tests = True
+            unet_config = {"model_channels": TINY_CHANNELS, "use_linear_in_transformer": True,
+                           "transformer_depth": [0, 0, 2, 2, 10, 10], "context_dim": 2048,
+                           "adm_in_channels": 2816, "use_temporal_attention": False}
+        supported.models.insert(0, TinySDXL)
+
+    stock = detection.unet_config_from_diffusers_unet
+    if getattr(stock, "tiny_for_tests", False):
+        return
+
+    def with_tiny(state_dict, dtype=None):
+        config = stock(state_dict, dtype)
+        if config is None and state_dict["conv_in.weight"].shape[0] == TINY_CHANNELS:
+            config = detection.convert_config({**TINY_SDXL, "dtype": dtype})
+        return config
+    with_tiny.tiny_for_tests = True
+    detection.unet_config_from_diffusers_unet = with_tiny
+
+
+def _fill_random(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def build_tiny_unet(seed: int = 0):
+    """A ComfyUI ModelPatcher around a random tiny SDXL (fp32, CPU)."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.SDXL(dict(TINY_SDXL, dtype=torch.float32))
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.SDXL(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+    _fill_random(model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def write_tiny_unet(path: Path, seed: int = 0) -> Path:
+    import safetensors.torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = build_tiny_unet(seed).model.diffusion_model.state_dict()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def _ldm_to_diffusers_controlnet_keys(state: dict) -> dict:
+    """Rename an LDM-format ControlNet state dict to diffusers names (the inverse of ComfyUI's
+    load path), so the file exercises the same code as the real IdentityNet."""
+    import comfy.model_detection as detection
+    import comfy.utils
+
+    config = detection.convert_config(dict(TINY_SDXL))
+    names = {ldm: diffusers for diffusers, ldm in comfy.utils.unet_to_diffusers(config).items()
+             if not diffusers.startswith("class_embedding.")}
+    names.update({"middle_block_out.0.weight": "controlnet_mid_block.weight",
+                  "middle_block_out.0.bias": "controlnet_mid_block.bias"})
+    for i in range(len({k.split(".")[1] for k in state if k.startswith("zero_convs.")})):
+        for suffix in ("weight", "bias"):
+            names[f"zero_convs.{i}.0.{suffix}"] = f"controlnet_down_blocks.{i}.{suffix}"
+    hint_layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("input_hint_block.")})
+    for j, n in enumerate(hint_layers):
+        name = "conv_in" if j == 0 else ("conv_out" if j == len(hint_layers) - 1 else f"blocks.{j - 1}")
+        for suffix in ("weight", "bias"):
+            names[f"input_hint_block.{n}.{suffix}"] = f"controlnet_cond_embedding.{name}.{suffix}"
+    return {names[k]: v for k, v in state.items()}
+
+
+def write_tiny_identitynet(path: Path, seed: int = 1) -> Path:
+    """A tiny SDXL ControlNet (context 2048, ADM 2816) in diffusers key format."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    import safetensors.torch
+
+    config = {k: v for k, v in TINY_SDXL.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                     device="cpu", dtype=torch.float32, **config)
+    _fill_random(net, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = _ldm_to_diffusers_controlnet_keys(net.state_dict())
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def write_sd15_controlnet(path: Path, seed: int = 2) -> Path:
+    """A small ControlNet whose cross-attention takes 768-wide (SD1.5) context, in LDM format."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    import safetensors.torch
+
+    config = dict(image_size=32, in_channels=4, model_channels=32, num_res_blocks=1, channel_mult=[1, 2],
+                  attention_resolutions=[2], transformer_depth=1, num_head_channels=32,
+                  context_dim=768, use_linear_in_transformer=False, use_spatial_transformer=True,
+                  legacy=False, use_checkpoint=False)
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                     device="cpu", dtype=torch.float32, **config)
+    _fill_random(net, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def adapter_state(widths: list[int], seed: int = 3, dtype: torch.dtype = torch.float32) -> dict:
+    """{"image_proj": Resampler state, "ip_adapter": {"1.to_k_ip.weight": [C, 2048], ...}} with the
+    published layout; per-layer widths as given (the UNet's cross-attention widths)."""
+    from instantid.sdxl import ADAPTER_LAYER_NUMBERS, CONTEXT_DIM, adapter_key_names
+    from resampler import RESAMPLER_CONFIG, Resampler
+
+    generator = torch.Generator().manual_seed(seed)
+    resampler = Resampler(**RESAMPLER_CONFIG)
+    with torch.no_grad():
+        for name, p in resampler.named_parameters():
+            if name.endswith("weight") and p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * (0.02 if p.ndim > 1 else 0.1))
+    projections = {}
+    for number, width in zip(ADAPTER_LAYER_NUMBERS, widths):
+        for name in adapter_key_names(number):
+            projections[name] = (torch.randn(width, CONTEXT_DIM, generator=generator) / CONTEXT_DIM ** 0.5).to(dtype)
+    return {"image_proj": {k: v.to(dtype) for k, v in resampler.state_dict().items()}, "ip_adapter": projections}
+
+
+def write_adapter_bin(path: Path, state: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, str(path))
+    return path
+
+
+def write_adapter_safetensors(path: Path, state: dict) -> Path:
+    import safetensors.torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{section}.{k}": v.contiguous() for section in ("image_proj", "ip_adapter") for k, v in state[section].items()}
+    safetensors.torch.save_file(flat, str(path))
+    return path
