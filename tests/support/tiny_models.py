@@ -150,7 +150,9 @@ def adapter_state(widths: list[int], seed: int = 3, dtype: torch.dtype = torch.f
     projections = {}
     for number, width in zip(ADAPTER_LAYER_NUMBERS, widths):
         for name in adapter_key_names(number):
-            projections[name] = (torch.randn(width, CONTEXT_DIM, generator=generator) / CONTEXT_DIM ** 0.5).to(dtype)
+            # Large values so the face attention visibly moves the tiny UNet's random-weight output.
+            scale = 30.0 if "to_v_ip" in name else 1.0
+            projections[name] = (torch.randn(width, CONTEXT_DIM, generator=generator) * scale / CONTEXT_DIM ** 0.5).to(dtype)
     return {"image_proj": {k: v.to(dtype) for k, v in resampler.state_dict().items()}, "ip_adapter": projections}
 
 
