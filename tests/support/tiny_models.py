@@ -49,24 +49,44 @@ def register_tiny_sdxl() -> None:
 
 
 def _fill_random(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
+            generator = torch.Generator(device=p.device).manual_seed(seed)
+            seed += 1
+            p.copy_(torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32).to(p.dtype) * std)
 
 
-def build_tiny_unet(seed: int = 0):
-    """A ComfyUI ModelPatcher around a random tiny SDXL (fp32, CPU)."""
+def sdxl_layout(channels: int = TINY_CHANNELS) -> dict:
+    """SDXL's UNet/ControlNet configuration with the given base width (320 is the real SDXL)."""
+    return dict(TINY_SDXL, model_channels=channels)
+
+
+def build_tiny_unet(seed: int = 0, channels: int = TINY_CHANNELS, device: str = "cpu",
+                    dtype: torch.dtype = torch.float32):
+    """A ComfyUI ModelPatcher around a random SDXL-layout UNet (tiny by default)."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SDXL(dict(TINY_SDXL, dtype=torch.float32))
-    config.set_inference_dtype(torch.float32, None)
-    model = comfy.model_base.SDXL(config, model_type=comfy.model_base.ModelType.EPS, device="cpu")
+    config = comfy.supported_models.SDXL(dict(sdxl_layout(channels), dtype=dtype))
+    config.set_inference_dtype(dtype, None)
+    model = comfy.model_base.SDXL(config, model_type=comfy.model_base.ModelType.EPS, device=device)
     _fill_random(model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
-                                            offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
+                                            offload_device=torch.device(device))
+
+
+def build_controlnet_module(seed: int = 1, channels: int = TINY_CHANNELS, device: str = "cpu",
+                            dtype: torch.dtype = torch.float32):
+    """A random SDXL-layout ControlNet module (IdentityNet-shaped: context 2048, ADM 2816)."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = {k: v for k, v in sdxl_layout(channels).items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                     device=device, dtype=dtype, **config)
+    _fill_random(net, seed)
+    return net
 
 
 def write_tiny_unet(path: Path, seed: int = 0) -> Path:
@@ -101,16 +121,10 @@ def _ldm_to_diffusers_controlnet_keys(state: dict) -> dict:
 
 def write_tiny_identitynet(path: Path, seed: int = 1) -> Path:
     """A tiny SDXL ControlNet (context 2048, ADM 2816) in diffusers key format."""
-    import comfy.cldm.cldm
-    import comfy.ops
     import safetensors.torch
 
-    config = {k: v for k, v in TINY_SDXL.items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
-                                     device="cpu", dtype=torch.float32, **config)
-    _fill_random(net, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = _ldm_to_diffusers_controlnet_keys(net.state_dict())
+    state = _ldm_to_diffusers_controlnet_keys(build_controlnet_module(seed).state_dict())
     safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 

@@ -1,0 +1,101 @@
+"""The model files the pack needs: where each goes in ComfyUI, where it is published, its licence.
+
+One table for `fetch-models`, `doctor` and the README. The IdentityNet needs no config.json:
+ComfyUI's ControlNet loader infers the SDXL ControlNet layout from the safetensors keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INSTANTID_REPO = "InstantX/InstantID"
+# insightface's own download URL for antelopev2 is dead; this public mirror holds the same pack
+# as loose files at the repository root.
+ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
+
+INSTANTID_LICENSE = (
+    "Apache-2.0 per the InstantX/InstantID model card; released as a research project, "
+    "so read the model card before commercial use"
+)
+INSTANTID_LICENSE_URL = "https://huggingface.co/InstantX/InstantID"
+ANTELOPEV2_LICENSE = "InsightFace pretrained models: non-commercial research purposes only"
+ANTELOPEV2_LICENSE_URL = "https://github.com/deepinsight/insightface#license"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file: `folder` is the ComfyUI folder key (models/<folder>/ or extra_model_paths.yaml),
+    `path` the location inside it; `repo`/`file`/`revision` the Hugging Face source."""
+
+    id: str
+    description: str
+    folder: str
+    path: str
+    repo: str
+    file: str
+    approx_bytes: int
+    license: str
+    license_url: str
+    required: bool
+    revision: str = "main"
+
+    @property
+    def approx_size(self) -> str:
+        """The size for display, e.g. '1.7 GB'."""
+        for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+            if self.approx_bytes >= scale:
+                return f"{self.approx_bytes / scale:.1f} {unit}"
+        return f"{self.approx_bytes} B"
+
+
+CATALOG: tuple[ModelFile, ...] = (
+    ModelFile(
+        id="adapter",
+        description="InstantID adapter: face-embedding Resampler and the 70 IP cross-attention layers",
+        folder="instantid",
+        path="ip-adapter.bin",
+        repo=INSTANTID_REPO,
+        file="ip-adapter.bin",
+        approx_bytes=1_690_000_000,
+        license=INSTANTID_LICENSE,
+        license_url=INSTANTID_LICENSE_URL,
+        required=True,
+    ),
+    ModelFile(
+        id="identitynet",
+        description="IdentityNet: the SDXL ControlNet driven by face tokens and the keypoint image",
+        folder="controlnet",
+        # The subfolder the shared example workflows of the earlier pack use, so they load unchanged.
+        path="instantid/diffusion_pytorch_model.safetensors",
+        repo=INSTANTID_REPO,
+        file="ControlNetModel/diffusion_pytorch_model.safetensors",
+        approx_bytes=2_500_000_000,
+        license=INSTANTID_LICENSE,
+        license_url=INSTANTID_LICENSE_URL,
+        required=True,
+    ),
+    ModelFile(
+        id="antelopev2-detector",
+        description="antelopev2 SCRFD-10G face detector with five keypoints",
+        folder="insightface",
+        path="models/antelopev2/scrfd_10g_bnkps.onnx",
+        repo=ANTELOPEV2_REPO,
+        file="scrfd_10g_bnkps.onnx",
+        approx_bytes=16_900_000,
+        license=ANTELOPEV2_LICENSE,
+        license_url=ANTELOPEV2_LICENSE_URL,
+        required=True,
+    ),
+    ModelFile(
+        id="antelopev2-recognizer",
+        description="antelopev2 ArcFace R100 (Glint360K) face embedding, 512-d",
+        folder="insightface",
+        path="models/antelopev2/glintr100.onnx",
+        repo=ANTELOPEV2_REPO,
+        file="glintr100.onnx",
+        approx_bytes=261_000_000,
+        license=ANTELOPEV2_LICENSE,
+        license_url=ANTELOPEV2_LICENSE_URL,
+        required=True,
+    ),
+)
+

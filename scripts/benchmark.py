@@ -1,0 +1,256 @@
+"""Speed and memory of InstantID against its floor, measured side by side in one process.
+
+    python scripts/benchmark.py --device cpu     # tiny SDXL layout, 64x64 (what CI machines can run)
+    python scripts/benchmark.py --device cuda    # the real SDXL configuration, fp16, 1024^2, 768^2, 1344x768
+
+Models have SDXL's architecture (the tiny layout on CPU) with random weights, an IdentityNet-shaped
+ControlNet and an adapter with the real layout; face analysis runs the real insightface code on the
+synthetic antelopev2 of the test suite. Per-step time is (T(n2 steps) - T(n1 steps)) / (n2 - n1), so
+fixed per-sample costs cancel, taken as the median over repeats with the variants interleaved.
+Printed: per-step times and ratios (plain UNet; + IdentityNet; + ApplyInstantID; attention patch
+only), the cost of model.clone() on a patched model, GPU memory added by the adapter, host syncs
+per UNet call, and face-analysis time and ONNX session count.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+import warnings
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO_ROOT))
+sys.path.append(str(REPO_ROOT / "tests"))
+
+from instantid.comfy_home import find_comfyui, why_not_found  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--comfyui", type=Path, default=None, help="ComfyUI folder (default: found like the tests do)")
+    parser.add_argument("--sizes", default=None, help="comma-separated WxH list (default: 64x64 on cpu; 1024x1024,768x768,1344x768 on cuda)")
+    parser.add_argument("--steps", default=None, help="n1,n2 step counts (default 2,6 on cpu; 4,12 on cuda)")
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args()
+
+
+def boot_comfy(comfyui: Path, device: str) -> None:
+    sys.path.insert(0, str(comfyui))
+    from comfy.cli_args import args
+    args.cpu = device == "cpu"
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def conditioning(seed: int) -> list:
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+
+
+def random_adapter(widths: list[int]):
+    """An InstantIDAdapter with the published layout and random weights, built in memory."""
+    import torch
+    from instantid.adapter import InstantIDAdapter
+    from support.tiny_models import adapter_state
+    state = adapter_state(widths, dtype=torch.float16)
+    projections = [(state["ip_adapter"][f"{n}.to_k_ip.weight"], state["ip_adapter"][f"{n}.to_v_ip.weight"])
+                   for n in range(1, 140, 2)]
+    return InstantIDAdapter(Path("random-ip-adapter.bin"), state["image_proj"], projections)
+
+
+def synthetic_face(width: int, height: int):
+    import numpy as np
+    import torch
+    from support import antelope
+    pixels = np.zeros((height, width, 3), np.uint8)
+    antelope.draw_face(pixels, (4, 3), 128, antelope.det_scale_for(height, width, 640))
+    return torch.from_numpy(pixels).float()[None] / 255.0
+
+
+def timed_sample(model, positive, negative, width: int, height: int, steps: int, device: str) -> float:
+    import comfy.sample
+    import torch
+    latent = torch.zeros(1, 4, height // 8, width // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, denoise=1.0,
+                        seed=0, disable_pbar=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def per_step_times(variants: dict, width: int, height: int, n1: int, n2: int, repeats: int, device: str) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for name, (model, positive, negative) in variants.items():  # warm-up: loads models, compiles kernels
+        timed_sample(model, positive, negative, width, height, n1, device)
+    for _ in range(repeats):
+        for name, (model, positive, negative) in variants.items():
+            short = timed_sample(model, positive, negative, width, height, n1, device)
+            long = timed_sample(model, positive, negative, width, height, n2, device)
+            samples[name].append((long - short) / (n2 - n1))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def clone_cost(patched) -> tuple[float, int, bool]:
+    """Mean ms per clone(), bytes allocated by one clone, and whether the clone shares the face K/V."""
+    clones = 100
+    start = time.perf_counter()
+    for _ in range(clones):
+        patched.clone()
+    per_clone_ms = (time.perf_counter() - start) * 1000 / clones
+    tracemalloc.start()
+    clone = patched.clone()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    key = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"]))
+    original = patched.model_options["transformer_options"]["patches_replace"]["attn2"][key].branches[0]
+    copied = clone.model_options["transformer_options"]["patches_replace"]["attn2"][key].branches[0]
+    return per_clone_ms, peak, copied.k_face.data_ptr() == original.k_face.data_ptr()
+
+
+def host_syncs(model, device: str, width: int, height: int) -> int:
+    """Synchronising CUDA calls during one UNet call, counted with torch's sync debug mode."""
+    import torch
+    if device != "cuda":
+        return -1
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, height // 8, width // 8, generator=generator).cuda()
+    sigmas = torch.full((2,), 5.0, device="cuda")
+    options = dict(copy.copy(model.model_options["transformer_options"]), cond_or_uncond=[1, 0], sigmas=sigmas)
+    context = torch.randn(2, 77, 2048, generator=generator).cuda()
+    y = torch.randn(2, 2816, generator=generator).cuda()
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([model])
+    with torch.no_grad():
+        model.model.apply_model(x, sigmas, c_crossattn=context, y=y, transformer_options=options)  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model.model.apply_model(x, sigmas, c_crossattn=context, y=y, transformer_options=options)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def main() -> int:
+    options = parse_args()
+    comfyui = options.comfyui or find_comfyui()
+    if comfyui is None:
+        sys.stderr.write(why_not_found() + "\n")
+        return 2
+    boot_comfy(comfyui, options.device)
+    import torch
+    from instantid.apply import apply_attention_only, apply_instantid, detect_faces
+    from instantid.control import attach_identitynet
+    from instantid.faces import FaceAnalyzer
+    from instantid.keypoints import keypoint_image_batch
+    from instantid.sdxl import attn2_widths
+    from support.antelope import write_antelopev2
+    from support.tiny_models import TINY_CHANNELS, build_controlnet_module, build_tiny_unet
+    import comfy.controlnet
+
+    cuda = options.device == "cuda"
+    device, dtype, channels = ("cuda", torch.float16, 320) if cuda else ("cpu", torch.float32, TINY_CHANNELS)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in (options.sizes or ("1024x1024,768x768,1344x768" if cuda else "64x64")).split(",")]
+    n1, n2 = (int(v) for v in (options.steps or ("4,12" if cuda else "2,6")).split(","))
+    if not cuda:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    started = time.perf_counter()
+    model = build_tiny_unet(seed=0, channels=channels, device=device, dtype=dtype)
+    control_net = comfy.controlnet.ControlNet(build_controlnet_module(seed=1, channels=channels, device=device, dtype=dtype),
+                                              load_device=torch.device(device), manual_cast_dtype=None)
+    adapter = random_adapter(attn2_widths(model.model.diffusion_model))
+    with tempfile.TemporaryDirectory() as folder:
+        analyzer = FaceAnalyzer.load(write_antelopev2(Path(folder) / "antelopev2"), "auto")
+    built = time.perf_counter() - started
+    positive, negative = conditioning(1), conditioning(2)
+
+    machine = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# InstantID benchmark: {machine}; torch {torch.__version__}; UNet base width {channels} "
+          f"({'real SDXL config' if cuda else 'tiny SDXL layout'}), {dtype}; per-step = (T({n2}) - T({n1}))/{n2 - n1}, "
+          f"median of {options.repeats}; batch 1 with CFG; models built in {built:.1f} s")
+    print("| size | UNet ms/step | +IdentityNet | +ApplyInstantID | attention only | IdentityNet/UNet | "
+          "ApplyInstantID/(UNet+IdentityNet) | attention/UNet |")
+    print("|---|---|---|---|---|---|---|---|")
+    instantid_model = None
+    for width, height in sizes:
+        face = synthetic_face(width, height)
+        outcome = apply_instantid(adapter=adapter, face_analysis=analyzer, control_net=control_net, image=face, model=model,
+                                  positive=positive, negative=negative, ip_weight=0.8, cn_strength=0.8, start_at=0.0, end_at=1.0)
+        attention = apply_attention_only(adapter=adapter, face_analysis=analyzer, image=face, model=model, weight=0.8,
+                                         start_at=0.0, end_at=1.0)
+        keypoints = keypoint_image_batch([detect_faces(analyzer, face)[0].kps], width, height)
+        floor = attach_identitynet(positive, negative, control_net, keypoints, 0.8, 0.0, 1.0,
+                                   outcome.face_tokens.cond, outcome.face_tokens.uncond)
+        variants = {"unet": (model, positive, negative), "identitynet": (model, *floor),
+                    "instantid": (outcome.model, outcome.positive, outcome.negative),
+                    "attention": (attention.model, positive, negative)}
+        times = per_step_times(variants, width, height, n1, n2, options.repeats, options.device)
+        print(f"| {width}x{height} | {times['unet'] * 1000:.1f} | {times['identitynet'] * 1000:.1f} | "
+              f"{times['instantid'] * 1000:.1f} | {times['attention'] * 1000:.1f} | "
+              f"{times['identitynet'] / times['unet']:.3f} | {times['instantid'] / times['identitynet']:.3f} | "
+              f"{times['attention'] / times['unet']:.3f} |", flush=True)
+        instantid_model = outcome.model
+
+    per_clone_ms, clone_bytes, shared = clone_cost(instantid_model)
+    print(f"\nclone() of the patched model: {per_clone_ms:.2f} ms; {clone_bytes / 1e6:.2f} MB allocated by one clone; "
+          f"face K/V shared with the original (no copy): {shared}")
+    adapter_params = sum(k.numel() + v.numel() for k, v in adapter.projections) + sum(p.numel() for p in adapter.resampler.parameters())
+    kv_bytes = sum(k.numel() * 2 + v.numel() * 2 for k, v in adapter.layer_kv(outcome.face_tokens)) // 2  # fp16 on the GPU
+    print(f"adapter: {adapter_params / 1e6:.1f} M parameters kept on the CPU; what sampling needs on the device is the "
+          f"face K/V of 70 layers: {kv_bytes / 1e6:.2f} MB at fp16")
+    if cuda:
+        width, height = sizes[0]
+        peaks = {}
+        for name, (m, p, n) in {"identitynet": (model, *floor), "instantid": (instantid_model, outcome.positive, outcome.negative)}.items():
+            timed_sample(m, p, n, width, height, 1, "cuda")
+            torch.cuda.reset_peak_memory_stats()
+            timed_sample(m, p, n, width, height, 2, "cuda")
+            peaks[name] = torch.cuda.max_memory_allocated()
+        print(f"peak GPU memory at {width}x{height}: UNet+IdentityNet {peaks['identitynet'] / 2**30:.3f} GiB, "
+              f"ApplyInstantID {peaks['instantid'] / 2**30:.3f} GiB, added by the adapter {(peaks['instantid'] - peaks['identitynet']) / 2**20:.1f} MiB")
+        print(f"host syncs in one UNet call at {width}x{height}: plain {host_syncs(model, 'cuda', width, height)}, "
+              f"attention-patched {host_syncs(attention.model, 'cuda', width, height)}")
+
+    import numpy as np
+    detect_calls = []
+    detector = analyzer.det_model.detect
+
+    def counting_detect(*args, **kwargs):
+        detect_calls.append(kwargs.get("input_size"))
+        return detector(*args, **kwargs)
+    analyzer.det_model.detect = counting_detect
+    timings = []
+    for i in range(5):
+        pixels = np.zeros((1024, 1024, 3), np.uint8)
+        pixels[0, 0, 0] = i  # a new image each time: no cache hit
+        from support import antelope
+        antelope.draw_face(pixels, (4 + i, 3), 128, antelope.det_scale_for(1024, 1024, 640))
+        start = time.perf_counter()
+        analyzer.detect(np.ascontiguousarray(pixels[..., ::-1]))
+        timings.append(time.perf_counter() - start)
+    passes = len(detect_calls) / 5
+    start = time.perf_counter()
+    analyzer.detect(np.ascontiguousarray(pixels[..., ::-1]))
+    cached_ms = (time.perf_counter() - start) * 1000
+    print(f"face analysis (synthetic antelopev2, onnxruntime CPU): {statistics.median(timings) * 1000:.2f} ms per 1024x1024 image, "
+          f"{passes:.1f} detection pass(es) per image, {cached_ms:.3f} ms for a repeated image (cache); "
+          f"ONNX sessions: {analyzer.session_count}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
