@@ -27,61 +27,68 @@ from .sdxl import ATTN2_KEYS, AttentionKey
 ExtraOptions = dict[str, Any]
 
 
-def _comfy_attention() -> Callable | None:
-    """ComfyUI's current attention function, when ComfyUI is running (looked up per call: some
-    packs swap it at run time). Never imports ComfyUI itself."""
+def _plain_sdpa(extra_options: ExtraOptions, batch: int) -> Callable | None:
+    """The SDPA function the layer's own attention would run, when it is plain SDPA: outside
+    ComfyUI, or ComfyUI's pytorch attention (its default on GPUs) with no attention override.
+    Looked up per call: some packs swap ComfyUI's attention function at run time."""
     module = sys.modules.get("comfy.ldm.modules.attention")
-    return None if module is None else module.optimized_attention
+    if module is None:
+        return F.scaled_dot_product_attention
+    if (module.optimized_attention is module.attention_pytorch and batch <= module.SDP_BATCH_LIMIT
+            and "optimized_attention_override" not in extra_options):
+        return sys.modules["comfy.ops"].scaled_dot_product_attention
+    return None
 
 
 def _text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: ExtraOptions) -> torch.Tensor:
-    """The layer's own attention, as ComfyUI computes it unpatched: its selected backend, precision
-    and any attention override in the transformer options (plain SDPA outside ComfyUI)."""
-    comfy_attention = _comfy_attention()
-    if comfy_attention is None:
-        split = [t.unflatten(-1, (extra_options["n_heads"], -1)).transpose(1, 2) for t in (q, k, v)]
-        return F.scaled_dot_product_attention(*split).transpose(1, 2).flatten(-2)
-    return comfy_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-                           transformer_options=extra_options)
+    """The layer's own attention through ComfyUI's selected backend, precision and any attention
+    override in the transformer options, as ComfyUI computes it unpatched."""
+    attention = sys.modules["comfy.ldm.modules.attention"].optimized_attention
+    return attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                     transformer_options=extra_options)
 
 
 class FaceAttentionSettings:
     """What one Apply decided, shared by its 70 layer patches: the weight, the sigma window and the
-    optional mask. Caches the per-step row factors so they are built once per UNet call, not per layer."""
+    optional mask. The per-row factors are built at the first patched layer of each UNet call and
+    reused by the other 69 (the sigmas tensor and cond_or_uncond list are the same objects
+    throughout one call), so a layer's Python work is a couple of identity checks."""
 
     def __init__(self, weight: float, sigma_start: float, sigma_end: float, mask: torch.Tensor | None = None) -> None:
         self.weight = float(weight)
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
         self.mask = None if mask is None else mask.detach().float().cpu()  # [N, H, W] in 0..1
-        self._step_key: tuple | None = None
-        self._step_sigmas: torch.Tensor | None = None
-        self._step_factors: dict[tuple[int, int] | None, torch.Tensor] = {}
+        self._sigmas: torch.Tensor | None = None
+        self._cond_or_uncond: list[int] | None = None
+        self.layout: tuple = ()
+        self._gate: torch.Tensor | None = None
+        self._masked: dict[tuple[int, int], torch.Tensor] = {}
         self._mask_rows_cache: dict[tuple, torch.Tensor] = {}
 
     def __deepcopy__(self, memo: dict) -> "FaceAttentionSettings":
         return self  # immutable apart from caches that depend only on their inputs
 
-    def row_factors(self, q: torch.Tensor, extra_options: ExtraOptions) -> torch.Tensor:
-        """weight x (sigma inside the window) x mask, per row: [B, 1, 1], or [B, h*w, 1] with a mask."""
-        sigmas = extra_options["sigmas"]
-        key = (q.device, q.dtype, q.shape[0], tuple(extra_options["cond_or_uncond"]))
-        if sigmas is not self._step_sigmas or key != self._step_key:
-            self._step_sigmas, self._step_key, self._step_factors = sigmas, key, {}
-        size = tuple(extra_options["activations_shape"][-2:]) if self.mask is not None else None
-        factors = self._step_factors.get(size)
-        if factors is None:
+    def factors(self, q: torch.Tensor, extra_options: ExtraOptions) -> torch.Tensor:
+        """weight x (sigma inside the window) x mask, per row and head-split: [B, 1, 1, 1], or
+        [B, h*w, 1, 1] with a mask. Device-side: no host synchronisation."""
+        sigmas, cond_or_uncond = extra_options["sigmas"], extra_options["cond_or_uncond"]
+        if sigmas is not self._sigmas or cond_or_uncond is not self._cond_or_uncond or self._gate.shape[0] != q.shape[0]:
             inside = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
-            factors = (inside.to(q.dtype) * self.weight).reshape(-1, 1, 1).to(q.device)
-            if factors.shape[0] != q.shape[0]:
-                factors = factors.expand(q.shape[0], 1, 1)
-            if size is not None:
-                factors = factors * self._mask_rows(size, q, len(extra_options["cond_or_uncond"]))
-            self._step_factors[size] = factors
-        return factors
+            gate = (inside.to(q.dtype) * self.weight).reshape(-1, 1, 1, 1).to(q.device)
+            self._gate = per_row(gate, q.shape[0])
+            self._sigmas, self._cond_or_uncond, self._masked = sigmas, cond_or_uncond, {}
+            self.layout = (q.device, q.dtype, q.shape[0], tuple(cond_or_uncond))
+        if self.mask is None:
+            return self._gate
+        size = tuple(extra_options["activations_shape"][-2:])
+        masked = self._masked.get(size)
+        if masked is None:
+            masked = self._masked[size] = self._gate * self._mask_rows(size, q, len(cond_or_uncond))
+        return masked
 
     def _mask_rows(self, size: tuple[int, int], q: torch.Tensor, chunks: int) -> torch.Tensor:
-        """The mask at this layer's resolution, one row per batch row: [B, h*w, 1] (built once per
+        """The mask at this layer's resolution, one row per batch row: [B, h*w, 1, 1] (built once per
         resolution and batch layout, not per step)."""
         key = (size, q.shape[0], chunks, q.device, q.dtype)
         rows = self._mask_rows_cache.get(key)
@@ -89,9 +96,19 @@ class FaceAttentionSettings:
             per_chunk = q.shape[0] // chunks
             mask = F.interpolate(self.mask[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             mask = mask_for_batch(mask, per_chunk)
-            rows = mask.reshape(per_chunk, -1, 1).repeat(chunks, 1, 1).to(device=q.device, dtype=q.dtype)
+            rows = mask.reshape(per_chunk, -1, 1, 1).repeat(chunks, 1, 1, 1).to(device=q.device, dtype=q.dtype)
             self._mask_rows_cache[key] = rows
         return rows
+
+
+def per_row(per_latent: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-latent values [N, 1, 1] for the rows of one UNet call. ComfyUI's `sigmas` has one entry
+    per latent, while the call's batch is len(cond_or_uncond) chunks of those N latents, chunk-major."""
+    if per_latent.shape[0] == rows:
+        return per_latent
+    if per_latent.shape[0] == 1:
+        return per_latent.expand(rows, *per_latent.shape[1:])
+    return per_latent.repeat(rows // per_latent.shape[0], *([1] * (per_latent.ndim - 1)))
 
 
 def mask_for_batch(mask: torch.Tensor, batch: int) -> torch.Tensor:
@@ -118,41 +135,45 @@ class FaceBranch:
     def __deepcopy__(self, memo: dict) -> "FaceBranch":
         return self
 
-    def _heads_for(self, q: torch.Tensor, extra_options: ExtraOptions) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V rows for this batch, split into heads: [B, heads, T, dim], cached per batch layout."""
-        heads, cond_or_uncond = extra_options["n_heads"], extra_options["cond_or_uncond"]
-        key = (q.device, q.dtype, q.shape[0], heads, tuple(cond_or_uncond))
-        rows = self._rows.get(key)
+    def _heads_for(self, layout: tuple, q: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V rows for this batch layout, split into heads: [B, heads, T, dim], built once per layout."""
+        rows = self._rows.get(layout)
         if rows is None:
             # Chunk j of the batch belongs to cond_or_uncond[j] (0 positive, 1 negative).
+            cond_or_uncond = layout[3]
             index = torch.tensor(cond_or_uncond).repeat_interleave(q.shape[0] // len(cond_or_uncond))
             rows = tuple(t[index].to(device=q.device, dtype=q.dtype).unflatten(-1, (heads, -1)).transpose(1, 2).contiguous()
                          for t in (self.k_face, self.v_face))
             if len(self._rows) > 8:
                 self._rows.clear()
-            self._rows[key] = rows
+            self._rows[layout] = rows
         return rows
 
-    def _face_attention(self, q: torch.Tensor, extra_options: ExtraOptions) -> torch.Tensor:
-        """Attention of q over this face's tokens, [B, L, heads, dim] (a strided view)."""
+    def attend(self, q: torch.Tensor, q_heads: torch.Tensor) -> torch.Tensor:
+        """Attention of the queries over this face's tokens: [B, L, heads, dim] (a transposed view;
+        contiguous when the kernel writes that layout). Call settings.factors() first: it sets the
+        batch layout this uses."""
         # 16 keys per face: torch's fused attention directly (ComfyUI's CPU fallback, sub-quadratic
         # attention, queries free memory on every call, which costs more than the attention itself).
-        k_heads, v_heads = self._heads_for(q, extra_options)
-        q_heads = q.unflatten(-1, (k_heads.shape[1], -1)).transpose(1, 2)
+        k_heads, v_heads = self._heads_for(self.settings.layout, q, q_heads.shape[1])
         return F.scaled_dot_product_attention(q_heads, k_heads, v_heads).transpose(1, 2)
 
     def add_to(self, out: torch.Tensor, q: torch.Tensor, extra_options: ExtraOptions) -> torch.Tensor:
-        """out + weight * window * mask * Attention(q, K_face, V_face), in one fused kernel."""
-        face = self._face_attention(q, extra_options)
-        factors = self.settings.row_factors(q, extra_options).unsqueeze(-1)
-        return torch.addcmul(out.reshape(face.shape), face, factors).flatten(-2)
+        """out + weight * window * mask * Attention(q, K_face, V_face), the sum in one fused kernel."""
+        factors = self.settings.factors(q, extra_options)
+        b, length, width = q.shape
+        heads = extra_options["n_heads"]
+        face = self.attend(q, q.reshape(b, length, heads, -1).transpose(1, 2))
+        return torch.addcmul(out.reshape(face.shape), face, factors).reshape(b, length, width)
 
     def __call__(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  extra_options: ExtraOptions, **kwargs: Any) -> torch.Tensor:
         """The callback protocol of IPAdapter_plus / PuLID's Attn2Replace (`.add(callback, **kwargs)`):
         returns the face attention term to add."""
-        face = self._face_attention(q, extra_options)
-        return (face * self.settings.row_factors(q, extra_options).unsqueeze(-1)).flatten(-2)
+        factors = self.settings.factors(q, extra_options)
+        b, length, width = q.shape
+        face = self.attend(q, q.reshape(b, length, extra_options["n_heads"], -1).transpose(1, 2))
+        return (face * factors).reshape(b, length, width)
 
 
 class FaceAttentionPatch:
@@ -177,16 +198,42 @@ class FaceAttentionPatch:
         self.callbacks.append((callback, kwargs))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: ExtraOptions) -> torch.Tensor:
-        out = self.base(q, k, v, extra_options) if self.base is not None else _text_attention(q, k, v, extra_options)
-        base_out = out
+        sdpa = _plain_sdpa(extra_options, q.shape[0]) if self.base is None else None
+        if sdpa is not None:
+            out = self._fused(q, k, v, extra_options, sdpa)
+        else:
+            out = self.base(q, k, v, extra_options) if self.base is not None else _text_attention(q, k, v, extra_options)
+            for branch in self.branches:
+                out = branch.add_to(out, q, extra_options)
+        if self.callbacks:
+            out = self._add_callbacks(out, q, k, v, extra_options)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: ExtraOptions,
+               sdpa: Callable) -> torch.Tensor:
+        """Text attention (exactly what ComfyUI's pytorch attention computes) and the face terms on
+        one head-split view of q, so the face attention costs one kernel and one fused add per face.
+        On GPUs sampling is launch-bound, so kernels and Python calls per layer are what count."""
+        b, length, width = q.shape
+        heads = extra_options["n_heads"]
+        q_heads = q.reshape(b, length, heads, -1).transpose(1, 2)
+        out = sdpa(q_heads, k.reshape(b, -1, heads, width // heads).transpose(1, 2),
+                   v.reshape(b, -1, heads, width // heads).transpose(1, 2)).transpose(1, 2)
         for branch in self.branches:
-            out = branch.add_to(out, q, extra_options)
+            factors = branch.settings.factors(q, extra_options)
+            out = torch.addcmul(out, branch.attend(q, q_heads), factors)
+        return out.reshape(b, length, width)
+
+    def _add_callbacks(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       extra_options: ExtraOptions) -> torch.Tensor:
+        """Other packs' callbacks, each gated on the device by its own sigma window."""
+        base_out = out
+        sigmas = extra_options["sigmas"]
         for callback, kwargs in self.callbacks:
-            sigmas = extra_options["sigmas"]
             inside = (sigmas <= kwargs.get("sigma_start", float("inf"))) & (sigmas >= kwargs.get("sigma_end", float("-inf")))
             delta = callback(base_out, q, k, v, extra_options, **kwargs)
-            out = out + delta * inside.to(q.dtype).reshape(-1, 1, 1)
-        return out.to(q.dtype)
+            out = out + delta * per_row(inside.to(q.dtype).reshape(-1, 1, 1).to(q.device), q.shape[0])
+        return out
 
 
 def install_face_attention(model: Any, layer_kv: list[tuple[torch.Tensor, torch.Tensor]],

@@ -74,31 +74,39 @@ def synthetic_face(width: int, height: int):
     return torch.from_numpy(pixels).float()[None] / 255.0
 
 
-def timed_sample(model, positive, negative, width: int, height: int, steps: int, device: str) -> float:
+def timed_sample(model, positive, negative, width: int, height: int, steps: int, device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one sampling run."""
     import comfy.sample
     import torch
     latent = torch.zeros(1, 4, height // 8, width // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, denoise=1.0,
                         seed=0, disable_pbar=True)
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def per_step_times(variants: dict, width: int, height: int, n1: int, n2: int, repeats: int, device: str) -> dict[str, float]:
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+def per_step_times(variants: dict, width: int, height: int, n1: int, n2: int, repeats: int,
+                   device: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and CPU seconds per step for each variant."""
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for name, (model, positive, negative) in variants.items():  # warm-up: loads models, compiles kernels
         timed_sample(model, positive, negative, width, height, n1, device)
     for _ in range(repeats):
         for name, (model, positive, negative) in variants.items():
             short = timed_sample(model, positive, negative, width, height, n1, device)
             long = timed_sample(model, positive, negative, width, height, n2, device)
-            samples[name].append((long - short) / (n2 - n1))
-    return {name: statistics.median(values) for name, values in samples.items()}
+            wall[name].append((long[0] - short[0]) / (n2 - n1))
+            cpu[name].append((long[1] - short[1]) / (n2 - n1))
+    spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in wall.items()}
+    sys.stdout.write(f"  ({width}x{height} run-to-run spread of the per-step time, (max-min)/median: "
+                     + ", ".join(f"{name} {value:.0%}" for name, value in spread.items()) + ")\n")
+    return ({name: statistics.median(v) for name, v in wall.items()}, {name: statistics.median(v) for name, v in cpu.items()})
 
 
 def clone_cost(patched) -> tuple[float, int, bool]:
@@ -164,7 +172,7 @@ def main() -> int:
     cuda = options.device == "cuda"
     device, dtype, channels = ("cuda", torch.float16, 320) if cuda else ("cpu", torch.float32, TINY_CHANNELS)
     sizes = [tuple(int(v) for v in s.split("x")) for s in (options.sizes or ("1024x1024,768x768,1344x768" if cuda else "64x64")).split(",")]
-    n1, n2 = (int(v) for v in (options.steps or ("4,12" if cuda else "2,6")).split(","))
+    n1, n2 = (int(v) for v in (options.steps or ("4,16" if cuda else "2,6")).split(","))
     if not cuda:
         torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -177,6 +185,10 @@ def main() -> int:
         analyzer = FaceAnalyzer.load(write_antelopev2(Path(folder) / "antelopev2"), "auto")
     built = time.perf_counter() - started
     positive, negative = conditioning(1), conditioning(2)
+    if cuda:
+        # The GPU runs are launch-bound: idle OpenMP workers spinning after each small CPU op steal
+        # cores from the launching thread and make timings erratic. The timed work is all on the GPU.
+        torch.set_num_threads(1)
 
     machine = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# InstantID benchmark: {machine}; torch {torch.__version__}; UNet base width {channels} "
@@ -186,6 +198,7 @@ def main() -> int:
           "ApplyInstantID/(UNet+IdentityNet) | attention/UNet |")
     print("|---|---|---|---|---|---|---|---|")
     instantid_model = None
+    cpu_notes: list[str] = []
     for width, height in sizes:
         face = synthetic_face(width, height)
         outcome = apply_instantid(adapter=adapter, face_analysis=analyzer, control_net=control_net, image=face, model=model,
@@ -198,13 +211,15 @@ def main() -> int:
         variants = {"unet": (model, positive, negative), "identitynet": (model, *floor),
                     "instantid": (outcome.model, outcome.positive, outcome.negative),
                     "attention": (attention.model, positive, negative)}
-        times = per_step_times(variants, width, height, n1, n2, options.repeats, options.device)
+        times, cpu_times = per_step_times(variants, width, height, n1, n2, options.repeats, options.device)
         print(f"| {width}x{height} | {times['unet'] * 1000:.1f} | {times['identitynet'] * 1000:.1f} | "
               f"{times['instantid'] * 1000:.1f} | {times['attention'] * 1000:.1f} | "
               f"{times['identitynet'] / times['unet']:.3f} | {times['instantid'] / times['identitynet']:.3f} | "
               f"{times['attention'] / times['unet']:.3f} |", flush=True)
+        cpu_notes.append(f"{width}x{height}: " + ", ".join(f"{name} {cpu_times[name] * 1000:.1f}" for name in variants))
         instantid_model = outcome.model
 
+    print("\nhost CPU ms per step (process time; close to the wall time means the run is launch-bound): " + "; ".join(cpu_notes))
     per_clone_ms, clone_bytes, shared = clone_cost(instantid_model)
     print(f"\nclone() of the patched model: {per_clone_ms:.2f} ms; {clone_bytes / 1e6:.2f} MB allocated by one clone; "
           f"face K/V shared with the original (no copy): {shared}")
@@ -216,7 +231,7 @@ def main() -> int:
         width, height = sizes[0]
         peaks = {}
         for name, (m, p, n) in {"identitynet": (model, *floor), "instantid": (instantid_model, outcome.positive, outcome.negative)}.items():
-            timed_sample(m, p, n, width, height, 1, "cuda")
+            timed_sample(m, p, n, width, height, 1, "cuda")  # loads what this variant needs
             torch.cuda.reset_peak_memory_stats()
             timed_sample(m, p, n, width, height, 2, "cuda")
             peaks[name] = torch.cuda.max_memory_allocated()
@@ -236,7 +251,7 @@ def main() -> int:
     timings = []
     for i in range(5):
         pixels = np.zeros((1024, 1024, 3), np.uint8)
-        pixels[0, 0, 0] = i  # a new image each time: no cache hit
+        pixels[0, 0, 0] = i + 1  # a new image each time: no cache hit
         from support import antelope
         antelope.draw_face(pixels, (4 + i, 3), 128, antelope.det_scale_for(1024, 1024, 640))
         start = time.perf_counter()

@@ -166,9 +166,19 @@ def unet_output(model: Any, transformer_options: dict, sigma: float, cond_or_unc
                                        y=torch.stack([adm[i] for i in cond_or_uncond]), transformer_options=options)
 
 
+@pytest.fixture(params=["comfy-default", "pytorch-sdpa"])
+def attention_backend(request, monkeypatch):
+    """ComfyUI's CPU default (sub-quadratic attention) takes the patch's generic path; its GPU
+    default (pytorch SDPA) takes the fused path. Both must give the official result."""
+    if request.param == "pytorch-sdpa":
+        import comfy.ldm.modules.attention as attention
+        monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    return request.param
+
+
 @pytest.mark.parametrize("cond_or_uncond", [[0, 1], [1, 0]])
 @pytest.mark.parametrize("window", ["inside", "outside"])
-def test_patched_unet_equals_the_official_formula(kit, cond_or_uncond, window):
+def test_patched_unet_equals_the_official_formula(kit, cond_or_uncond, window, attention_backend):
     sampling = kit.model.get_model_object("model_sampling")
     sigma = float(sampling.percent_to_sigma(0.3))
     start_at = 0.0 if window == "inside" else 0.5  # the window starts after the sigma of 30 %
