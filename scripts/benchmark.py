@@ -31,6 +31,12 @@ sys.path.append(str(REPO_ROOT / "tests"))
 from instantid.comfy_home import find_comfyui, why_not_found  # noqa: E402
 
 
+def say(text: str = "") -> None:
+    """One line of the report on stdout (this script's output is its result)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -104,8 +110,8 @@ def per_step_times(variants: dict, width: int, height: int, n1: int, n2: int, re
             wall[name].append((long[0] - short[0]) / (n2 - n1))
             cpu[name].append((long[1] - short[1]) / (n2 - n1))
     spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in wall.items()}
-    sys.stdout.write(f"  ({width}x{height} run-to-run spread of the per-step time, (max-min)/median: "
-                     + ", ".join(f"{name} {value:.0%}" for name, value in spread.items()) + ")\n")
+    say(f"  ({width}x{height} run-to-run spread of the per-step time, (max-min)/median: "
+        + ", ".join(f"{name} {value:.0%}" for name, value in spread.items()) + ")")
     return ({name: statistics.median(v) for name, v in wall.items()}, {name: statistics.median(v) for name, v in cpu.items()})
 
 
@@ -191,12 +197,12 @@ def main() -> int:
         torch.set_num_threads(1)
 
     machine = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# InstantID benchmark: {machine}; torch {torch.__version__}; UNet base width {channels} "
+    say(f"# InstantID benchmark: {machine}; torch {torch.__version__}; UNet base width {channels} "
           f"({'real SDXL config' if cuda else 'tiny SDXL layout'}), {dtype}; per-step = (T({n2}) - T({n1}))/{n2 - n1}, "
           f"median of {options.repeats}; batch 1 with CFG; models built in {built:.1f} s")
-    print("| size | UNet ms/step | +IdentityNet | +ApplyInstantID | attention only | IdentityNet/UNet | "
+    say("| size | UNet ms/step | +IdentityNet | +ApplyInstantID | attention only | IdentityNet/UNet | "
           "ApplyInstantID/(UNet+IdentityNet) | attention/UNet |")
-    print("|---|---|---|---|---|---|---|---|")
+    say("|---|---|---|---|---|---|---|---|")
     instantid_model = None
     cpu_notes: list[str] = []
     for width, height in sizes:
@@ -212,20 +218,21 @@ def main() -> int:
                     "instantid": (outcome.model, outcome.positive, outcome.negative),
                     "attention": (attention.model, positive, negative)}
         times, cpu_times = per_step_times(variants, width, height, n1, n2, options.repeats, options.device)
-        print(f"| {width}x{height} | {times['unet'] * 1000:.1f} | {times['identitynet'] * 1000:.1f} | "
+        say(f"| {width}x{height} | {times['unet'] * 1000:.1f} | {times['identitynet'] * 1000:.1f} | "
               f"{times['instantid'] * 1000:.1f} | {times['attention'] * 1000:.1f} | "
               f"{times['identitynet'] / times['unet']:.3f} | {times['instantid'] / times['identitynet']:.3f} | "
-              f"{times['attention'] / times['unet']:.3f} |", flush=True)
+              f"{times['attention'] / times['unet']:.3f} |")
         cpu_notes.append(f"{width}x{height}: " + ", ".join(f"{name} {cpu_times[name] * 1000:.1f}" for name in variants))
         instantid_model = outcome.model
 
-    print("\nhost CPU ms per step (process time; close to the wall time means the run is launch-bound): " + "; ".join(cpu_notes))
+    say()
+    say("host CPU ms per step (process time; close to the wall time means the run is launch-bound): " + "; ".join(cpu_notes))
     per_clone_ms, clone_bytes, shared = clone_cost(instantid_model)
-    print(f"\nclone() of the patched model: {per_clone_ms:.2f} ms; {clone_bytes / 1e6:.2f} MB allocated by one clone; "
+    say(f"clone() of the patched model: {per_clone_ms:.2f} ms; {clone_bytes / 1e6:.2f} MB allocated by one clone; "
           f"face K/V shared with the original (no copy): {shared}")
     adapter_params = sum(k.numel() + v.numel() for k, v in adapter.projections) + sum(p.numel() for p in adapter.resampler.parameters())
     kv_bytes = sum(k.numel() * 2 + v.numel() * 2 for k, v in adapter.layer_kv(outcome.face_tokens)) // 2  # fp16 on the GPU
-    print(f"adapter: {adapter_params / 1e6:.1f} M parameters kept on the CPU; what sampling needs on the device is the "
+    say(f"adapter: {adapter_params / 1e6:.1f} M parameters kept on the CPU; what sampling needs on the device is the "
           f"face K/V of 70 layers: {kv_bytes / 1e6:.2f} MB at fp16")
     if cuda:
         width, height = sizes[0]
@@ -235,9 +242,9 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
             timed_sample(m, p, n, width, height, 2, "cuda")
             peaks[name] = torch.cuda.max_memory_allocated()
-        print(f"peak GPU memory at {width}x{height}: UNet+IdentityNet {peaks['identitynet'] / 2**30:.3f} GiB, "
+        say(f"peak GPU memory at {width}x{height}: UNet+IdentityNet {peaks['identitynet'] / 2**30:.3f} GiB, "
               f"ApplyInstantID {peaks['instantid'] / 2**30:.3f} GiB, added by the adapter {(peaks['instantid'] - peaks['identitynet']) / 2**20:.1f} MiB")
-        print(f"host syncs in one UNet call at {width}x{height}: plain {host_syncs(model, 'cuda', width, height)}, "
+        say(f"host syncs in one UNet call at {width}x{height}: plain {host_syncs(model, 'cuda', width, height)}, "
               f"attention-patched {host_syncs(attention.model, 'cuda', width, height)}")
 
     import numpy as np
@@ -261,7 +268,7 @@ def main() -> int:
     start = time.perf_counter()
     analyzer.detect(np.ascontiguousarray(pixels[..., ::-1]))
     cached_ms = (time.perf_counter() - start) * 1000
-    print(f"face analysis (synthetic antelopev2, onnxruntime CPU): {statistics.median(timings) * 1000:.2f} ms per 1024x1024 image, "
+    say(f"face analysis (synthetic antelopev2, onnxruntime CPU): {statistics.median(timings) * 1000:.2f} ms per 1024x1024 image, "
           f"{passes:.1f} detection pass(es) per image, {cached_ms:.3f} ms for a repeated image (cache); "
           f"ONNX sessions: {analyzer.session_count}")
     return 0
