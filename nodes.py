@@ -233,8 +233,35 @@ class ApplyInstantIDControlNet(io.ComfyNode):
                                                  start_at=start_at, end_at=end_at, mask=mask))
 
 
+class InstantIDFaceSimilarity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDFaceSimilarity", display_name="InstantID Face Similarity", category=CATEGORY,
+            description="How much the face in 'image' looks like the face in 'reference': cosine similarity of their "
+                        "ArcFace (antelopev2) embeddings, largest face of each image. 1.0 is identical; different "
+                        "people usually score below 0.3. Shown on the node and printed by `python -m instantid run`.",
+            inputs=[FaceAnalysisType.Input("faceanalysis",
+                                           tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
+                    io.Image.Input("reference", tooltip="Photo(s) of the person; with several, each image is compared "
+                                                        "with every reference and the scores are averaged."),
+                    io.Image.Input("image", tooltip="The generated image(s) to score, e.g. the VAE Decode output. "
+                                                    "With a batch, the output is the mean of the per-image scores.")],
+            outputs=[io.Float.Output(display_name="similarity", tooltip="Cosine similarity of the face embeddings, -1 to 1.")],
+            is_output_node=True)
+
+    @classmethod
+    def execute(cls, faceanalysis: Any, reference: Any, image: Any) -> io.NodeOutput:
+        from .instantid.apply import as_face_analyzer
+        from .instantid.similarity import face_similarity
+
+        result = face_similarity(as_face_analyzer(faceanalysis), reference, image)
+        return io.NodeOutput(result.mean, ui={"text": [result.text()], "face_similarity": list(result.per_image)})
+
+
 NODES: list[type[io.ComfyNode]] = [InstantIDModelLoader, InstantIDFaceAnalysis, FaceKeypointsPreprocessor, ApplyInstantID,
-                                   ApplyInstantIDAdvanced, InstantIDAttentionPatch, ApplyInstantIDControlNet]
+                                   ApplyInstantIDAdvanced, InstantIDAttentionPatch, ApplyInstantIDControlNet,
+                                   InstantIDFaceSimilarity]
 
 
 class InstantIDExtension(ComfyExtension):

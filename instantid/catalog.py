@@ -41,10 +41,15 @@ class ModelFile:
     @property
     def approx_size(self) -> str:
         """The size for display, e.g. '1.7 GB'."""
-        for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-            if self.approx_bytes >= scale:
-                return f"{self.approx_bytes / scale:.1f} {unit}"
-        return f"{self.approx_bytes} B"
+        return format_size(self.approx_bytes)
+
+
+def format_size(num_bytes: int) -> str:
+    """A byte count for display, e.g. '1.7 GB' (decimal units, as Hugging Face shows them)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
 
 
 CATALOG: tuple[ModelFile, ...] = (

@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from . import __version__
 from .catalog import CATALOG, ModelFile
 from .comfy_home import find_comfyui, why_not_found
+from .faces import FETCH_COMMAND
 from .fetch import DEFAULT_RETRIES, DEFAULT_TIMEOUT, FetchError, fetch_models, resolve_endpoint
+from .paths import ADAPTER_FOLDER, FACE_MODELS_FOLDER
 
 
 class CommandError(Exception):
@@ -70,6 +73,29 @@ def read_extra_model_paths(config: Path) -> dict[str, list[Path]]:
     return folders
 
 
+def comfyui_base(base_directory: Path | None, *, required: bool) -> Path | None:
+    """ComfyUI's base directory (models/, custom_nodes/, input/, output/): --base-directory when
+    given, else the ComfyUI checkout comfy_home finds. None when there is none and not `required`."""
+    if base_directory is not None:
+        if not base_directory.is_dir():
+            raise CommandError(f"--base-directory {base_directory} is not a directory")
+        return base_directory
+    found = find_comfyui()
+    if found is None and required:
+        raise CommandError(f"{why_not_found()}; or pass --base-directory DIR")
+    return found
+
+
+def registered_folders(configs: Iterable[Path]) -> dict[str, list[Path]]:
+    """The folders several extra_model_paths.yaml files register, per key, in loading order."""
+    merged: dict[str, list[Path]] = {}
+    for config in configs:
+        for key, paths in read_extra_model_paths(config).items():
+            known = merged.setdefault(key, [])
+            known += [path for path in paths if path not in known]
+    return merged
+
+
 def model_folders(keys: Iterable[str], base_directory: Path | None, extra_config: Path | None) -> dict[str, Path]:
     """Where each folder key's files go: the first folder extra_model_paths registers for it,
     else <ComfyUI base>/models/<key>. ComfyUI is looked up only when a key needs it."""
@@ -77,14 +103,24 @@ def model_folders(keys: Iterable[str], base_directory: Path | None, extra_config
     folders = {key: registered[key][0] for key in keys if registered.get(key)}
     missing = [key for key in keys if key not in folders]
     if missing:
-        if base_directory is None:
-            base_directory = find_comfyui()
-            if base_directory is None:
-                raise CommandError(f"{why_not_found()}; or pass --base-directory DIR")
-        elif not base_directory.is_dir():
-            raise CommandError(f"--base-directory {base_directory} is not a directory")
-        folders.update({key: base_directory / "models" / key for key in missing})
+        base = comfyui_base(base_directory, required=True)
+        folders.update({key: base / "models" / key for key in missing})
     return folders
+
+
+def model_search_paths(keys: Iterable[str], base_directory: Path | None,
+                       extra_configs: Sequence[Path]) -> dict[str, list[Path]]:
+    """Every folder ComfyUI searches for each key. ComfyUI's own keys (controlnet) start with
+    <base>/models/<key>; the pack's keys (instantid, insightface) list the registered folders
+    first, as paths.register_model_folders does. Without a base only the registered folders."""
+    registered = registered_folders(extra_configs)
+    base = comfyui_base(base_directory, required=False)
+    found = {}
+    for key in keys:
+        default = [base / "models" / key] if base else []
+        extra = [path for path in registered.get(key, []) if path not in default]
+        found[key] = [*extra, *default] if key in (ADAPTER_FOLDER, FACE_MODELS_FOLDER) else [*default, *extra]
+    return found
 
 
 def _positive_float(text: str) -> float:
@@ -151,7 +187,108 @@ def _fetch_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_fetch_models,)
+def _add_model_location_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-directory", type=Path, metavar="DIR",
+                        help="ComfyUI's --base-directory: models are in DIR/models/<folder>/ (default: the ComfyUI "
+                             "found through COMFYUI_PATH, the folder above custom_nodes/, or ~/comfy/ComfyUI)")
+    parser.add_argument("--extra-model-paths-config", type=Path, metavar="FILE",
+                        help="ComfyUI's --extra-model-paths-config: an extra_model_paths.yaml whose folders are "
+                             "searched too (ComfyUI's own extra_model_paths.yaml is always read)")
+
+
+def _add_doctor(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "doctor", help="check that ComfyUI, the Python packages and the model files are in place",
+        description="Check ComfyUI, Python, torch, insightface, onnxruntime (the providers that really load) and "
+                    "each model file (found, size, layout, the folder it belongs in). Prints one line per check and "
+                    "the commands that fix what is wrong. Exit code 0 only when everything needed is in place. "
+                    "Downloads nothing and needs no GPU.")
+    _add_model_location_arguments(parser)
+    parser.set_defaults(handler=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import markers_for, run_checks
+
+    comfyui = find_comfyui()
+    base = comfyui_base(args.base_directory, required=False)
+    own_config = comfyui / "extra_model_paths.yaml" if comfyui else None
+    configs = [c for c in (own_config,) if c and c.is_file()] + [c for c in (args.extra_model_paths_config,) if c]
+    keys = sorted({entry.folder for entry in CATALOG})
+    try:
+        targets = model_folders(keys, args.base_directory, args.extra_model_paths_config)
+    except CommandError:
+        targets = {}  # the report says that no folder is known
+    custom_nodes = ([base / "custom_nodes"] if base else []) + registered_folders(configs).get("custom_nodes", [])
+    fetch = FETCH_COMMAND + "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in (
+        ("--base-directory", args.base_directory), ("--extra-model-paths-config", args.extra_model_paths_config)) if value)
+    faces_log = logging.getLogger("instantid.faces")  # its 'providers in use' note repeats a report line
+    previous_level = faces_log.level
+    faces_log.setLevel(logging.WARNING)
+    try:
+        report = run_checks(comfyui=comfyui, base_directory=base, extra_configs=configs,
+                            search_paths=model_search_paths(keys, args.base_directory, configs), targets=targets,
+                            custom_node_folders=custom_nodes, fetch_command=fetch)
+    finally:
+        faces_log.setLevel(previous_level)
+    sys.stdout.write("".join(line + "\n" for line in report.lines(markers_for(sys.stdout))))
+    return 0 if report.ok else 1
+
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
+    from .runner import DEFAULT_MAX_WAIT, DEFAULT_TIMEOUT as SERVER_TIMEOUT
+
+    parser = commands.add_parser(
+        "run", help="run a workflow without the UI (ComfyUI in this process, or on a running server)",
+        description="Run a ComfyUI workflow (UI or API format) headless. By default ComfyUI runs inside this "
+                    "process with your custom node packs; with --comfyui URL the workflow is sent to a running "
+                    "ComfyUI. Output images are written to --out; 'face similarity: ...' is printed for every "
+                    "InstantID Face Similarity node.")
+    parser.add_argument("workflow", type=Path, metavar="WORKFLOW.json", help="a workflow saved or exported from ComfyUI")
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                        help="change a widget value; NODE is a node id, title or class type (when unique), VALUE is "
+                             "JSON when it parses, else text; repeatable (e.g. --set KSampler.seed=7)")
+    parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                        help="folder for the output images (default: the current folder)")
+    _add_model_location_arguments(parser)
+    parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (automatic without a GPU)")
+    parser.add_argument("--comfyui", metavar="URL",
+                        help="send the workflow to this running ComfyUI (e.g. http://127.0.0.1:8188) instead")
+    parser.add_argument("--timeout", type=_positive_float, default=SERVER_TIMEOUT, metavar="SECONDS",
+                        help="with --comfyui: timeout of each HTTP request (default: %(default)s)")
+    parser.add_argument("--max-wait", type=_positive_float, default=DEFAULT_MAX_WAIT, metavar="SECONDS",
+                        help="with --comfyui: longest wait for the workflow to finish (default: %(default)s)")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import runner
+
+    try:
+        workflow = runner.load_workflow(args.workflow)
+        overrides = [runner.parse_override(text) for text in args.set]
+        if args.comfyui:
+            report = runner.run_on_server(workflow, overrides, args.out, url=args.comfyui, timeout=args.timeout,
+                                          max_wait=args.max_wait)
+        else:
+            comfyui = find_comfyui()
+            if comfyui is None:
+                raise CommandError(f"{why_not_found()}; or send the workflow to a running ComfyUI with --comfyui URL")
+            comfyui_base(args.base_directory, required=False)  # a wrong --base-directory fails here, not in ComfyUI
+            configs = [args.extra_model_paths_config] if args.extra_model_paths_config else []
+            report = runner.run_embedded(workflow, overrides, args.out, comfyui=comfyui,
+                                         base_directory=args.base_directory, extra_model_paths_configs=configs,
+                                         cpu=args.cpu)
+    except runner.RunError as error:
+        raise CommandError(str(error)) from None
+    lines = [f"wrote {path}" for path in report.images] + report.similarity_lines()
+    if not report.images:
+        lines.append("the workflow produced no images (it has no Save Image or Preview Image output)")
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    return 0
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_doctor, _add_fetch_models, _add_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("instantid")
-    previous_level = logger.level
+    previous_level, previous_propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # ComfyUI's root handler would print every line a second time
     try:
         return args.handler(args)
     except CommandError as error:
@@ -187,3 +325,4 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+        logger.propagate = previous_propagate

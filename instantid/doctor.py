@@ -1,0 +1,485 @@
+"""`python -m instantid doctor`: is this machine ready to run InstantID, and if not, what to do.
+
+Each check is one line (status, name, detail); the report ends with a summary and the commands
+that fix what failed. Nothing is downloaded and no GPU is needed.
+
+Cost: the adapter (1.7 GB) is validated with the pack's own `load_adapter`, but with torch's
+memory-mapped loading, so only the tensor headers are read, not the weights. The IdentityNet
+(2.5 GB) is checked from its safetensors header alone (key names, shapes, data size). The two
+antelopev2 files are opened with onnxruntime and insightface, as the Face Analysis node does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import struct
+import sys
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from .catalog import CATALOG, INSTANTID_REPO, ModelFile, format_size
+from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
+from .faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, FaceModelsMissing,
+                    double_install_warning, find_antelopev2, onnxruntime_distributions, select_providers)
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "warn", "fail"]
+MARKERS = {"ok": "✔", "warn": "!", "fail": "✘"}
+ASCII_MARKERS = {"ok": "OK", "warn": "WARN", "fail": "FAIL"}
+GPU_ONNXRUNTIME = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+CONTEXT_DIM = 2048  # SDXL's text context width (instantid.sdxl.CONTEXT_DIM, which needs torch to import)
+ADM_CHANNELS = 2816  # SDXL's size conditioning width
+_MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report. `fixes` are shell commands; `refetch` names a catalog entry that
+    `fetch-models` should (re)download."""
+
+    status: Status
+    name: str
+    detail: str
+    fixes: tuple[str, ...] = ()
+    refetch: tuple[str, ...] = ()
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    fetch_command: str = FETCH_COMMAND
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing needed is missing or broken (warnings allowed)."""
+        return all(check.status != "fail" for check in self.checks)
+
+    def fixes(self) -> list[str]:
+        """The commands to run, in order, without repeats; one fetch-models for every file to (re)get."""
+        refetch = [entry_id for check in self.checks for entry_id in check.refetch]
+        commands = []
+        if refetch:
+            required = [entry.id for entry in CATALOG if entry.required]
+            chosen = "" if sorted(set(refetch)) == sorted(required) else "".join(f" --only {i}" for i in dict.fromkeys(refetch))
+            commands.append(self.fetch_command + chosen)
+        for check in self.checks:
+            commands += [fix for fix in check.fixes if fix not in commands]
+        return commands
+
+    def lines(self, markers: Mapping[str, str] = MARKERS) -> list[str]:
+        width = max(len(marker) for marker in markers.values())
+        out = [f"{markers[check.status]:<{width}} {check.name}: {check.detail}" for check in self.checks]
+        failed = sum(check.status == "fail" for check in self.checks)
+        warned = sum(check.status == "warn" for check in self.checks)
+        warnings = f"{warned} warning{'s' if warned != 1 else ''}"
+        if failed:
+            out.append(f"Summary: {failed} problem{'s' if failed != 1 else ''}, {warnings}: NOT READY.")
+        else:
+            out.append(f"Summary: all needed checks passed, {warnings}: ready.")
+        fixes = self.fixes()
+        if fixes:
+            out.append("To fix, run:")
+            out += [f"  {command}" for command in fixes]
+        return out
+
+
+# ----------------------------------------------------------------------------------- environment --
+
+
+def check_comfyui(comfyui: Path | None) -> Check:
+    if comfyui is None:
+        return Check("fail", "ComfyUI", why_not_found())
+    return Check("ok", "ComfyUI", f"{comfyui} (version {comfyui_version(comfyui)})")
+
+
+def check_model_folders(base_directory: Path | None, extra_configs: Sequence[Path]) -> Check:
+    where = [f"base directory {base_directory}" if base_directory else "no base directory"]
+    where += [f"extra model paths {config}" for config in extra_configs]
+    status: Status = "ok" if base_directory or extra_configs else "fail"
+    fixes = () if status == "ok" else ("python -m instantid doctor --base-directory /path/to/ComfyUI",)
+    return Check(status, "model folders", "; ".join(where), fixes)
+
+
+def check_python() -> Check:
+    version = platform.python_version()
+    if sys.version_info < (3, 10):  # noqa: UP036 (the doctor must say so on an old Python)
+        return Check("fail", "Python", f"{version} at {sys.executable}; the pack needs Python 3.10 or newer")
+    return Check("ok", "Python", f"{version} at {sys.executable}")
+
+
+def check_torch() -> tuple[Check, bool]:
+    """The torch check and whether torch sees a CUDA GPU."""
+    try:
+        import torch
+    except ImportError as error:
+        return Check("fail", "torch", f"cannot import torch ({error}); install ComfyUI's requirements into this Python",
+                     ("pip install -r /path/to/ComfyUI/requirements.txt",)), False
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return Check("ok", "torch", f"{torch.__version__}, CUDA {torch.version.cuda}: {name}"), True
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return Check("ok", "torch", f"{torch.__version__}, Apple MPS"), False
+    build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    return Check("warn", "torch", f"{torch.__version__} ({build}) sees no GPU: ComfyUI runs on the CPU (--cpu), where "
+                                  "an SDXL image takes many minutes; install the torch build for your GPU (see ComfyUI's "
+                                  "README)"), False
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_packages() -> Check:
+    """insightface and OpenCV, which the pack imports (torch and numpy come with ComfyUI)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as faces does: no network at import
+    found, missing = [], []
+    for label, module, distributions in (("insightface", "insightface", ("insightface",)),
+                                         ("opencv", "cv2", ("opencv-python", "opencv-python-headless",
+                                                            "opencv-contrib-python", "opencv-contrib-python-headless"))):
+        version = next((v for v in map(_version, distributions) if v), None)
+        try:
+            __import__(module)
+        except ImportError as error:
+            missing.append(f"{label} ({error})")
+            continue
+        found.append(f"{label} {version or 'unknown version'}")
+    if missing:
+        return Check("fail", "packages", f"cannot import {', '.join(missing)}",
+                     ("pip install -r requirements.txt  # in this pack's folder, with ComfyUI's Python",))
+    insightface_version = _version("insightface") or "0"
+    if tuple(int(p) for p in re.findall(r"\d+", insightface_version)[:2]) < (2, 1):
+        return Check("fail", "packages", f"insightface {insightface_version} is older than 2.1, which the pack needs",
+                     ("pip install -U 'insightface>=2.1'",))
+    return Check("ok", "packages", ", ".join(found))
+
+
+def check_onnxruntime(detector: Path | None, torch_cuda: bool) -> list[Check]:
+    """onnxruntime's version, the providers a session on the detector really gets (else those the
+    build offers), GPU advice, and the double-install clobber."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        return [Check("fail", "onnxruntime", f"cannot import onnxruntime ({error})",
+                      ("pip install 'insightface>=2.1'  # brings onnxruntime",))]
+    available = list(onnxruntime.get_available_providers())
+    providers, _ = select_providers("auto", available)
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    options = [dict(p[1]) if isinstance(p, tuple) else {} for p in providers]
+    loaded = None
+    if detector is not None:
+        try:
+            loaded = onnxruntime.InferenceSession(str(detector), providers=names, provider_options=options).get_providers()
+        except Exception as error:  # a broken file is reported by its own check
+            log.debug("no provider check on %s: %s", detector, error)
+    version = onnxruntime.__version__
+    checks = []
+    if loaded is not None:
+        checks.append(Check("ok", "onnxruntime", f"{version}, face analysis runs on {', '.join(loaded)} "
+                                                 f"(a session on {detector.name})"))
+        if names[0] != CPU_PROVIDER and names[0] not in loaded:
+            checks.append(Check("warn", "onnxruntime GPU", f"{names[0]} is installed but failed to start, so face "
+                                "analysis runs on the CPU; usually CUDA/cuDNN libraries that do not match this "
+                                "onnxruntime build (see onnxruntime's error above)"))
+    else:
+        checks.append(Check("ok", "onnxruntime", f"{version}, providers available: {', '.join(available)} "
+                                                 f"(not tried on a model: no usable {DETECTOR_FILE})"))
+    if torch_cuda and "CUDAExecutionProvider" not in available:
+        checks.append(Check("warn", "onnxruntime GPU", "torch uses CUDA but this onnxruntime has no CUDA provider, so "
+                            "face analysis runs on the CPU (slower, still correct); swap in onnxruntime-gpu, and again "
+                            "after every insightface upgrade", (GPU_ONNXRUNTIME,)))
+    distributions = onnxruntime_distributions()
+    doubled = double_install_warning()
+    if doubled:
+        # Keep the accelerated build, as faces.double_install_warning advises.
+        keep = next((name for name in distributions if name != "onnxruntime"), "onnxruntime")
+        checks.append(Check("warn", "onnxruntime installs", doubled,
+                            (f"pip uninstall -y {' '.join(distributions)} && pip install {keep}",)))
+    else:
+        installed = ", ".join(f"{name} {v}" for name, v in distributions.items())
+        checks.append(Check("ok", "onnxruntime installs", f"one distribution ({installed})"))
+    return checks
+
+
+def check_pack_location(custom_node_folders: Sequence[Path]) -> Check:
+    """Whether ComfyUI loads this copy of the pack (it must sit in, or be linked from, custom_nodes)."""
+    for folder in custom_node_folders:
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+        if PACK_ROOT.parent.resolve() == folder.resolve() or any(e.resolve() == PACK_ROOT for e in entries if e.is_dir()):
+            return Check("ok", "pack", f"{PACK_ROOT} is loaded by ComfyUI from {folder}")
+    if not custom_node_folders:
+        return Check("warn", "pack", f"{PACK_ROOT}: no ComfyUI custom_nodes folder to check")
+    target = custom_node_folders[0] / PACK_ROOT.name
+    return Check("warn", "pack", f"{PACK_ROOT} is not in {custom_node_folders[0]}, so ComfyUI's UI will not load these "
+                                 "nodes (`python -m instantid run` loads them anyway)",
+                 (f"ln -s {shlex.quote(str(PACK_ROOT))} {shlex.quote(str(target))}",))
+
+
+# ----------------------------------------------------------------------------------- model files --
+
+
+def _found(path: Path) -> str:
+    return f"{path} ({format_size(path.stat().st_size)})"
+
+
+def _missing(entry: ModelFile, target: Path | None) -> Check:
+    where = f"put it at {target}" if target else "no model folder to put it in (pass --base-directory)"
+    return Check("fail", entry.id, f"MISSING ({entry.approx_size}, {entry.description}); {where}", refetch=(entry.id,))
+
+
+def _bad(entry: ModelFile, path: Path, reason: str) -> Check:
+    return Check("fail", entry.id, f"BROKEN {_found(path)}: {reason}", refetch=(entry.id,))
+
+
+def adapter_problem(path: Path) -> str | None:
+    """Why `path` is not a usable InstantID adapter, or None. A torch zip archive is validated by
+    `load_adapter` with memory-mapped loading (headers only, no 1.7 GB read); anything else that
+    is not .safetensors is refused: torch.save has written zip archives since torch 1.6."""
+    from .adapter import AdapterFileError, load_adapter
+
+    if path.suffix.lower() not in (".safetensors", ".sft") and not zipfile.is_zipfile(path):
+        return ("not a PyTorch zip archive (the format of the published ip-adapter.bin): the download is truncated "
+                "or damaged, or it is not a model file (an HTML error page?)")
+    try:
+        with _mmap_torch_load():
+            load_adapter(path)
+    except AdapterFileError as error:
+        return str(error)
+    except Exception as error:  # a damaged archive can fail anywhere inside torch
+        return f"it could not be read ({type(error).__name__}: {error}); the download is damaged"
+    return None
+
+
+class _mmap_torch_load:
+    """torch.load memory-maps tensors while active (torch >= 2.5; older ones read the file)."""
+
+    def __enter__(self) -> None:
+        try:
+            from torch.utils.serialization import config
+        except ImportError:
+            self.config = None
+            return
+        self.config, self.previous = config, config.load.mmap
+        config.load.mmap = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.config is not None:
+            self.config.load.mmap = self.previous
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header (no tensor data is read). ValueError
+    says why the file is not a complete safetensors file."""
+    size = path.stat().st_size
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{size} bytes is too short for a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise ValueError("not a safetensors file (its first 8 bytes are not a header length); "
+                             "the download is damaged or it is another kind of file")
+        try:
+            header = json.loads(stream.read(length))
+        except ValueError:
+            raise ValueError("its safetensors header is not valid JSON; the download is damaged") from None
+    if not isinstance(header, dict):
+        raise ValueError("its safetensors header is not a table of tensors; the download is damaged")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ValueError("its safetensors header has malformed tensor entries; the download is damaged") from None
+    if 8 + length + end != size:
+        raise ValueError(f"truncated or padded: the header describes {8 + length + end} bytes, the file has {size}; "
+                         "the download is incomplete")
+    return tensors
+
+
+def identitynet_problem(path: Path) -> tuple[str | None, str]:
+    """(why it is not an SDXL ControlNet with 2048-wide context, or None; what it is)."""
+    try:
+        tensors = safetensors_header(path)
+    except ValueError as error:
+        return str(error), ""
+    shapes = {key: entry.get("shape") for key, entry in tensors.items()}
+    if "controlnet_cond_embedding.conv_in.weight" in shapes:
+        layout, adm_key = "diffusers", "add_embedding.linear_1.weight"
+    elif "input_hint_block.0.weight" in shapes:
+        layout, adm_key = "ComfyUI/LDM", "label_emb.0.0.weight"
+    elif any(k.startswith(("model.diffusion_model.", "up_blocks.", "output_blocks.")) for k in shapes):
+        return "it is a UNet or checkpoint, not a ControlNet", ""
+    else:
+        return "it is not a ControlNet (no control hint encoder among its tensors)", ""
+    contexts = sorted({shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight") and len(shape) == 2})
+    adm = shapes.get(adm_key)
+    if contexts != [CONTEXT_DIM]:
+        widths = "/".join(map(str, contexts)) or "no"
+        return (f"it is a ControlNet for {widths}-wide text context (SD1.5 is 768, SD2 1024), not SDXL's "
+                f"{CONTEXT_DIM}; InstantID needs its IdentityNet from {INSTANTID_REPO}"), ""
+    if not adm or len(adm) != 2 or adm[1] != ADM_CHANNELS:
+        return f"it lacks SDXL's size conditioning ({ADM_CHANNELS}-wide); it is not the SDXL IdentityNet", ""
+    layers = sum(key.endswith("attn2.to_k.weight") for key in shapes)
+    return None, f"{layout} SDXL ControlNet, {layers} cross-attention layers with {CONTEXT_DIM}-wide context"
+
+
+def onnx_problem(path: Path) -> str | None:
+    """Why onnxruntime cannot load `path`, or None (a CPU session is built and dropped)."""
+    import onnxruntime
+
+    try:
+        onnxruntime.InferenceSession(str(path), providers=[CPU_PROVIDER])
+    except Exception as error:
+        code = re.search(r": \d+ : ([A-Z_]+) :", str(error))
+        reason = code.group(1) if code else type(error).__name__
+        return (f"onnxruntime cannot load it ({reason}): the download is truncated or damaged, "
+                "or it is not an ONNX model")
+    return None
+
+
+def _first_existing(roots: Sequence[Path], relative: str) -> Path | None:
+    return next((root / relative for root in roots if (root / relative).is_file()), None)
+
+
+def check_file_entry(entry: ModelFile, roots: Sequence[Path], target: Path | None,
+                     problem: Callable[[Path], tuple[str | None, str]]) -> Check:
+    """Found (first root holding entry.path, as ComfyUI searches) and valid, else what is wrong."""
+    path = _first_existing(roots, entry.path)
+    if path is None:
+        return _missing(entry, target)
+    reason, what = problem(path)
+    if reason:
+        return _bad(entry, path, reason)
+    return Check("ok", entry.id, f"{_found(path)}: {what}")
+
+
+def _adapter_check(path: Path) -> tuple[str | None, str]:
+    reason = adapter_problem(path)
+    return reason, "" if reason else "InstantID adapter: face Resampler and 140 projections for SDXL's 70 layers"
+
+
+def _move_command(source: Path, target: Path) -> str:
+    src, dst = shlex.quote(str(source)), shlex.quote(str(target))
+    return f"mkdir -p {dst} && mv {src}/* {dst}/ && rmdir {src}"
+
+
+def _stray(root: Path, name: str) -> Path | None:
+    """A copy of `name` up to four folders deep under `root` (an archive unzipped one level too deep)."""
+    for depth in range(1, 5):
+        found = sorted(root.glob("*/" * depth + name))
+        if found:
+            return found[0]
+    return None
+
+
+def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target_root: Path | None) -> list[Check]:
+    """The two antelopev2 files. Where the pack finds both (faces.find_antelopev2) wins; a pair in
+    a nested folder works for this pack but is reported with the command that moves it."""
+    def target_for(entry: ModelFile) -> Path | None:
+        return target_root / entry.path if target_root else None
+
+    def documented_folder(path: Path, entry: ModelFile) -> Path | None:
+        """The documented folder of the root that holds `path`; None when `path` is in it."""
+        root = next((r for r in roots if r in path.parents), None)
+        if root is None or path == root / entry.path:
+            return None
+        return (root / entry.path).parent
+
+    try:
+        folder = find_antelopev2(roots) if roots else None
+    except FaceModelsMissing:
+        folder = None
+    checks = []
+    for entry in entries:
+        name = Path(entry.path).name
+        target = target_for(entry)
+        path = folder / name if folder else _first_existing(roots, entry.path)
+        if path is None:
+            stray = next((s for root in roots if (s := _stray(root, name))), None)
+            if stray is not None and target is not None:
+                checks.append(Check("fail", entry.id, f"MISSING at {target}; a copy at {stray} is too deeply nested "
+                                                      "for the pack to find", (_move_command(stray.parent, target.parent),)))
+            else:
+                checks.append(_missing(entry, target))
+            continue
+        reason = onnx_problem(path)
+        if reason:
+            checks.append(_bad(entry, path, reason))
+        elif (documented := documented_folder(path, entry)) is not None:
+            checks.append(Check("warn", entry.id, f"{_found(path)} is in a nested folder: this pack finds it there, "
+                                                  f"other insightface tools do not; it belongs in {documented}",
+                                (_move_command(path.parent, documented),)))
+        else:
+            checks.append(Check("ok", entry.id, f"{_found(path)}: valid ONNX model"))
+    if folder is not None and all(check.status != "fail" for check in checks):
+        checks.append(_insightface_load(folder))
+    return checks
+
+
+def _insightface_load(folder: Path) -> Check:
+    from .faces import FaceAnalyzer
+
+    try:
+        analyzer = FaceAnalyzer.load(folder, "auto")
+    except Exception as error:
+        return Check("fail", FACE_MODEL_NAME, f"insightface cannot use the files in {folder}: {error}",
+                     refetch=("antelopev2-detector", "antelopev2-recognizer"))
+    used = ", ".join(f"{task} on {providers[0]}" for task, providers in analyzer.providers_in_use.items())
+    return Check("ok", FACE_MODEL_NAME, f"insightface loads the detector (5 keypoints) and the recogniser: {used}")
+
+
+# ------------------------------------------------------------------------------------------ all --
+
+
+def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_configs: Sequence[Path],
+               search_paths: Mapping[str, Sequence[Path]], targets: Mapping[str, Path],
+               custom_node_folders: Sequence[Path], fetch_command: str = FETCH_COMMAND) -> Report:
+    """Every check, in report order. `search_paths`: the folders ComfyUI searches per folder key;
+    `targets`: where fetch-models puts each key's files (cli.model_folders)."""
+    report = Report(fetch_command=fetch_command)
+    report.checks += [check_comfyui(comfyui), check_model_folders(base_directory, extra_configs), check_python()]
+    torch_check, torch_cuda = check_torch()
+    report.checks += [torch_check, check_packages()]
+    by_id = {entry.id: entry for entry in CATALOG}
+    face_roots = list(search_paths.get("insightface", []))
+    detector = _first_existing(face_roots, by_id["antelopev2-detector"].path)
+    if detector is None:
+        try:
+            detector = find_antelopev2(face_roots) / DETECTOR_FILE if face_roots else None
+        except FaceModelsMissing:
+            detector = None
+    report.checks += check_onnxruntime(detector, torch_cuda)
+    report.checks.append(check_pack_location(custom_node_folders))
+    report.checks.append(check_file_entry(by_id["adapter"], search_paths.get("instantid", []),
+                                          _target(targets, by_id["adapter"]), _adapter_check))
+    report.checks.append(check_file_entry(by_id["identitynet"], search_paths.get("controlnet", []),
+                                          _target(targets, by_id["identitynet"]), identitynet_problem))
+    faces = [entry for entry in CATALOG if entry.folder == "insightface"]
+    report.checks += check_antelopev2(faces, face_roots, targets.get("insightface"))
+    return report
+
+
+def _target(targets: Mapping[str, Path], entry: ModelFile) -> Path | None:
+    return targets[entry.folder] / entry.path if entry.folder in targets else None
+
+
+def markers_for(stream: object) -> Mapping[str, str]:
+    """✔/✘ where the stream can print them, else OK/FAIL/WARN."""
+    encoding = getattr(stream, "encoding", None) or "ascii"
+    try:
+        "".join(MARKERS.values()).encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return ASCII_MARKERS
+    return MARKERS

@@ -1,0 +1,492 @@
+"""`python -m instantid run`: run a workflow without the UI, either with ComfyUI embedded in this
+process (instantid.embedded) or on a running ComfyUI server over its HTTP API.
+
+Both paths share the same steps: read the workflow (UI or API format), convert it to API format,
+apply the `--set NODE.INPUT=VALUE` overrides, run it, copy the images of the SaveImage/PreviewImage
+outputs into the output folder, and read the InstantIDFaceSimilarity results.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+SIMILARITY_NODE = "InstantIDFaceSimilarity"
+# UI-only node types the converter folds away; they never need to be installed.
+FRONTEND_ONLY_TYPES = ("Reroute", "Note", "MarkdownNote", "PrimitiveNode")
+MUTED_OR_BYPASSED = (2, 4)
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_WAIT = 1800.0
+DEFAULT_POLL_INTERVAL = 0.5
+
+SchemaInputs = Callable[[str], Collection[str]]
+
+
+class RunError(RuntimeError):
+    """An expected failure; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Override:
+    """One `--set NODE.INPUT=VALUE`."""
+
+    node: str
+    input: str
+    raw: str
+    text: str
+
+
+@dataclass(frozen=True)
+class SimilarityResult:
+    node_id: str
+    per_image: tuple[float, ...]
+
+    @property
+    def value(self) -> float:
+        return sum(self.per_image) / len(self.per_image)
+
+
+@dataclass
+class RunReport:
+    prompt_id: str
+    prompt: dict
+    images: list[Path] = field(default_factory=list)
+    similarities: list[SimilarityResult] = field(default_factory=list)
+
+    def similarity_lines(self) -> list[str]:
+        """'face similarity: 0.734' per similarity node (with the node id when there are several)."""
+        several = len(self.similarities) > 1
+        lines = []
+        for result in self.similarities:
+            line = f"face similarity: {result.value:.3f}"
+            if len(result.per_image) > 1:
+                line += " (images: " + ", ".join(f"{v:.3f}" for v in result.per_image) + ")"
+            lines.append(line + (f" [node {result.node_id}]" if several else ""))
+        return lines
+
+
+# -------------------------------------------------------------------------- workflow and --set --
+
+
+def load_workflow(path: Path) -> dict:
+    """A workflow file as saved by ComfyUI: UI format (Save) or API format (Export (API))."""
+    try:
+        workflow = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RunError(f"cannot read the workflow {path}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise RunError(f"{path} is not JSON ({error}); pass a workflow saved or exported from ComfyUI") from None
+    if not isinstance(workflow, dict) or not (is_ui_format(workflow) or _is_api_format(workflow)):
+        raise RunError(f"{path} is not a ComfyUI workflow: expected the UI format (with 'nodes' and 'links') or the "
+                       "API format ({node id: {class_type, inputs}}); in ComfyUI use Save or Export (API)")
+    return workflow
+
+
+def is_ui_format(workflow: Mapping) -> bool:
+    return isinstance(workflow.get("nodes"), list) and "links" in workflow
+
+
+def _is_api_format(workflow: Mapping) -> bool:
+    return bool(workflow) and all(isinstance(node, dict) and "class_type" in node for node in workflow.values())
+
+
+def parse_override(text: str) -> Override:
+    """`NODE.INPUT=VALUE`; NODE may contain dots (a title), INPUT may not."""
+    key, equals, raw = text.partition("=")
+    node, dot, name = key.rpartition(".")
+    if not equals or not dot or not node.strip() or not name.strip():
+        raise RunError(f"--set {text!r}: expected NODE.INPUT=VALUE, where NODE is a node id, title or class type, "
+                       "e.g. --set KSampler.seed=7 or --set 3.steps=20")
+    return Override(node.strip(), name.strip(), raw, text)
+
+
+def parse_value(raw: str, current: Any) -> Any:
+    """VALUE as JSON when it parses (7, 0.5, true, [1, 2]), else the text itself. An input that
+    holds text keeps the text as given, so `--set 6.text=1990` stays the string '1990'."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    return raw if isinstance(current, str) and not isinstance(value, str) else value
+
+
+def _describe(node_id: str, node: Mapping) -> str:
+    title = (node.get("_meta") or {}).get("title")
+    kind = node.get("class_type", "?")
+    return f"{node_id} {kind}" + (f" ({title!r})" if title and title != kind else "")
+
+
+def _sorted_ids(ids: Iterator[str] | Sequence[str]) -> list[str]:
+    return sorted(ids, key=lambda i: (len(i), i))
+
+
+def resolve_node(prompt: Mapping[str, Mapping], spec: str, text: str) -> str:
+    """The id of the node `spec` names: a node id, else a unique title, else a unique class type."""
+    if spec in prompt:
+        return spec
+    for label, matches in (("title", [i for i, n in prompt.items() if (n.get("_meta") or {}).get("title") == spec]),
+                           ("class type", [i for i, n in prompt.items() if n.get("class_type") == spec])):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise RunError(f"--set {text!r}: {len(matches)} nodes have the {label} {spec!r} "
+                           f"({', '.join(_describe(i, prompt[i]) for i in _sorted_ids(matches))}); use the node id")
+    choices = "; ".join(_describe(i, prompt[i]) for i in _sorted_ids(prompt))
+    raise RunError(f"--set {text!r}: the workflow has no node {spec!r}. Name a node by id, title or class type; "
+                   f"its nodes are: {choices}")
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def apply_overrides(prompt: Mapping[str, dict], overrides: Sequence[Override],
+                    schema_inputs: SchemaInputs | None = None) -> dict:
+    """A copy of the API-format prompt with each override applied. An input may be one the node
+    already has or, when `schema_inputs` gives the node type's inputs, any other widget of it."""
+    prompt = copy.deepcopy(dict(prompt))
+    for override in overrides:
+        node_id = resolve_node(prompt, override.node, override.text)
+        node = prompt[node_id]
+        inputs = node.setdefault("inputs", {})
+        known = set(inputs) | set(schema_inputs(node["class_type"]) if schema_inputs else ())
+        if override.input not in known:
+            widgets = sorted(name for name in known if not _is_link(inputs.get(name)))
+            raise RunError(f"--set {override.text!r}: node {_describe(node_id, node)} has no input {override.input!r}; "
+                           f"the inputs --set can change are: {', '.join(widgets) or 'none'}")
+        current = inputs.get(override.input)
+        if _is_link(current):
+            raise RunError(f"--set {override.text!r}: input {override.input!r} of node {_describe(node_id, node)} is "
+                           f"connected to node {current[0]}; --set changes widget values only, so change the "
+                           "connected node instead")
+        inputs[override.input] = parse_value(override.raw, current)
+        log.info("set node %s input %s = %r", node_id, override.input, inputs[override.input])
+    return prompt
+
+
+def schema_input_names(info: Mapping) -> list[str]:
+    """Input names of one node type from its /object_info entry."""
+    inputs = info.get("input") or {}
+    return [name for section in ("required", "optional") for name in (inputs.get(section) or {})]
+
+
+def ui_to_api(workflow: dict, object_info: Mapping[str, Mapping]) -> dict:
+    """A UI-format workflow in API format, converted with comfy-cli against a server's /object_info.
+    (The embedded path uses EmbeddedComfyUI.to_api, which does the same with the local schemas.)"""
+    unknown = sorted({node.get("type") for node in workflow["nodes"]
+                      if node.get("type") not in object_info and node.get("type") not in FRONTEND_ONLY_TYPES
+                      and node.get("mode", 0) not in MUTED_OR_BYPASSED})
+    if unknown:
+        raise RunError(f"the workflow uses node types that this ComfyUI does not have: {', '.join(map(str, unknown))}; "
+                       "install the custom node packs that provide them (ComfyUI-Manager can find them)")
+    try:
+        from comfy_cli.workflow_to_api import convert_ui_to_api
+    except ImportError:
+        raise RunError("converting a UI-format workflow needs comfy-cli: pip install comfy-cli (or export the "
+                       "workflow in API format from ComfyUI: Workflow > Export (API))") from None
+    return convert_ui_to_api(workflow, dict(object_info))
+
+
+# ------------------------------------------------------------------------------------- outputs --
+
+
+def output_images(outputs: Mapping[str, Mapping]) -> list[tuple[str, dict]]:
+    """(node id, {filename, subfolder, type}) of every image the run's UI outputs list."""
+    found = []
+    for node_id, ui in outputs.items():
+        for image in (ui or {}).get("images") or []:
+            if isinstance(image, dict) and image.get("filename"):
+                found.append((node_id, image))
+    return found
+
+
+def _safe_name(name: str) -> str:
+    """The file name only: a server's answer never picks a path outside the output folder."""
+    cleaned = Path(str(name).replace("\\", "/")).name
+    if cleaned in ("", ".", ".."):
+        raise RunError(f"ComfyUI returned an unusable image file name {name!r}")
+    return cleaned
+
+
+def similarity_results(prompt: Mapping[str, Mapping], outputs: Mapping[str, Mapping]) -> list[SimilarityResult]:
+    results = []
+    for node_id in _sorted_ids([i for i, n in prompt.items() if n.get("class_type") == SIMILARITY_NODE]):
+        values = (outputs.get(node_id) or {}).get("face_similarity") or []
+        if values:
+            results.append(SimilarityResult(node_id, tuple(float(v) for v in values)))
+        else:
+            log.warning("the face similarity node %s reported no value", node_id)
+    return results
+
+
+class StepProgress:
+    """A tqdm bar on stderr for each progress source (the sampler's steps, mostly)."""
+
+    def __init__(self, labels: Mapping[str, str], stream: Any = None) -> None:
+        self.labels = labels
+        self.stream = stream
+        self.bar: tqdm | None = None
+        self.key: tuple[str | None, int] | None = None
+
+    def __call__(self, value: int, total: int, node_id: str | None) -> None:
+        if self.bar is None or self.key != (node_id, total) or value < self.bar.n:
+            self.close()
+            label = self.labels.get(node_id or "", f"node {node_id}") if node_id else "progress"
+            self.bar = tqdm(total=total, desc=label, unit="step", file=self.stream or sys.stderr, leave=True)
+            self.key = (node_id, total)
+        self.bar.update(value - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ------------------------------------------------------------------------------------ embedded --
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
+
+
+def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *, comfyui: Path,
+                 base_directory: Path | None = None, extra_model_paths_configs: Sequence[Path] = (),
+                 cpu: bool = False, progress_stream: Any = None) -> RunReport:
+    """Run the workflow with ComfyUI in this process (started here, or the one already running:
+    ComfyUI's modules are global, so the boot options of the first start stay in force). The
+    user's other custom node packs load; this pack loads from its own folder if not installed."""
+    from .comfy_home import PACK_ROOT
+    from .embedded import EmbeddedComfyUI
+
+    if base_directory is not None and not (base_directory / "custom_nodes").is_dir():
+        # ComfyUI lists <base>/custom_nodes at boot and fails when it is missing.
+        log.info("creating %s (ComfyUI needs the folder, even empty)", base_directory / "custom_nodes")
+        (base_directory / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    if not cpu and not _has_gpu():
+        log.warning("torch sees no GPU; running on the CPU (--cpu). An SDXL image takes many minutes this way.")
+        cpu = True
+    try:
+        comfy = EmbeddedComfyUI.start(comfyui, cpu=cpu, base_directory=base_directory,
+                                      extra_model_paths_configs=list(extra_model_paths_configs),
+                                      load_custom_nodes=True, extra_node_dirs=[PACK_ROOT])
+        prompt = comfy.to_api(workflow)
+    except (RuntimeError, ValueError) as error:
+        raise RunError(str(error)) from None
+    types = comfy.nodes.NODE_CLASS_MAPPINGS
+    prompt = apply_overrides(prompt, overrides,
+                             lambda kind: schema_input_names(comfy.node_info(kind)) if kind in types else ())
+    _refuse_invalid_outputs(prompt)
+    import comfy.utils as comfy_utils  # importable once ComfyUI is booted
+
+    labels = {i: (n.get("_meta") or {}).get("title") or n["class_type"] for i, n in prompt.items()}
+    bar = StepProgress(labels, progress_stream)
+    stock_bars = comfy_utils.PROGRESS_BAR_ENABLED
+    comfy_utils.PROGRESS_BAR_ENABLED = False  # ComfyUI's own tqdm would draw a second bar
+    try:
+        # Fresh caches: a cached output node would not report its images again.
+        result = comfy.run(prompt, progress=lambda value, total, node_id: bar(value, total, node_id or _running_node()),
+                           reuse_outputs=False)
+    finally:
+        comfy_utils.PROGRESS_BAR_ENABLED = stock_bars
+        bar.close()
+    if not result.success:
+        raise RunError(f"the workflow failed at {result.error_text()}")
+    report = RunReport(result.prompt_id, prompt, similarities=similarity_results(prompt, result.outputs))
+    for _, image in output_images(result.outputs):
+        source = Path(comfy.folder_paths.get_directory_by_type(image.get("type", "output")))
+        source = source / image.get("subfolder", "") / image["filename"]
+        report.images.append(_copy(source, out_dir / _safe_name(image["filename"])))
+    return report
+
+
+def _refuse_invalid_outputs(prompt: dict) -> None:
+    """ComfyUI runs a prompt when at least one output is valid and silently drops the others; a
+    headless run must not report success for half a workflow, so any invalid output stops it."""
+    import asyncio
+
+    import execution  # importable once ComfyUI is booted
+
+    ok, error, _, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    if node_errors or not ok:
+        summary = error if isinstance(error, dict) else {"message": "Prompt outputs failed validation"}
+        raise RunError(f"ComfyUI refused the workflow: {_refusal_text({'error': summary, 'node_errors': node_errors})}")
+
+
+def _running_node() -> str | None:
+    """The node ComfyUI is executing (its progress bars rarely carry their node id)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return context.node_id if context is not None else None
+
+
+def _copy(source: Path, destination: Path) -> Path:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if not (destination.exists() and destination.samefile(source)):
+        shutil.copyfile(source, destination)
+    return destination
+
+
+# -------------------------------------------------------------------------------------- server --
+
+
+class ComfyServer:
+    """The few endpoints of a running ComfyUI that a headless run needs; every request has a
+    timeout, and no request outlives `deadline` (time.monotonic()) when one is set."""
+
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise RunError(f"--comfyui {url!r} is not an http(s) URL; pass e.g. --comfyui http://127.0.0.1:8188")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.deadline: float | None = None
+
+    def _timeout(self) -> float:
+        if self.deadline is None:
+            return self.timeout
+        return max(0.1, min(self.timeout, self.deadline - time.monotonic()))
+
+    def request(self, path: str, body: dict | None = None) -> bytes:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"User-Agent": f"instantid-nodes/{__version__}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
+        timeout = self._timeout()
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            raise _http_error(self.url + path, error) from None
+        except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
+            raise RunError(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within {timeout:.1f} s; it may "
+                           "be busy or stuck: check its console, or raise --timeout") from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            if isinstance(reason, TimeoutError):
+                raise RunError(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within {timeout:.1f} s; "
+                               "it may be busy or stuck: check its console, or raise --timeout") from None
+            raise RunError(f"cannot reach ComfyUI at {self.url} ({reason}); start it (python main.py --listen) or fix "
+                           "--comfyui") from None
+
+    def json(self, path: str, body: dict | None = None) -> Any:
+        raw = self.request(path, body)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise RunError(f"{self.url}{path} did not answer with JSON; is --comfyui the address of ComfyUI?") from None
+
+
+def _http_error(url: str, error: urllib.error.HTTPError) -> RunError:
+    try:
+        body = json.loads(error.read() or b"null")
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and ("error" in body or "node_errors" in body):
+        return RunError(f"ComfyUI refused the workflow: {_refusal_text(body)}")
+    return RunError(f"{url}: HTTP {error.code} {error.reason}; check that --comfyui points at ComfyUI")
+
+
+def _refusal_text(body: Mapping) -> str:
+    error = body.get("error") or {}
+    if isinstance(error, dict):
+        parts = [": ".join(str(p) for p in (error.get("message"), error.get("details")) if p)]
+    else:
+        parts = [str(error)]
+    for node_id, info in (body.get("node_errors") or {}).items():
+        problems = ", ".join(f"{e.get('message')}: {e.get('details')}" for e in info.get("errors", []))
+        parts.append(f"node {node_id} ({info.get('class_type', '?')}): {problems}")
+    return "; ".join(p for p in parts if p) or "no details given"
+
+
+def _execution_error(entry: Mapping) -> str:
+    messages = (entry.get("status") or {}).get("messages") or []
+    for event, data in messages:
+        if event == "execution_error":
+            return (f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_type')}: "
+                    f"{data.get('exception_message')}")
+    return "ComfyUI reported an error without details; see its console"
+
+
+def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, *, url: str,
+                  timeout: float = DEFAULT_TIMEOUT, max_wait: float = DEFAULT_MAX_WAIT,
+                  poll_interval: float = DEFAULT_POLL_INTERVAL) -> RunReport:
+    """Submit the API-format graph to a running ComfyUI (POST /prompt), poll /history/<id> until it
+    finishes or `max_wait` seconds pass, and download the output images with /view."""
+    server = ComfyServer(url, timeout)
+    schema: SchemaInputs | None = None
+    if is_ui_format(workflow):
+        object_info = server.json("/object_info")
+        if not isinstance(object_info, dict):
+            raise RunError(f"{server.url}/object_info did not list node types; is --comfyui the address of ComfyUI?")
+        prompt = ui_to_api(workflow, object_info)
+        schema = lambda kind: schema_input_names(object_info.get(kind) or {})  # noqa: E731
+    else:
+        prompt = workflow
+    prompt = apply_overrides(prompt, overrides, schema)
+    answer = server.json("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+    prompt_id = answer.get("prompt_id") if isinstance(answer, dict) else None
+    if not prompt_id:
+        raise RunError(f"ComfyUI accepted the workflow but returned no prompt id ({str(answer)[:200]})")
+    if isinstance(answer, dict) and answer.get("node_errors"):
+        raise RunError(f"ComfyUI refused part of the workflow (its valid outputs still run on the server, as prompt "
+                       f"{prompt_id}): {_refusal_text({'error': {'message': 'Prompt outputs failed validation'}, **answer})}")
+    log.info("queued on %s as prompt %s; waiting at most %.0f s", server.url, prompt_id, max_wait)
+    server.deadline = time.monotonic() + max_wait
+    entry = _wait_for(server, prompt_id, max_wait, poll_interval)
+    server.deadline = None  # downloads get the normal per-request timeout
+    status = entry.get("status") or {}
+    if status.get("status_str") == "error":
+        raise RunError(f"the workflow failed at {_execution_error(entry)}")
+    outputs = entry.get("outputs") or {}
+    report = RunReport(prompt_id, prompt, similarities=similarity_results(prompt, outputs))
+    for _, image in output_images(outputs):
+        query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                        "type": image.get("type", "output")})
+        destination = out_dir / _safe_name(image["filename"])
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(server.request(f"/view?{query}"))
+        report.images.append(destination)
+    return report
+
+
+def _wait_for(server: ComfyServer, prompt_id: str, max_wait: float, poll_interval: float) -> dict:
+    assert server.deadline is not None
+    path = f"/history/{urllib.parse.quote(prompt_id)}"
+    while True:
+        history = server.json(path)
+        entry = history.get(prompt_id) if isinstance(history, dict) else None
+        if isinstance(entry, dict):
+            status = entry.get("status") or {}
+            if status.get("completed") or status.get("status_str") in ("success", "error"):
+                return entry
+        remaining = server.deadline - time.monotonic()
+        if remaining <= 0:
+            raise RunError(f"prompt {prompt_id} did not finish within {max_wait:.0f} s (--max-wait); it may still be "
+                           f"queued or running on {server.url}: check its queue, or wait longer with --max-wait")
+        time.sleep(min(poll_interval, remaining))
