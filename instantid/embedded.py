@@ -25,15 +25,56 @@ class RunResult:
     outputs: dict[str, Any] = field(default_factory=dict)       # node id -> UI output (images, text, ...)
     error: dict[str, Any] | None = None                         # ComfyUI's execution_error payload
     node_errors: dict[str, Any] = field(default_factory=dict)   # validation errors per node
+    refused: dict[str, Any] | None = None                       # validation's own error, when ComfyUI refused the prompt
 
     def error_text(self) -> str:
+        if self.refused is not None or self.node_errors:
+            return refusal_text(self.refused, self.node_errors)
         if self.error:
             return (f"node {self.error.get('node_id')} ({self.error.get('node_type')}): "
                     f"{self.error.get('exception_type')}: {self.error.get('exception_message')}")
-        if self.node_errors:
-            return "; ".join(f"node {node}: " + ", ".join(f"{e.get('message')}: {e.get('details')}" for e in info["errors"])
-                             for node, info in self.node_errors.items())
         return ""
+
+
+def refusal_text(error: Any, node_errors: dict[str, Any] | None) -> str:
+    """ComfyUI's validation answer (its `error` and per-node `node_errors`) as one line."""
+    if isinstance(error, dict):
+        parts = [": ".join(str(p) for p in (error.get("message"), error.get("details")) if p)]
+    else:
+        parts = [str(error or "")]
+    for node_id, info in (node_errors or {}).items():
+        problems = ", ".join(f"{e.get('message')}: {e.get('details')}" for e in info.get("errors", []))
+        parts.append(f"node {node_id} ({info.get('class_type', '?')}): {problems}")
+    return "; ".join(p for p in parts if p) or "no details given"
+
+
+FRONTEND_ONLY_TYPES = ("Reroute", "Note", "MarkdownNote", "PrimitiveNode")  # the converter resolves these
+MUTED_OR_BYPASSED = (2, 4)
+
+
+class WorkflowError(ValueError):
+    """A workflow file that cannot be run as it is; the message says why and what to do."""
+
+
+def is_ui_format(workflow: dict) -> bool:
+    return isinstance(workflow.get("nodes"), list) and isinstance(workflow.get("links"), list)
+
+
+def ui_to_api(workflow: dict, object_info: dict[str, Any]) -> dict:
+    """A UI-format workflow (what the frontend saves) in API format, converted with comfy-cli's
+    converter against the node schemas of the ComfyUI that will run it (its /object_info)."""
+    unknown = sorted({str(node.get("type")) for node in workflow["nodes"]
+                      if node.get("type") not in object_info and node.get("type") not in FRONTEND_ONLY_TYPES
+                      and node.get("mode", 0) not in MUTED_OR_BYPASSED})
+    if unknown:
+        raise WorkflowError(f"the workflow uses node types that this ComfyUI does not have: {', '.join(unknown)}; "
+                            "install the custom node packs that provide them (ComfyUI-Manager can find them)")
+    try:
+        from comfy_cli.workflow_to_api import convert_ui_to_api
+    except ImportError:
+        raise WorkflowError("converting a UI-format workflow needs comfy-cli: pip install comfy-cli (or export the "
+                            "workflow in API format from ComfyUI: Workflow > Export (API))") from None
+    return convert_ui_to_api(workflow, dict(object_info))
 
 
 class _NullServer:
@@ -116,23 +157,11 @@ class EmbeddedComfyUI:
                 "python_module": getattr(cls, "RELATIVE_PYTHON_MODULE", "nodes")}
 
     def to_api(self, workflow: dict) -> dict:
-        """API format as is; UI format (what the frontend saves) converted with comfy-cli's converter."""
-        if "nodes" not in workflow or "links" not in workflow:
+        """API format as is; UI format (what the frontend saves) converted with this ComfyUI's schemas."""
+        if not is_ui_format(workflow):
             return workflow
-        unknown = sorted({n["type"] for n in workflow["nodes"]
-                          if n.get("type") not in self.nodes.NODE_CLASS_MAPPINGS and n.get("type") not in ("Reroute", "Note", "MarkdownNote", "PrimitiveNode")
-                          and n.get("mode", 0) not in (2, 4)})
-        if unknown:
-            raise ValueError(f"the workflow uses node types that are not installed: {', '.join(unknown)}; "
-                             "install the custom node packs that provide them (ComfyUI-Manager can find them)")
-        try:
-            from comfy_cli.workflow_to_api import convert_ui_to_api
-        except ImportError as e:
-            raise RuntimeError("converting a UI-format workflow needs comfy-cli: pip install comfy-cli "
-                               "(or export the workflow in API format from ComfyUI)") from e
-        object_info = {t: self.node_info(t) for t in self.nodes.NODE_CLASS_MAPPINGS
-                       if t in {n.get("type") for n in workflow["nodes"]}}
-        return convert_ui_to_api(workflow, object_info)
+        types = {node.get("type") for node in workflow["nodes"]}
+        return ui_to_api(workflow, {t: self.node_info(t) for t in self.nodes.NODE_CLASS_MAPPINGS if t in types})
 
     def run(self, prompt: dict, progress: ProgressHook | None = None, reuse_outputs: bool = True) -> RunResult:
         """Validate and execute an API-format prompt. Outputs of unchanged nodes are reused from the
@@ -141,10 +170,10 @@ class EmbeddedComfyUI:
         import execution
         prompt_id = str(uuid.uuid4())
         ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        if not ok:
-            details = error.get("details") or error.get("message") if isinstance(error, dict) else error
-            return RunResult(prompt_id, False, error={"node_id": None, "node_type": None, "exception_type": "ValidationError",
-                                                      "exception_message": details}, node_errors=node_errors)
+        if not ok or node_errors:
+            # ComfyUI would run the valid outputs and silently drop the others; refuse the whole prompt.
+            refused = error if isinstance(error, dict) and error else {"message": "Prompt outputs failed validation"}
+            return RunResult(prompt_id, False, node_errors=node_errors, refused=refused)
 
         def hook(value: int, total: int, preview: Any, prompt_id: str | None = None, node_id: str | None = None) -> None:
             if progress is not None:

@@ -25,13 +25,12 @@ from typing import Any
 from tqdm import tqdm
 
 from . import __version__
+from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, refusal_text, ui_to_api
 
 log = logging.getLogger(__name__)
 
 SIMILARITY_NODE = "InstantIDFaceSimilarity"
 # UI-only node types the converter folds away; they never need to be installed.
-FRONTEND_ONLY_TYPES = ("Reroute", "Note", "MarkdownNote", "PrimitiveNode")
-MUTED_OR_BYPASSED = (2, 4)
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_WAIT = 1800.0
 DEFAULT_POLL_INTERVAL = 0.5
@@ -97,10 +96,6 @@ def load_workflow(path: Path) -> dict:
         raise RunError(f"{path} is not a ComfyUI workflow: expected the UI format (with 'nodes' and 'links') or the "
                        "API format ({node id: {class_type, inputs}}); in ComfyUI use Save or Export (API)")
     return workflow
-
-
-def is_ui_format(workflow: Mapping) -> bool:
-    return isinstance(workflow.get("nodes"), list) and "links" in workflow
 
 
 def _is_api_format(workflow: Mapping) -> bool:
@@ -187,23 +182,6 @@ def schema_input_names(info: Mapping) -> list[str]:
     return [name for section in ("required", "optional") for name in (inputs.get(section) or {})]
 
 
-def ui_to_api(workflow: dict, object_info: Mapping[str, Mapping]) -> dict:
-    """A UI-format workflow in API format, converted with comfy-cli against a server's /object_info.
-    (The embedded path uses EmbeddedComfyUI.to_api, which does the same with the local schemas.)"""
-    unknown = sorted({node.get("type") for node in workflow["nodes"]
-                      if node.get("type") not in object_info and node.get("type") not in FRONTEND_ONLY_TYPES
-                      and node.get("mode", 0) not in MUTED_OR_BYPASSED})
-    if unknown:
-        raise RunError(f"the workflow uses node types that this ComfyUI does not have: {', '.join(map(str, unknown))}; "
-                       "install the custom node packs that provide them (ComfyUI-Manager can find them)")
-    try:
-        from comfy_cli.workflow_to_api import convert_ui_to_api
-    except ImportError:
-        raise RunError("converting a UI-format workflow needs comfy-cli: pip install comfy-cli (or export the "
-                       "workflow in API format from ComfyUI: Workflow > Export (API))") from None
-    return convert_ui_to_api(workflow, dict(object_info))
-
-
 # ------------------------------------------------------------------------------------- outputs --
 
 
@@ -278,7 +256,6 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     ComfyUI's modules are global, so the boot options of the first start stay in force). The
     user's other custom node packs load; this pack loads from its own folder if not installed."""
     from .comfy_home import PACK_ROOT
-    from .embedded import EmbeddedComfyUI
 
     if base_directory is not None and not (base_directory / "custom_nodes").is_dir():
         # ComfyUI lists <base>/custom_nodes at boot and fails when it is missing.
@@ -297,7 +274,6 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     types = comfy.nodes.NODE_CLASS_MAPPINGS
     prompt = apply_overrides(prompt, overrides,
                              lambda kind: schema_input_names(comfy.node_info(kind)) if kind in types else ())
-    _refuse_invalid_outputs(prompt)
     import comfy.utils as comfy_utils  # importable once ComfyUI is booted
 
     labels = {i: (n.get("_meta") or {}).get("title") or n["class_type"] for i, n in prompt.items()}
@@ -311,6 +287,8 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     finally:
         comfy_utils.PROGRESS_BAR_ENABLED = stock_bars
         bar.close()
+    if result.refused is not None:
+        raise RunError(f"ComfyUI refused the workflow: {result.error_text()}")
     if not result.success:
         raise RunError(f"the workflow failed at {result.error_text()}")
     report = RunReport(result.prompt_id, prompt, similarities=similarity_results(prompt, result.outputs))
@@ -319,19 +297,6 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
         source = source / image.get("subfolder", "") / image["filename"]
         report.images.append(_copy(source, out_dir / _safe_name(image["filename"])))
     return report
-
-
-def _refuse_invalid_outputs(prompt: dict) -> None:
-    """ComfyUI runs a prompt when at least one output is valid and silently drops the others; a
-    headless run must not report success for half a workflow, so any invalid output stops it."""
-    import asyncio
-
-    import execution  # importable once ComfyUI is booted
-
-    ok, error, _, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
-    if node_errors or not ok:
-        summary = error if isinstance(error, dict) else {"message": "Prompt outputs failed validation"}
-        raise RunError(f"ComfyUI refused the workflow: {_refusal_text({'error': summary, 'node_errors': node_errors})}")
 
 
 def _running_node() -> str | None:
@@ -413,15 +378,7 @@ def _http_error(url: str, error: urllib.error.HTTPError) -> RunError:
 
 
 def _refusal_text(body: Mapping) -> str:
-    error = body.get("error") or {}
-    if isinstance(error, dict):
-        parts = [": ".join(str(p) for p in (error.get("message"), error.get("details")) if p)]
-    else:
-        parts = [str(error)]
-    for node_id, info in (body.get("node_errors") or {}).items():
-        problems = ", ".join(f"{e.get('message')}: {e.get('details')}" for e in info.get("errors", []))
-        parts.append(f"node {node_id} ({info.get('class_type', '?')}): {problems}")
-    return "; ".join(p for p in parts if p) or "no details given"
+    return refusal_text(body.get("error"), body.get("node_errors"))
 
 
 def _execution_error(entry: Mapping) -> str:
@@ -444,7 +401,10 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
         object_info = server.json("/object_info")
         if not isinstance(object_info, dict):
             raise RunError(f"{server.url}/object_info did not list node types; is --comfyui the address of ComfyUI?")
-        prompt = ui_to_api(workflow, object_info)
+        try:
+            prompt = ui_to_api(workflow, object_info)
+        except WorkflowError as error:
+            raise RunError(str(error)) from None
         schema = lambda kind: schema_input_names(object_info.get(kind) or {})  # noqa: E731
     else:
         prompt = workflow

@@ -111,7 +111,7 @@ def test_ui_workflow_with_a_node_type_that_is_not_installed(comfy, tmp_path, cap
     path.write_text(json.dumps(workflow))
     assert run_cli(path, "--base-directory", comfy.base) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "python -m instantid run: error: the workflow uses node types that are not installed: SomePackLoader; "
+        "python -m instantid run: error: the workflow uses node types that this ComfyUI does not have: SomePackLoader; "
         "install the custom node packs that provide them (ComfyUI-Manager can find them)")
 
 
