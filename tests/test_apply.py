@@ -18,10 +18,11 @@ from support.reference import reference_attention, reference_resampler
 FACE_CELL, FACE_GREEN, FACE_SIZE = (4, 3), 128, 320
 
 
-def face_photo(cell: tuple[int, int] = FACE_CELL, g: int = FACE_GREEN, size: int = FACE_SIZE) -> torch.Tensor:
-    """A ComfyUI IMAGE [1, H, W, 3] holding one synthetic face the fake detector finds."""
+def face_photo(cell: tuple[int, int] = FACE_CELL, g: int = FACE_GREEN, size: int = FACE_SIZE, red: int = 255) -> torch.Tensor:
+    """A ComfyUI IMAGE [1, H, W, 3] holding one synthetic face the fake detector finds (its
+    embedding depends on the marker's colour, not on where it is)."""
     pixels = np.zeros((size, size, 3), np.uint8)
-    antelope.draw_face(pixels, cell, g, antelope.det_scale_for(size, size, 640))
+    antelope.draw_face(pixels, cell, g, antelope.det_scale_for(size, size, 640), red=red)
     return torch.from_numpy(pixels).float()[None] / 255.0
 
 
@@ -231,3 +232,91 @@ def test_apply_leaves_its_inputs_untouched(kit):
     assert outputs[0] is not kit.model
     assert "control" not in positive[0][1] and "control" not in negative[0][1]
     assert before is None and "patches_replace" not in kit.model.model_options["transformer_options"]
+
+
+class OtherPackAttn2Replace:
+    """The attn2 replacement protocol IPAdapter_plus and PuLID use (`.add(callback, **kwargs)`,
+    callbacks return a term to add while sigma_end <= sigma <= sigma_start), written from its
+    description for this test."""
+
+    def __init__(self, callback, **kwargs):
+        self.callback, self.kwargs = [callback], [kwargs]
+
+    def add(self, callback, **kwargs):
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+        out = optimized_attention(q, k, v, extra_options["n_heads"])
+        sigma = float(extra_options["sigmas"][0])
+        for callback, kwargs in zip(self.callback, self.kwargs):
+            if kwargs["sigma_end"] <= sigma <= kwargs["sigma_start"]:
+                out = out + callback(out, q, k, v, extra_options, **kwargs)
+        return out
+
+
+def other_pack_term(out, q, k, v, extra_options, **kwargs):
+    """A stand-in for another adapter's contribution (large, so it shows through the tiny UNet)."""
+    return 500.0 * q
+
+
+def with_other_pack(model):
+    patched = model.clone()
+    from instantid.sdxl import ATTN2_KEYS
+    for key in ATTN2_KEYS:
+        patched.set_model_attn2_replace(OtherPackAttn2Replace(other_pack_term, sigma_start=1e9, sigma_end=0.0), *key)
+    return patched
+
+
+def test_patches_of_other_packs_are_kept_in_either_order(kit):
+    sigma = float(kit.model.get_model_object("model_sampling").percent_to_sigma(0.3))
+    order = [1, 0]
+
+    def output(model):
+        return unet_output(model, model.model_options["transformer_options"], sigma, order)
+
+    plain, other_only = output(kit.model), output(with_other_pack(kit.model))
+    (ours_only, _, _) = kit.apply()
+    instantid_term = output(ours_only) - plain
+    other_term = other_only - plain
+    assert other_term.abs().max() > 1e-4 and instantid_term.abs().max() > 1e-4
+    # Other pack first, InstantID added through its .add protocol.
+    (other_then_ours, _, _) = kit.apply(model=with_other_pack(kit.model))
+    # InstantID first, the other pack adds its callback to our patch objects.
+    ours_then_other = ours_only.clone()
+    for patch in attn2_patches(ours_then_other).values():
+        patch.add(other_pack_term, sigma_start=1e9, sigma_end=0.0)
+    for combined in (output(other_then_ours), output(ours_then_other)):
+        # Both small terms are present and add up (to first order: the UNet is nonlinear).
+        assert (combined - plain - other_term - instantid_term).norm() < 0.2 * instantid_term.norm()
+    torch.testing.assert_close(output(other_then_ours), output(ours_then_other), rtol=1e-4, atol=1e-4)
+    # The source models were not changed by either composition.
+    assert len(attn2_patches(ours_only)[("input", 4, 0)].callbacks) == 0
+
+
+def test_plain_replacement_of_another_pack_is_wrapped_not_overwritten(kit):
+    calls = []
+
+    def plain_replacement(q, k, v, extra_options):
+        calls.append(1)
+        from comfy.ldm.modules.attention import optimized_attention
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    model = kit.model.clone()
+    model.set_model_attn2_replace(plain_replacement, "middle", 0, 3)
+    (patched, _, _) = kit.apply(model=model)
+    patch = attn2_patches(patched)[("middle", 0, 3)]
+    assert patch.base is plain_replacement and len(patch.branches) == 1
+    sample(patched, seeded_conditioning(1), seeded_conditioning(2), steps=1)
+    assert calls == [1]
+
+
+def test_two_identities_stack_on_one_model(kit):
+    (first, _, _) = kit.apply()
+    (both, _, _) = kit.apply(model=first, image=face_photo(cell=(6, 5), red=240))
+    patches = attn2_patches(both)
+    assert all(len(patch.branches) == 2 for patch in patches.values())
+    assert all(len(patch.branches) == 1 for patch in attn2_patches(first).values())
+    k_first, k_second = (branch.k_face for branch in patches[("middle", 0, 0)].branches)
+    assert not torch.allclose(k_first, k_second)
