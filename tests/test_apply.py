@@ -320,3 +320,26 @@ def test_two_identities_stack_on_one_model(kit):
     assert all(len(patch.branches) == 1 for patch in attn2_patches(first).values())
     k_first, k_second = (branch.k_face for branch in patches[("middle", 0, 0)].branches)
     assert not torch.allclose(k_first, k_second)
+
+
+def test_changing_only_weight_or_schedule_reuses_faces_tokens_and_face_kv(kit):
+    """ComfyUI re-executes Apply when a weight changes: no new detection, Resampler or projection."""
+    calls = []
+    detector = kit.analyzer.det_model
+    real_detect = detector.detect
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("input_size"))
+        return real_detect(*args, **kwargs)
+    photo = face_photo(cell=(3, 6), red=250)  # an image no other test used: the first Apply detects
+    detector.detect = counting
+    try:
+        (first, _, _) = kit.apply(image=photo, ip_weight=0.8)
+        (second, _, _) = kit.apply(image=photo, ip_weight=0.5, cn_strength=0.3, start_at=0.2, end_at=0.9)
+    finally:
+        del detector.detect
+    assert len(calls) == 1
+    first_branch = attn2_patches(first)[("output", 0, 0)].branches[0]
+    second_branch = attn2_patches(second)[("output", 0, 0)].branches[0]
+    assert second_branch.k_face is first_branch.k_face  # the same tensors: nothing recomputed
+    assert (first_branch.settings.weight, second_branch.settings.weight) == (0.8, 0.5)
