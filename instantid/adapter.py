@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,49 +53,95 @@ class FaceTokens:
     layer_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
 
+SECTIONS = ("image_proj", "ip_adapter")
+_PICKLE_PROTOCOL_HEADERS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+
+
+def _file_facts(path: Path) -> tuple[int, bytes]:
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        return size, file.read(64)
+
+
+def _damaged(path: Path, size: int, head: bytes, detail: str) -> AdapterFileError:
+    """The error for a file that is not readable weights: say what it looks like and what to do."""
+    if size == 0:
+        what = "is empty (0 bytes)"
+    elif path.suffix.lower() not in (".safetensors", ".sft") and head[8:10] == b'{"':
+        # safetensors starts with an 8-byte header length and a JSON header.
+        return AdapterFileError(f"{path} is a safetensors file with a '{path.suffix}' name; rename it to "
+                                f"{path.stem}.safetensors. Expected {EXPECTED_LAYOUT}")
+    elif head.lstrip()[:1] == b"<":
+        what = f"({size} bytes) is a web page, not weights (a failed download saved an error page)"
+    else:
+        what = f"({size} bytes) could not be read ({detail}); it is damaged or incomplete"
+    return AdapterFileError(f"{path} {what}. Download it again (or run `python -m instantid fetch-models`). "
+                            f"Expected {EXPECTED_LAYOUT}")
+
+
 def _read_state(path: Path) -> dict:
     """The file's tensors, never executing pickled code."""
+    size, head = _file_facts(path)
     if path.suffix.lower() in (".safetensors", ".sft"):
         import safetensors.torch
         from safetensors import SafetensorError
         try:
             flat = safetensors.torch.load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise AdapterFileError(f"{path} could not be read as safetensors ({e}); it is damaged or incomplete. "
-                                   f"Download it again. Expected {EXPECTED_LAYOUT}") from e
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise _damaged(path, size, head, f"not valid safetensors: {e}") from e
+        # Keys outside the two sections stay flat, so a wrong file (a checkpoint, a LoRA) keeps the
+        # key names that identify it in the error message.
         state: dict = {}
         for key, tensor in flat.items():
             section, _, rest = key.partition(".")
-            state.setdefault(section, {})[rest] = tensor
+            if section in SECTIONS and rest:
+                state.setdefault(section, {})[rest] = tensor
+            else:
+                state[key] = tensor
         return state
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise AdapterFileError(
-            f"{path} was refused: it contains pickled Python objects, not just tensors, and loading it could run "
-            f"code. InstantID adapters are plain weights; use the official ip-adapter.bin or a .safetensors file. "
-            f"Expected {EXPECTED_LAYOUT}") from e
+        # torch's weights-only unpickler raises this both for a pickle that names Python callables
+        # (which a plain torch.load would run) and for bytes that are no pickle at all.
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe or zipfile.is_zipfile(path) or head.startswith(_PICKLE_PROTOCOL_HEADERS):
+            what = f"it would import and call {unsafe.group(1)}" if unsafe else "it holds more than plain tensors"
+            raise AdapterFileError(
+                f"{path} was refused and not loaded: it is a pickle that could run code when loaded ({what}). "
+                "InstantID adapters are plain weights; delete this file and use the official ip-adapter.bin "
+                f"from huggingface.co/InstantX/InstantID or a .safetensors file. Expected {EXPECTED_LAYOUT}") from e
+        raise _damaged(path, size, head, "not a PyTorch weights file") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{path} could not be read ({e}); it is damaged or incomplete. Download it again. "
-                               f"Expected {EXPECTED_LAYOUT}") from e
+        raise _damaged(path, size, head, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "conditioner.", "cond_stage_model.",
+                        "input_blocks.", "middle_block.", "down_blocks.", "mid_block.", "controlnet_", "zero_convs.")
 
 
 def _what_it_looks_like(state: dict) -> str:
     """A guess at what a wrong file is, so the message can name it."""
-    keys = set(state) if isinstance(state, dict) else set()
-    if any(str(k).startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.", "cond_stage_model.")) for k in keys) \
-            or any(str(k).startswith(("input_blocks.", "down_blocks.", "controlnet_")) for k in keys):
+    if isinstance(state.get("state_dict"), dict):  # a training checkpoint wraps its weights
+        return _what_it_looks_like(state["state_dict"])
+    keys = [str(k) for k in state]
+    if any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys):
         return "a model checkpoint (UNet/ControlNet weights), not an adapter"
+    if any(k.startswith(("lora_unet_", "lora_te", "diffusion_model.")) or ".lora_" in k for k in keys):
+        return "a LoRA, not an adapter"
     if not isinstance(state.get("image_proj"), dict) or not isinstance(state.get("ip_adapter"), dict):
-        return "not an IP-Adapter-style file (no 'image_proj' and 'ip_adapter' sections)"
+        sample = ", ".join(sorted(keys)[:3]) or "nothing"
+        return (f"not an IP-Adapter-style file (no 'image_proj' and 'ip_adapter' sections; it holds {len(keys)} "
+                f"entries such as {sample})")
     image_proj, ip_adapter = state["image_proj"], state["ip_adapter"]
     first = ip_adapter.get("1.to_k_ip.weight")
-    if first is not None and first.shape[-1] != CONTEXT_DIM:
-        return f"an adapter for a {first.shape[-1]}-wide text context (SD1.5 is 768, SD2 1024), not SDXL's {CONTEXT_DIM}"
+    if isinstance(first, torch.Tensor) and first.shape[-1] != CONTEXT_DIM:
+        family = {768: " (SD1.5)", 1024: " (SD2.x)"}.get(first.shape[-1], "")
+        return f"an adapter for a {first.shape[-1]}-wide text context{family}, not SDXL's {CONTEXT_DIM}"
     if "proj.weight" in image_proj or "proj.0.weight" in image_proj:
         return "an IP-Adapter / IP-Adapter FaceID (its image projection is not InstantID's face Resampler)"
     proj_in = image_proj.get("proj_in.weight")
-    if proj_in is not None and proj_in.shape[-1] != EMBEDDING_DIM:
+    if isinstance(proj_in, torch.Tensor) and proj_in.shape[-1] != EMBEDDING_DIM:
         return (f"an IP-Adapter Plus (its Resampler takes {proj_in.shape[-1]}-wide image features; InstantID takes "
                 f"{EMBEDDING_DIM}-wide face embeddings)")
     return "an adapter whose layout differs from InstantID's"
@@ -159,7 +207,8 @@ class InstantIDAdapter:
             bad = next(i for i, (a, m) in enumerate(zip(self.widths, model_widths)) if a != m)
             raise AdapterMismatchError(
                 f"the adapter {self.path.name} does not fit this model: at cross-attention layer {ATTN2_KEYS[bad]} the "
-                f"adapter is {self.widths[bad]} wide and the model {model_widths[bad]}. InstantID needs an SDXL model.")
+                f"adapter is {self.widths[bad]} wide and the model {model_widths[bad]}. InstantID needs a full-size SDXL "
+                "model and the InstantID ip-adapter.bin made for it; load an SDXL checkpoint, or the official adapter.")
 
     def face_tokens(self, embedding: torch.Tensor, noise: float = 0.0) -> FaceTokens:
         """Face tokens for [N, 512] raw embeddings (N > 1 only for 'concat': their tokens are joined).
@@ -204,9 +253,17 @@ def load_adapter(path: Path) -> InstantIDAdapter:
     if not path.is_file():
         raise AdapterFileError(f"{path} does not exist. Expected {EXPECTED_LAYOUT}")
     state = _read_state(path)
-    if not isinstance(state, dict) or not isinstance(state.get("image_proj"), dict) or not isinstance(state.get("ip_adapter"), dict):
-        raise AdapterFileError(f"{path} is {_what_it_looks_like(state if isinstance(state, dict) else {})}. Expected {EXPECTED_LAYOUT}")
-    if state["ip_adapter"].get("1.to_k_ip.weight") is not None and state["ip_adapter"]["1.to_k_ip.weight"].shape[-1] != CONTEXT_DIM:
+    if not isinstance(state, dict):
+        raise AdapterFileError(f"{path} holds a {type(state).__name__}, not a dictionary of weights. Expected {EXPECTED_LAYOUT}")
+    if not isinstance(state.get("image_proj"), dict) or not isinstance(state.get("ip_adapter"), dict):
+        raise AdapterFileError(f"{path} is {_what_it_looks_like(state)}. Expected {EXPECTED_LAYOUT}")
+    not_tensors = [f"{section}.{key}" for section in SECTIONS for key, value in state[section].items()
+                   if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise AdapterFileError(f"{path} has entries that are not tensors ({', '.join(not_tensors[:3])}). "
+                               f"Expected {EXPECTED_LAYOUT}")
+    first = state["ip_adapter"].get("1.to_k_ip.weight")
+    if first is not None and first.shape[-1] != CONTEXT_DIM:
         raise AdapterFileError(f"{path} is {_what_it_looks_like(state)}. Expected {EXPECTED_LAYOUT}")
     image_proj = _check_resampler(state["image_proj"], path)
     projections = _check_projections(state["ip_adapter"], path)

@@ -46,27 +46,61 @@ def _image_list(indices: list[int]) -> str:
     return ", ".join(str(i + 1) for i in indices)
 
 
-def detect_faces(analyzer: FaceAnalyzer, images: torch.Tensor) -> list[DetectedFace | None]:
+def _images(indices: list[int], total: int) -> str:
+    """'image 2 of 3' / 'images 1, 3 of 3': 1-based, as the user counts a batch."""
+    return f"image{'s' if len(indices) > 1 else ''} {_image_list(indices)} of {total}"
+
+
+def check_on_no_face(on_no_face: str) -> None:
+    if on_no_face not in ON_NO_FACE:
+        raise ValueError(f"on_no_face is {on_no_face!r}; choose one of {', '.join(ON_NO_FACE)}.")
+
+
+_FACE_ADVICE = ("Use a photo with one clearly visible, front-facing face: crop closer if the face is small in the "
+                "picture, pad the image if the face touches the border")
+
+
+def _no_face(what: str, fix: str, on_no_face: str, notes: list[str]) -> None:
+    """Raise NoFaceError (on_no_face='error'), or record that this Apply passes its inputs through."""
+    if on_no_face == "error":
+        raise NoFaceError(f"No face found in {what}. {fix}, or set on_no_face to 'skip' to pass the model and "
+                          "conditioning through unchanged.")
+    _note(notes, f"InstantID skipped (on_no_face='skip'): no face found in {what}; the model and conditioning "
+                 "pass through unchanged")
+
+
+def detect_faces(analyzer: FaceAnalyzer, images: torch.Tensor, notes: list[str] | None = None,
+                 name: str = "image") -> list[DetectedFace | None]:
     """The largest face of each image in a ComfyUI IMAGE batch (None where there is none)."""
+    if notes is not None:
+        _check_range(images, name, notes)
     return [analyzer.detect(bgr) for bgr in image_batch_to_bgr(images)]
+
+
+def _check_range(images: torch.Tensor, name: str, notes: list[str]) -> None:
+    """Note (and log at once, before any no-face error) values outside ComfyUI's 0..1: they are
+    clamped, and a 0..255 image clamps to almost white, which then looks like 'no face'."""
+    if not torch.is_tensor(images) or not images.is_floating_point() or images.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(torch.nan_to_num(images.detach(), nan=0.0)))
+    if low < -1e-3 or high > 1 + 1e-3:
+        note = (f"the {name} values range from {low:g} to {high:g}, outside ComfyUI's 0..1; they were clamped"
+                + (" (values up to 255 mean an upstream node did not divide by 255)" if high > 2 else ""))
+        _note(notes, note)
 
 
 def reference_embedding(faces: list[DetectedFace | None], combine: str, on_no_face: str,
                         notes: list[str]) -> torch.Tensor | None:
-    """The embedding fed to the Resampler from the reference faces; None when skipping."""
+    """The embedding fed to the Resampler from the reference faces that were found (images without a
+    face are left out and named in `notes`); None when skipping because no image has a face."""
     missing = [i for i, face in enumerate(faces) if face is None]
     if len(missing) == len(faces):
-        message = (f"no face found in the reference image{'s' if len(faces) > 1 else ''} "
-                   f"(image{'s' if len(faces) > 1 else ''} {_image_list(missing)} of {len(faces)}). Use a photo where one face "
-                   "is clearly visible and not cut off by the border (crop closer or pad it), or set on_no_face to 'skip' "
-                   "to pass the model and conditioning through unchanged")
-        if on_no_face == "error":
-            raise NoFaceError(message[0].upper() + message[1:])
-        notes.append(f"InstantID skipped: {message.split('. ')[0]}")
+        _no_face(f"the reference {_images(missing, len(faces))} (image input)", _FACE_ADVICE, on_no_face, notes)
         return None
     if missing:
-        notes.append(f"reference image{'s' if len(missing) > 1 else ''} {_image_list(missing)} of {len(faces)} had no face "
-                     "and were ignored")
+        _note(notes, f"reference {_images(missing, len(faces))} had no face and "
+                     f"{'were' if len(missing) > 1 else 'was'} ignored; the identity comes from the other "
+                     f"{len(faces) - len(missing)}")
     embeddings = np.stack([face.embedding for face in faces if face is not None])
     return combine_embeddings(embeddings, combine)
 
@@ -75,30 +109,26 @@ def keypoints_from(analyzer: FaceAnalyzer, image_kps: torch.Tensor | None, refer
                    reference_faces: list[DetectedFace | None], on_no_face: str, notes: list[str]) -> torch.Tensor | None:
     """The five-point image for the IdentityNet: drawn from each pose image (positions kept: an
     image without a face gets a black frame in 'skip' mode), or from the first reference face.
-    None when skipping because no pose image has a face."""
+    Never the pose photo itself. None when skipping because no pose image has a face."""
     if image_kps is None:
         face = next(f for f in reference_faces if f is not None)
         return keypoint_image_batch([face.kps], references.shape[2], references.shape[1])
-    faces = detect_faces(analyzer, image_kps)
+    faces = detect_faces(analyzer, image_kps, notes, "keypoint image (image_kps)")
     missing = [i for i, face in enumerate(faces) if face is None]
+    if len(missing) == len(faces) or (missing and on_no_face == "error"):
+        _no_face(f"the keypoint {_images(missing, len(faces))} (image_kps)",
+                 f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference", on_no_face, notes)
+        return None
     if missing:
-        message = (f"no face found in the keypoint image{'s' if len(missing) > 1 else ''} {_image_list(missing)} of "
-                   f"{len(faces)} (image_kps). Use a pose image with a clearly visible face, disconnect image_kps to take "
-                   "the pose from the reference, or set on_no_face to 'skip'")
-        if on_no_face == "error":
-            raise NoFaceError(message[0].upper() + message[1:])
-        if len(missing) == len(faces):
-            notes.append(f"InstantID skipped: {message.split('. ')[0]}")
-            return None
-        notes.append(f"keypoint image{'s' if len(missing) > 1 else ''} {_image_list(missing)} had no face: "
-                     "black keypoint frames (no pose constraint) at those positions")
+        _note(notes, f"keypoint {_images(missing, len(faces))} had no face: black keypoint frames (no pose "
+                     "constraint) at those positions, the others keep theirs")
     return keypoint_image_batch([None if f is None else f.kps for f in faces], image_kps.shape[2], image_kps.shape[1])
 
 
 def face_tokens_for(adapter: InstantIDAdapter, analyzer: FaceAnalyzer, image: torch.Tensor, combine: str,
                     noise: float, on_no_face: str, notes: list[str]) -> tuple[FaceTokens | None, list[DetectedFace | None]]:
     """Detect the reference faces and turn them into face tokens (None when skipping)."""
-    faces = detect_faces(analyzer, image)
+    faces = detect_faces(analyzer, image, notes, "reference image")
     embedding = reference_embedding(faces, combine, on_no_face, notes)
     return (None if embedding is None else adapter.face_tokens(embedding, noise)), faces
 
@@ -115,6 +145,19 @@ def patched_model(model: Any, adapter: InstantIDAdapter, tokens: FaceTokens, wei
     return patched
 
 
+# ComfyUI cuts a conditioning mask batch to the latent batch and then tiles it, so M masks crash the
+# sampler for a latent batch N > M that M does not divide. Padding with the last mask (what the face
+# attention does, see attention.mask_for_batch) makes every latent batch up to this size work.
+CONDITIONING_MASK_BATCH = 16
+
+
+def conditioning_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The [N, H, W] mask for the positive conditioning: a single mask as is, a batch padded."""
+    if mask is None or mask.shape[0] == 1 or mask.shape[0] >= CONDITIONING_MASK_BATCH:
+        return mask
+    return torch.cat([mask, mask[-1:].expand(CONDITIONING_MASK_BATCH - mask.shape[0], *mask.shape[1:])])
+
+
 def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_net: Any, image: torch.Tensor, model: Any,
                     positive: Conditioning, negative: Conditioning, ip_weight: float, cn_strength: float,
                     start_at: float, end_at: float, noise: float = 0.0, combine: str = "average",
@@ -122,8 +165,8 @@ def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_ne
                     on_no_face: str = "error") -> Outcome:
     """ApplyInstantID / ApplyInstantIDAdvanced: face attention on the model and the IdentityNet on the
     conditioning. With on_no_face='skip' and no usable face, everything passes through unchanged."""
-    widths = sdxl_attention_widths(model)
-    adapter.check_fits(widths)
+    check_on_no_face(on_no_face)
+    adapter.check_fits(sdxl_attention_widths(model))
     check_identitynet(control_net)
     mask = as_mask_batch(mask)
     notes: list[str] = []
@@ -131,13 +174,11 @@ def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_ne
     tokens, faces = face_tokens_for(adapter, analyzer, image, combine, noise, on_no_face, notes)
     keypoints = None if tokens is None else keypoints_from(analyzer, image_kps, image, faces, on_no_face, notes)
     if tokens is None or keypoints is None:
-        _log_notes(notes)
         return Outcome(model, positive, negative, None, notes, skipped=True)
     work_model = model if ip_weight == 0 else patched_model(model, adapter, tokens, ip_weight, start_at, end_at, mask)
     if cn_strength != 0:
         positive, negative = attach_identitynet(positive, negative, control_net, keypoints, cn_strength, start_at, end_at,
-                                                tokens.cond, tokens.uncond, mask)
-    _log_notes(notes)
+                                                tokens.cond, tokens.uncond, conditioning_mask(mask))
     return Outcome(work_model, positive, negative, tokens, notes)
 
 
@@ -145,15 +186,14 @@ def apply_attention_only(*, adapter: InstantIDAdapter, face_analysis: Any, image
                          weight: float, start_at: float, end_at: float, noise: float = 0.0,
                          mask: torch.Tensor | None = None, on_no_face: str = "error") -> Outcome:
     """InstantIDAttentionPatch: face attention only; the face tokens go out for the ControlNet node."""
+    check_on_no_face(on_no_face)
     adapter.check_fits(sdxl_attention_widths(model))
     mask = as_mask_batch(mask)
     notes: list[str] = []
     tokens, _ = face_tokens_for(adapter, as_face_analyzer(face_analysis), image, "average", noise, on_no_face, notes)
     if tokens is None:
-        _log_notes(notes)
         return Outcome(model, None, None, None, notes, skipped=True)
     work_model = model if weight == 0 else patched_model(model, adapter, tokens, weight, start_at, end_at, mask)
-    _log_notes(notes)
     return Outcome(work_model, None, None, tokens, notes)
 
 
@@ -165,18 +205,27 @@ def apply_control_only(*, face_tokens: FaceTokens | None, control_net: Any, imag
         return positive, negative
     check_identitynet(control_net)
     return attach_identitynet(positive, negative, control_net, image_kps, strength, start_at, end_at,
-                              face_tokens.cond, face_tokens.uncond, as_mask_batch(mask))
+                              face_tokens.cond, face_tokens.uncond, conditioning_mask(as_mask_batch(mask)))
 
 
 def keypoints_image(face_analysis: Any, image: torch.Tensor, on_no_face: str = "error") -> tuple[torch.Tensor, list[str]]:
-    """FaceKeypointsPreprocessor: the five-point image of each image, positions kept."""
+    """FaceKeypointsPreprocessor: the five-point image of each image, positions kept. With 'skip',
+    an image without a face gets a black frame (no pose constraint), never the photo itself."""
+    check_on_no_face(on_no_face)
     notes: list[str] = []
-    analyzer = as_face_analyzer(face_analysis)
-    result = keypoints_from(analyzer, image, image, [], on_no_face, notes)
-    _log_notes(notes)
-    return (torch.zeros_like(image[..., :3]) if result is None else result), notes
+    faces = detect_faces(as_face_analyzer(face_analysis), image, notes)
+    missing = [i for i, face in enumerate(faces) if face is None]
+    if missing and on_no_face == "error":
+        raise NoFaceError(f"No face found in {_images(missing, len(faces))} given to Face Keypoints Preprocessor. "
+                          f"{_FACE_ADVICE}, or set on_no_face to 'skip' to get black frames (no pose constraint) "
+                          "at those positions.")
+    if missing:
+        _note(notes, f"{_images(missing, len(faces))} had no face: black keypoint frames at those positions "
+                     "(on_no_face='skip')")
+    return keypoint_image_batch([None if f is None else f.kps for f in faces], image.shape[2], image.shape[1]), notes
 
 
-def _log_notes(notes: list[str]) -> None:
-    for note in notes:
-        log.warning("InstantID: %s", note)
+def _note(notes: list[str], note: str) -> None:
+    """Record a note for the node's UI text and log it at once (also when an error follows)."""
+    log.warning("InstantID: %s", note)
+    notes.append(note)

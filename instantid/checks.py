@@ -6,66 +6,116 @@ from typing import Any
 
 import torch
 
-from .sdxl import ADM_CHANNELS, CONTEXT_DIM, attn2_widths
+from .sdxl import ADM_CHANNELS, ATTN2_KEYS, CONTEXT_DIM, attn2_widths
 
 
 class UnsupportedModelError(ValueError):
     """The MODEL or CONTROL_NET input cannot be used with InstantID."""
 
 
+# ComfyUI's model config class names (comfy.supported_models) as users know the families. Names
+# not listed are shown as ComfyUI spells them, which is still specific enough to act on.
+_FAMILY_NAMES = {
+    "SD15": "Stable Diffusion 1.5", "SD15_instructpix2pix": "Stable Diffusion 1.5 InstructPix2Pix",
+    "SD20": "Stable Diffusion 2.x", "SD21UnclipL": "Stable Diffusion 2.1 unCLIP",
+    "SD21UnclipH": "Stable Diffusion 2.1 unCLIP", "SDXLRefiner": "the SDXL Refiner",
+    "SSD1B": "SSD-1B (a distilled SDXL)", "Segmind_Vega": "Segmind Vega (a distilled SDXL)",
+    "KOALA_700M": "KOALA-700M (a distilled SDXL)", "KOALA_1B": "KOALA-1B (a distilled SDXL)",
+    "SD3": "Stable Diffusion 3 / 3.5", "Flux": "Flux", "FluxSchnell": "Flux Schnell",
+    "FluxInpaint": "Flux Fill", "Flux2": "Flux 2", "AuraFlow": "AuraFlow", "PixArtAlpha": "PixArt-Alpha",
+    "PixArtSigma": "PixArt-Sigma", "HunyuanDiT": "Hunyuan-DiT", "HunyuanDiT1": "Hunyuan-DiT",
+    "Lumina2": "Lumina 2", "HiDream": "HiDream", "Chroma": "Chroma", "QwenImage": "Qwen-Image",
+    "Stable_Cascade_C": "Stable Cascade", "Stable_Cascade_B": "Stable Cascade",
+}
+# Text-context widths of the UNet families a wrong MODEL or ControlNet most often comes from.
+_CONTEXT_FAMILIES = {768: "SD1.5", 1024: "SD2.x", 1280: "SDXL Refiner"}
+
+
 def describe_model(model: Any) -> str:
-    """A short human name for a ComfyUI ModelPatcher's model, e.g. 'SD15 (BaseModel)'."""
+    """A short human name for a ComfyUI ModelPatcher's model, e.g.
+    'Stable Diffusion 1.5 (ComfyUI: SD15, BaseModel)'."""
     inner = getattr(model, "model", None)
     config = getattr(inner, "model_config", None)
-    names = [type(config).__name__] if config is not None else []
-    if inner is not None:
-        names.append(type(inner).__name__)
-    return f"{names[0]} ({names[1]})" if len(names) == 2 else (names[0] if names else type(model).__name__)
+    if inner is None or config is None:
+        return f"a {type(model).__name__}" if model is not None else "empty"
+    config_name = type(config).__name__
+    family = _FAMILY_NAMES.get(config_name, config_name)
+    return f"{family} (ComfyUI: {config_name}, {type(inner).__name__})"
+
+
+def _model_problem(model: Any) -> str | None:
+    """Why `model` is not an SDXL UNet InstantID can patch, or None when it is."""
+    inner = getattr(model, "model", None)
+    diffusion_model = getattr(inner, "diffusion_model", None)
+    unet_config = getattr(getattr(inner, "model_config", None), "unet_config", {}) or {}
+    if diffusion_model is None:
+        return "it is not a diffusion model (connect the MODEL output of a checkpoint or UNet loader)"
+    if not hasattr(diffusion_model, "input_blocks"):
+        # SD3, Flux and other DiTs have no UNet cross-attention layers for the face attention, and
+        # the IdentityNet is an SDXL UNet ControlNet.
+        return (f"it is a transformer (DiT) model ({type(diffusion_model).__name__}), not a UNet with "
+                "cross-attention layers")
+    context = unet_config.get("context_dim")
+    if context != CONTEXT_DIM:
+        return f"its cross-attention takes {context}-wide text context where SDXL's takes {CONTEXT_DIM}"
+    if unet_config.get("adm_in_channels") != ADM_CHANNELS:
+        return "it lacks SDXL's size conditioning"
+    return None
 
 
 def sdxl_attention_widths(model: Any) -> list[int]:
     """The model's 70 cross-attention widths; UnsupportedModelError unless it is an SDXL UNet."""
-    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
-    context = getattr(getattr(model, "model", None), "model_config", None)
-    unet_config = getattr(context, "unet_config", {}) or {}
-    problem = None
-    if diffusion_model is None:
-        problem = "it is not a diffusion model"
-    elif unet_config.get("context_dim") != CONTEXT_DIM or unet_config.get("adm_in_channels") != ADM_CHANNELS:
-        problem = (f"its text context is {unet_config.get('context_dim')}-wide"
-                   if unet_config.get("context_dim") != CONTEXT_DIM else "it lacks SDXL's size conditioning")
-    else:
+    problem = _model_problem(model)
+    if problem is None:
         try:
-            return attn2_widths(diffusion_model)
+            return attn2_widths(model.model.diffusion_model)
         except (AttributeError, IndexError, StopIteration, TypeError):
-            problem = "its UNet does not have SDXL's 70 cross-attention layers"
+            problem = f"its UNet does not have SDXL's {len(ATTN2_KEYS)} cross-attention layers (a pruned or distilled SDXL)"
     raise UnsupportedModelError(
         f"InstantID needs an SDXL model, but the MODEL input is {describe_model(model)}: {problem}. "
-        "InstantID weights exist only for SDXL (and SDXL fine-tunes such as Juggernaut, RealVis, Pony); "
+        "InstantID weights exist only for SDXL (and full-size SDXL fine-tunes such as Juggernaut, RealVis, Pony); "
         "load an SDXL checkpoint.")
+
+
+def _describe_control(control_net: Any) -> str | None:
+    """What a wrong CONTROL_NET input is, or None when it looks like an SDXL IdentityNet."""
+    name = type(control_net).__name__
+    if "ControlLora" in name:  # also ComfyUI-Advanced-ControlNet's ControlLoraAdvanced
+        return "a Control-LoRA"
+    if "T2IAdapter" in name:
+        return "a T2I-Adapter"
+    control_model = getattr(control_net, "control_model", None)
+    if control_model is None or not hasattr(control_net, "set_cond_hint"):
+        return f"a {name}, not a ControlNet"
+    if not hasattr(control_model, "input_blocks"):
+        return (f"a ControlNet for a transformer (DiT) model such as SD3 or Flux "
+                f"({type(control_model).__module__}.{type(control_model).__name__})")
+    context_width = next((m.to_k.in_features for m in control_model.modules()
+                          if type(m).__name__ == "CrossAttention" and hasattr(m, "to_k")
+                          and m.to_k.in_features != m.to_q.in_features), None)
+    if context_width is None:
+        return "a ControlNet without text cross-attention"
+    if context_width != CONTEXT_DIM:
+        family = _CONTEXT_FAMILIES.get(context_width)
+        return (f"{'an ' + family if family else 'a'} ControlNet (its cross-attention takes {context_width}-wide "
+                f"text context; the IdentityNet takes SDXL's {CONTEXT_DIM})")
+    label = getattr(control_model, "label_emb", None)
+    if label is None or label[0][0].in_features != ADM_CHANNELS:
+        return "a ControlNet without SDXL's size conditioning"
+    return None
 
 
 def check_identitynet(control_net: Any) -> None:
     """UnsupportedModelError unless control_net is an SDXL ControlNet that takes 2048-wide context
     (the InstantID IdentityNet)."""
-    name = type(control_net).__name__
-    fix = ("connect the InstantID IdentityNet (ControlNetModel/diffusion_pytorch_model.safetensors from "
-           "huggingface.co/InstantX/InstantID, in models/controlnet/) loaded with 'Load ControlNet Model'")
+    fix = ("load the InstantID IdentityNet with 'Load ControlNet Model': "
+           "models/controlnet/instantid/diffusion_pytorch_model.safetensors, from ControlNetModel/ in "
+           "huggingface.co/InstantX/InstantID (`python -m instantid fetch-models` puts it there)")
     if control_net is None:
-        raise UnsupportedModelError(f"the control_net input is empty: the ControlNet file could not be loaded; {fix}")
-    if name == "ControlLora":
-        raise UnsupportedModelError(f"the control_net input is a Control-LoRA, not the IdentityNet; {fix}")
-    control_model = getattr(control_net, "control_model", None)
-    if control_model is None or not hasattr(control_net, "set_cond_hint"):
-        raise UnsupportedModelError(f"the control_net input is a {name}, not a ControlNet; {fix}")
-    context_width = next((m.to_k.in_features for m in control_model.modules()
-                          if type(m).__name__ == "CrossAttention" and hasattr(m, "to_k") and m.to_k.in_features != m.to_q.in_features), None)
-    label = getattr(control_model, "label_emb", None)
-    adm = label[0][0].in_features if label is not None else None
-    if context_width != CONTEXT_DIM or adm != ADM_CHANNELS:
-        what = (f"a ControlNet for {context_width}-wide text context (SD1.5 is 768, SD2 1024)" if context_width != CONTEXT_DIM
-                else "a ControlNet without SDXL's size conditioning")
-        raise UnsupportedModelError(f"the control_net input is {what}, not the SDXL IdentityNet; {fix}")
+        raise UnsupportedModelError(f"The control_net input is empty: the ControlNet file could not be loaded; {fix}.")
+    what = _describe_control(control_net)
+    if what is not None:
+        raise UnsupportedModelError(f"The control_net input is {what}, not the SDXL InstantID IdentityNet; {fix}.")
 
 
 def as_mask_batch(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -76,7 +126,7 @@ def as_mask_batch(mask: torch.Tensor | None) -> torch.Tensor | None:
         mask = mask[None]
     elif mask.ndim == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]
-    if mask.ndim != 3 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
-        raise ValueError(f"the mask has shape {list(mask.shape)}; expected a MASK of [height, width] or "
-                         "[batch, height, width] (e.g. from 'Load Image' (as Mask) or 'Solid Mask')")
+    if mask.ndim != 3 or mask.shape[-1] == 0 or mask.shape[-2] == 0 or mask.shape[0] == 0:
+        raise ValueError(f"The mask has shape {list(mask.shape)}; expected a MASK of [height, width] or "
+                         "[batch, height, width] (e.g. from 'Load Image' (as Mask) or 'Solid Mask').")
     return mask.float().clamp(0, 1)

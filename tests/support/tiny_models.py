@@ -135,8 +135,10 @@ def write_sd15_controlnet(path: Path, seed: int = 2) -> Path:
     import comfy.ops
     import safetensors.torch
 
-    config = dict(image_size=32, in_channels=4, model_channels=32, num_res_blocks=1, channel_mult=[1, 2],
-                  attention_resolutions=[2], transformer_depth=1, num_head_channels=32,
+    # transformer_depth per input block (ComfyUI's ControlNet takes a list, not an int); 64-wide heads
+    # and channels because ComfyUI rebuilds an unrecognised ControlNet with 64-channel heads.
+    config = dict(image_size=32, in_channels=4, model_channels=64, num_res_blocks=1, channel_mult=[1, 2],
+                  transformer_depth=[1, 1], transformer_depth_middle=1, num_head_channels=64,
                   context_dim=768, use_linear_in_transformer=False, use_spatial_transformer=True,
                   legacy=False, use_checkpoint=False)
     net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
@@ -181,4 +183,106 @@ def write_adapter_safetensors(path: Path, state: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {f"{section}.{k}": v.contiguous() for section in ("image_proj", "ip_adapter") for k, v in state[section].items()}
     safetensors.torch.save_file(flat, str(path))
+    return path
+
+
+# ---------------------------------------------------------------- other model families (wrong input) --
+# Tiny random-weight models of the families users connect by mistake, built from ComfyUI's own
+# model configs and model classes, so the checks see exactly what ComfyUI's loaders would give them.
+
+
+def _patcher(model):
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def _unet_family(config_class, model_type, context_dim: int, channels: int, linear: bool, seed: int):
+    import comfy.model_base
+
+    unet_config = dict(image_size=32, in_channels=4, out_channels=4, model_channels=channels, num_res_blocks=[1, 1],
+                       channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
+                       transformer_depth_output=[1, 1, 1, 1], context_dim=context_dim, adm_in_channels=None,
+                       use_linear_in_transformer=linear, use_spatial_transformer=True, legacy=False,
+                       use_checkpoint=False, use_temporal_attention=False, use_temporal_resblock=False,
+                       dtype=torch.float32)
+    config = config_class(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(config, model_type=model_type, device="cpu")
+    _fill_random(model, seed)
+    return _patcher(model)
+
+
+def build_tiny_sd15(seed: int = 10):
+    """A ComfyUI ModelPatcher around a tiny SD1.5-family UNet (768-wide text context)."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    return _unet_family(comfy.supported_models.SD15, comfy.model_base.ModelType.EPS, 768, 32, False, seed)
+
+
+def build_tiny_sd2(seed: int = 11):
+    """A ComfyUI ModelPatcher around a tiny SD2-family UNet (1024-wide text context, v-prediction)."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    return _unet_family(comfy.supported_models.SD20, comfy.model_base.ModelType.V_PREDICTION, 1024, 64, True, seed)
+
+
+def build_tiny_sd3(seed: int = 12):
+    """A ComfyUI ModelPatcher around a tiny SD3-family MMDiT (2 joint blocks, hidden 128)."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    unet_config = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=32,
+                       context_embedder_config={"target": "torch.nn.Linear",
+                                                "params": {"in_features": 64, "out_features": 128}},
+                       num_patches=64, pos_embed_max_size=8, pos_embed_scaling_factor=None,
+                       x_block_self_attn_layers=[], dtype=torch.float32)
+    config = comfy.supported_models.SD3(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.SD3(config, device="cpu")
+    _fill_random(model, seed)
+    return _patcher(model)
+
+
+def build_tiny_flux(seed: int = 13):
+    """A ComfyUI ModelPatcher around a tiny Flux-family DiT (1 double and 1 single block, hidden 64)."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    unet_config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+                       hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+                       axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False,
+                       txt_ids_dims=[], dtype=torch.float32)
+    config = comfy.supported_models.Flux(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.Flux(config, device="cpu")
+    _fill_random(model, seed)
+    return _patcher(model)
+
+
+def write_control_lora(path: Path, seed: int = 14) -> Path:
+    """A minimal Control-LoRA file (the `lora_controlnet` marker plus a hint block), as SAI ships them."""
+    import safetensors.torch
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {"lora_controlnet": torch.tensor([]),
+             "input_hint_block.0.weight": torch.randn(16, 3, 3, 3, generator=generator) * 0.02,
+             "input_hint_block.0.bias": torch.zeros(16)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state, str(path))
+    return path
+
+
+def write_t2i_adapter(path: Path, seed: int = 15) -> Path:
+    """A small T2I-Adapter (SD1.5-style full adapter, 8 base channels) in the layout ComfyUI detects."""
+    import comfy.t2i_adapter.adapter
+    import safetensors.torch
+
+    adapter = comfy.t2i_adapter.adapter.Adapter(cin=3 * 8 * 8, channels=[8, 16, 32, 32], nums_rb=2, ksize=1, sk=True,
+                                                use_conv=False, xl=False)
+    _fill_random(adapter, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(path))
     return path
