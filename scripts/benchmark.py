@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import logging
 import statistics
 import sys
@@ -88,31 +89,44 @@ def timed_sample(model, positive, negative, width: int, height: int, steps: int,
     noise = comfy.sample.prepare_noise(latent, 0)
     if device == "cuda":
         torch.cuda.synchronize()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, denoise=1.0,
-                        seed=0, disable_pbar=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, time.process_time() - cpu_start
+    gc.collect()
+    gc.disable()  # as timeit does: a garbage collection inside one sample is noise, not cost
+    try:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent, denoise=1.0,
+                            seed=0, disable_pbar=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        gc.enable()
+
+
+RATIOS = (("identitynet", "unet"), ("instantid", "identitynet"), ("attention", "unet"))
 
 
 def per_step_times(variants: dict, width: int, height: int, n1: int, n2: int, repeats: int,
-                   device: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall and CPU seconds per step for each variant."""
+                   device: str) -> tuple[dict[str, float], dict[str, float], dict[tuple[str, str], float]]:
+    """Median wall and CPU seconds per step for each variant, and the median over repeats of each
+    ratio taken within one repeat: the variants of a repeat run back to back (in alternating order),
+    so a slow drift of the machine cancels in the ratio instead of in the medians."""
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     for name, (model, positive, negative) in variants.items():  # warm-up: loads models, compiles kernels
         timed_sample(model, positive, negative, width, height, n1, device)
-    for _ in range(repeats):
-        for name, (model, positive, negative) in variants.items():
+    for repeat in range(repeats):
+        order = list(variants.items()) if repeat % 2 == 0 else list(variants.items())[::-1]
+        for name, (model, positive, negative) in order:
             short = timed_sample(model, positive, negative, width, height, n1, device)
             long = timed_sample(model, positive, negative, width, height, n2, device)
             wall[name].append((long[0] - short[0]) / (n2 - n1))
             cpu[name].append((long[1] - short[1]) / (n2 - n1))
+    ratios = {(a, b): statistics.median(x / y for x, y in zip(wall[a], wall[b])) for a, b in RATIOS}
     spread = {name: (max(v) - min(v)) / statistics.median(v) for name, v in wall.items()}
     say(f"  ({width}x{height} run-to-run spread of the per-step time, (max-min)/median: "
         + ", ".join(f"{name} {value:.0%}" for name, value in spread.items()) + ")")
-    return ({name: statistics.median(v) for name, v in wall.items()}, {name: statistics.median(v) for name, v in cpu.items()})
+    return ({name: statistics.median(v) for name, v in wall.items()}, {name: statistics.median(v) for name, v in cpu.items()},
+            ratios)
 
 
 def clone_cost(patched) -> tuple[float, int, bool]:
@@ -179,8 +193,6 @@ def main() -> int:
     device, dtype, channels = ("cuda", torch.float16, 320) if cuda else ("cpu", torch.float32, TINY_CHANNELS)
     sizes = [tuple(int(v) for v in s.split("x")) for s in (options.sizes or ("1024x1024,768x768,1344x768" if cuda else "64x64")).split(",")]
     n1, n2 = (int(v) for v in (options.steps or ("4,16" if cuda else "2,6")).split(","))
-    if not cuda:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
 
     started = time.perf_counter()
     model = build_tiny_unet(seed=0, channels=channels, device=device, dtype=dtype)
@@ -191,17 +203,17 @@ def main() -> int:
         analyzer = FaceAnalyzer.load(write_antelopev2(Path(folder) / "antelopev2"), "auto")
     built = time.perf_counter() - started
     positive, negative = conditioning(1), conditioning(2)
-    if cuda:
-        # The GPU runs are launch-bound: idle OpenMP workers spinning after each small CPU op steal
-        # cores from the launching thread and make timings erratic. The timed work is all on the GPU.
-        torch.set_num_threads(1)
+    # One compute thread for the timed runs. On the GPU the runs are launch-bound, and idle OpenMP
+    # workers spinning after each small CPU op steal cores from the launching thread; on a small CPU
+    # machine two threads fight the system for two cores. Either way the timings become erratic.
+    torch.set_num_threads(1)
 
     machine = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     say(f"# InstantID benchmark: {machine}; torch {torch.__version__}; UNet base width {channels} "
           f"({'real SDXL config' if cuda else 'tiny SDXL layout'}), {dtype}; per-step = (T({n2}) - T({n1}))/{n2 - n1}, "
-          f"median of {options.repeats}; batch 1 with CFG; models built in {built:.1f} s")
+          f"median of {options.repeats} (ratios: median of the per-repeat ratios); batch 1 with CFG; models built in {built:.1f} s")
     say("| size | UNet ms/step | +IdentityNet | +ApplyInstantID | attention only | IdentityNet/UNet | "
-          "ApplyInstantID/(UNet+IdentityNet) | attention/UNet |")
+        "ApplyInstantID/(UNet+IdentityNet) | attention/UNet |")
     say("|---|---|---|---|---|---|---|---|")
     instantid_model = None
     cpu_notes: list[str] = []
@@ -217,11 +229,10 @@ def main() -> int:
         variants = {"unet": (model, positive, negative), "identitynet": (model, *floor),
                     "instantid": (outcome.model, outcome.positive, outcome.negative),
                     "attention": (attention.model, positive, negative)}
-        times, cpu_times = per_step_times(variants, width, height, n1, n2, options.repeats, options.device)
+        times, cpu_times, ratios = per_step_times(variants, width, height, n1, n2, options.repeats, options.device)
         say(f"| {width}x{height} | {times['unet'] * 1000:.1f} | {times['identitynet'] * 1000:.1f} | "
-              f"{times['instantid'] * 1000:.1f} | {times['attention'] * 1000:.1f} | "
-              f"{times['identitynet'] / times['unet']:.3f} | {times['instantid'] / times['identitynet']:.3f} | "
-              f"{times['attention'] / times['unet']:.3f} |")
+            f"{times['instantid'] * 1000:.1f} | {times['attention'] * 1000:.1f} | "
+            + " | ".join(f"{ratios[pair]:.3f}" for pair in RATIOS) + " |")
         cpu_notes.append(f"{width}x{height}: " + ", ".join(f"{name} {cpu_times[name] * 1000:.1f}" for name in variants))
         instantid_model = outcome.model
 
