@@ -58,8 +58,8 @@ class Kit:
         return self.run_node(node_id, **inputs)
 
 
-@pytest.fixture(scope="module")
-def kit(comfy) -> Kit:
+def load_kit(comfy: Any, kit_class: type[Kit] = Kit, image: torch.Tensor | None = None) -> Kit:
+    """The pack's loaders and ComfyUI's on the bed's models, as a graph would run them."""
     import nodes as comfy_nodes
     pack_nodes = comfy.pack_module("nodes")
     (adapter,) = pack_nodes.InstantIDModelLoader.execute(instantid_file=ADAPTER_BIN).args
@@ -67,7 +67,12 @@ def kit(comfy) -> Kit:
     (control_net,) = comfy_nodes.ControlNetLoader().load_controlnet(IDENTITYNET_NAME)
     (model,) = comfy_nodes.UNETLoader().load_unet(UNET_NAME, "default")
     state = torch.load(comfy.base / "models" / "instantid" / ADAPTER_BIN, weights_only=True)
-    return Kit(pack_nodes, adapter, analyzer, control_net, model, state, face_photo())
+    return kit_class(pack_nodes, adapter, analyzer, control_net, model, state, face_photo() if image is None else image)
+
+
+@pytest.fixture(scope="module")
+def kit(comfy) -> Kit:
+    return load_kit(comfy)
 
 
 def attn2_patches(model: Any) -> dict:

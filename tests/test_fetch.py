@@ -21,6 +21,7 @@ import pytest
 
 from instantid import cli, fetch
 from instantid.catalog import CATALOG
+from support.headless import finishes_within
 
 ENTRIES = {entry.id: entry for entry in CATALOG}
 FIXTURE_SIZES = {"adapter": 300_000, "identitynet": 420_000, "antelopev2-detector": 60_000, "antelopev2-recognizer": 200_000}
@@ -174,25 +175,6 @@ def content(hub: FakeHub, model_id: str) -> bytes:
 def run_cli(hub_or_endpoint, base: Path, *extra: str) -> int:
     endpoint = hub_or_endpoint if isinstance(hub_or_endpoint, str) else hub_or_endpoint.endpoint
     return cli.main(["fetch-models", "--base-directory", str(base), "--endpoint", endpoint, *extra])
-
-
-def finishes_within(seconds: float, function, *args, **kwargs):
-    """Run `function` in a thread so a missing timeout fails the test instead of hanging it."""
-    outcome = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = function(*args, **kwargs)
-        except BaseException as error:  # handed to the test thread below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s: a request has no timeout"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def test_fetches_every_file_to_its_catalog_path(hub, tmp_path, capsys):

@@ -22,9 +22,8 @@ import torch
 from instantid.adapter import NARROW_LAYERS, AdapterFileError, load_adapter
 from instantid.sdxl import ADAPTER_LAYER_NUMBERS, ATTN2_KEYS, adapter_key_names
 
-from conftest import ADAPTER_BIN, IDENTITYNET_NAME, UNET_NAME
 from support import antelope
-from test_apply import Kit, sample, seeded_conditioning, unet_output
+from test_apply import Kit, load_kit, sample, seeded_conditioning, unet_output
 
 TINY_WIDTHS = [64 if i in NARROW_LAYERS else 128 for i in range(len(ATTN2_KEYS))]
 LAYOUT_HINT = "Expected an InstantID adapter: 'image_proj'"
@@ -244,13 +243,7 @@ class RecordingKit(Kit):
 
 @pytest.fixture(scope="module")
 def kit(comfy) -> RecordingKit:
-    import nodes as comfy_nodes
-    pack_nodes = comfy.pack_module("nodes")
-    (adapter,) = pack_nodes.InstantIDModelLoader.execute(instantid_file=ADAPTER_BIN).args
-    (analyzer,) = pack_nodes.InstantIDFaceAnalysis.execute(provider="CPU").args
-    (control_net,) = comfy_nodes.ControlNetLoader().load_controlnet(IDENTITYNET_NAME)
-    (model,) = comfy_nodes.UNETLoader().load_unet(UNET_NAME, "default")
-    return RecordingKit(pack_nodes, adapter, analyzer, control_net, model, {}, photo(((4, 3), 128)))
+    return load_kit(comfy, RecordingKit, photo(((4, 3), 128)))
 
 
 @pytest.fixture(scope="module")
