@@ -1,0 +1,65 @@
+"""The pack's shape: domain modules import without ComfyUI (and without touching the network), and
+ComfyUI is found where the README says."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from instantid import comfy_home
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid.faces", "instantid.keypoints",
+                  "instantid.attention", "instantid.control", "instantid.checks", "instantid.apply",
+                  "instantid.similarity", "instantid.paths", "instantid.catalog", "instantid.fetch",
+                  "instantid.doctor", "instantid.runner", "instantid.embedded", "instantid.cli"]
+
+
+def test_domain_modules_import_without_comfyui():
+    script = ("import sys\n"
+              f"for name in {DOMAIN_MODULES!r}:\n"
+              "    __import__(name)\n"
+              "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'nodes', 'execution', 'insightface', 'onnxruntime'))\n"
+              "print(','.join(loaded))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    # Importing never loads ComfyUI, and insightface/onnxruntime only load when face analysis is used.
+    assert result.stdout.strip() == ""
+
+
+def test_comfyui_is_found_through_comfyui_path(tmp_path, monkeypatch):
+    fake = tmp_path / "ComfyUI"
+    (fake / "comfy").mkdir(parents=True)
+    (fake / "nodes.py").write_text("")
+    (fake / "execution.py").write_text("")
+    (fake / "comfyui_version.py").write_text('__version__ = "9.9.9"\n')
+    monkeypatch.setenv("COMFYUI_PATH", str(fake))
+    assert comfy_home.find_comfyui() == fake.resolve()
+    assert comfy_home.comfyui_version(fake) == "9.9.9"
+
+
+def test_a_comfyui_path_that_is_not_comfyui_is_reported_not_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "nowhere"))
+    assert comfy_home.find_comfyui() is None
+    message = comfy_home.why_not_found()
+    assert f"{tmp_path / 'nowhere'} (COMFYUI_PATH)" in message and "~/comfy/ComfyUI" in message
+
+
+def test_the_folder_above_custom_nodes_is_searched(tmp_path, monkeypatch):
+    comfyui = tmp_path / "ComfyUI"
+    pack = comfyui / "custom_nodes" / "instantid-nodes"
+    pack.mkdir(parents=True)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setattr(comfy_home, "PACK_ROOT", pack)
+    sources = [source for source, _ in comfy_home.comfyui_candidates()]
+    assert sources == ["the folder above custom_nodes/", "comfy-cli's default workspace"]
+    assert comfy_home.comfyui_candidates()[0][1] == comfyui
+
+
+def test_shipped_workflows_are_ui_format():
+    import json
+    files = sorted((REPO_ROOT / "workflows").glob("*.json"))
+    assert len(files) == 3
+    for path in files:
+        workflow = json.loads(path.read_text())
+        assert isinstance(workflow["nodes"], list) and isinstance(workflow["links"], list), path.name
