@@ -11,9 +11,10 @@ from typing_extensions import override
 
 from .instantid.adapter import load_adapter
 from .instantid.apply import (ON_NO_FACE, apply_attention_only, apply_control_only, apply_instantid,
-                              keypoints_image)
+                              as_face_analyzer, keypoints_image)
 from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
 from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
+from .instantid.similarity import face_similarity
 
 register_model_folders(folder_paths)
 
@@ -252,9 +253,6 @@ class InstantIDFaceSimilarity(io.ComfyNode):
 
     @classmethod
     def execute(cls, faceanalysis: Any, reference: Any, image: Any) -> io.NodeOutput:
-        from .instantid.apply import as_face_analyzer
-        from .instantid.similarity import face_similarity
-
         result = face_similarity(as_face_analyzer(faceanalysis), reference, image)
         return io.NodeOutput(result.mean, ui={"text": [result.text()], "face_similarity": list(result.per_image)})
 
