@@ -245,7 +245,7 @@ def _bad(entry: ModelFile, path: Path, reason: str) -> Check:
 
 def adapter_problem(path: Path) -> str | None:
     """Why `path` is not a usable InstantID adapter, or None. A torch zip archive is validated by
-    `load_adapter` with memory-mapped loading (headers only, no 1.7 GB read); anything else that
+    `load_adapter` memory-mapped (headers only, no 1.7 GB read); anything else that
     is not .safetensors is refused: torch.save has written zip archives since torch 1.6."""
     from .adapter import AdapterFileError, load_adapter
 
@@ -253,30 +253,12 @@ def adapter_problem(path: Path) -> str | None:
         return ("not a PyTorch zip archive (the format of the published ip-adapter.bin): the download is truncated "
                 "or damaged, or it is not a model file (an HTML error page?)")
     try:
-        with _mmap_torch_load():
-            load_adapter(path)
+        load_adapter(path, mmap=True)
     except AdapterFileError as error:
         return str(error)
     except Exception as error:  # a damaged archive can fail anywhere inside torch
         return f"it could not be read ({type(error).__name__}: {error}); the download is damaged"
     return None
-
-
-class _mmap_torch_load:
-    """torch.load memory-maps tensors while active (torch >= 2.5; older ones read the file)."""
-
-    def __enter__(self) -> None:
-        try:
-            from torch.utils.serialization import config
-        except ImportError:
-            self.config = None
-            return
-        self.config, self.previous = config, config.load.mmap
-        config.load.mmap = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.config is not None:
-            self.config.load.mmap = self.previous
 
 
 def safetensors_header(path: Path) -> dict[str, dict]:
