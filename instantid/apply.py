@@ -115,14 +115,26 @@ def keypoints_from(analyzer: FaceAnalyzer, image_kps: torch.Tensor | None, refer
         return keypoint_image_batch([face.kps], references.shape[2], references.shape[1])
     faces = detect_faces(analyzer, image_kps, notes, "keypoint image (image_kps)")
     missing = [i for i, face in enumerate(faces) if face is None]
-    if len(missing) == len(faces) or (missing and on_no_face == "error"):
-        _no_face(f"the keypoint {_images(missing, len(faces))} (image_kps)",
-                 f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference", on_no_face, notes)
+    fix = f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference"
+    if len(missing) == len(faces):
+        _no_face(f"the keypoint {_images(missing, len(faces))} (image_kps)", fix, on_no_face, notes)
         return None
+    return _keypoint_frames(faces, image_kps, f"the keypoint {_images(missing, len(faces))} (image_kps)",
+                            f"keypoint {_images(missing, len(faces))}", fix, on_no_face, notes)
+
+
+def _keypoint_frames(faces: list[DetectedFace | None], images: torch.Tensor, where: str, subject: str, fix: str,
+                     on_no_face: str, notes: list[str]) -> torch.Tensor:
+    """One keypoint frame per image, positions kept. An image without a face stops with an error,
+    or ('skip') gets a black frame: no pose constraint, never the photo itself."""
+    missing = [i for i, face in enumerate(faces) if face is None]
+    if missing and on_no_face == "error":
+        raise NoFaceError(f"No face found in {where}. {fix}, or set on_no_face to 'skip' to get black frames "
+                          "(no pose constraint) at those positions.")
     if missing:
-        _note(notes, f"keypoint {_images(missing, len(faces))} had no face: black keypoint frames (no pose "
-                     "constraint) at those positions, the others keep theirs")
-    return keypoint_image_batch([None if f is None else f.kps for f in faces], image_kps.shape[2], image_kps.shape[1])
+        _note(notes, f"{subject} had no face: black keypoint frames (no pose constraint) at those positions, "
+                     "the others keep theirs")
+    return keypoint_image_batch([None if f is None else f.kps for f in faces], images.shape[2], images.shape[1])
 
 
 def face_tokens_for(adapter: InstantIDAdapter, analyzer: FaceAnalyzer, image: torch.Tensor, combine: str,
@@ -135,11 +147,10 @@ def face_tokens_for(adapter: InstantIDAdapter, analyzer: FaceAnalyzer, image: to
 
 def patched_model(model: Any, adapter: InstantIDAdapter, tokens: FaceTokens, weight: float, start_at: float,
                   end_at: float, mask: torch.Tensor | None) -> Any:
-    """A clone of `model` with the face attention on all 70 cross-attention layers."""
-    adapter.check_fits(sdxl_attention_widths(model))
+    """A clone of `model` with the face attention on all 70 cross-attention layers. The callers have
+    checked the model against the adapter and normalised the mask (as_mask_batch) already."""
     sampling = model.get_model_object("model_sampling")
-    settings = FaceAttentionSettings(weight, sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at),
-                                     as_mask_batch(mask))
+    settings = FaceAttentionSettings(weight, sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask)
     patched = model.clone()
     install_face_attention(patched, adapter.layer_kv(tokens), settings)
     return patched
@@ -215,14 +226,9 @@ def keypoints_image(face_analysis: Any, image: torch.Tensor, on_no_face: str = "
     notes: list[str] = []
     faces = detect_faces(as_face_analyzer(face_analysis), image, notes)
     missing = [i for i, face in enumerate(faces) if face is None]
-    if missing and on_no_face == "error":
-        raise NoFaceError(f"No face found in {_images(missing, len(faces))} given to Face Keypoints Preprocessor. "
-                          f"{_FACE_ADVICE}, or set on_no_face to 'skip' to get black frames (no pose constraint) "
-                          "at those positions.")
-    if missing:
-        _note(notes, f"{_images(missing, len(faces))} had no face: black keypoint frames at those positions "
-                     "(on_no_face='skip')")
-    return keypoint_image_batch([None if f is None else f.kps for f in faces], image.shape[2], image.shape[1]), notes
+    frames = _keypoint_frames(faces, image, f"{_images(missing, len(faces))} given to Face Keypoints Preprocessor",
+                              _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes)
+    return frames, notes
 
 
 def _note(notes: list[str], note: str) -> None:
