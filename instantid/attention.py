@@ -78,7 +78,9 @@ class FaceAttentionSettings:
             gate = (inside.to(q.dtype) * self.weight).reshape(-1, 1, 1, 1).to(q.device)
             self._gate = per_row(gate, q.shape[0])
             self._sigmas, self._cond_or_uncond, self._masked = sigmas, cond_or_uncond, {}
-            self.layout = (q.device, q.dtype, q.shape[0], tuple(cond_or_uncond))
+            layout = (q.device, q.dtype, q.shape[0], tuple(cond_or_uncond))
+            if layout != self.layout:  # keep the same object while the layout stays: branches compare by identity
+                self.layout = layout
         if self.mask is None:
             return self._gate
         size = tuple(extra_options["activations_shape"][-2:])
@@ -131,12 +133,16 @@ class FaceBranch:
 
     def __post_init__(self) -> None:
         self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last_layout: tuple | None = None
+        self._last_rows: tuple[torch.Tensor, torch.Tensor] = ()
 
     def __deepcopy__(self, memo: dict) -> "FaceBranch":
         return self
 
     def _heads_for(self, layout: tuple, q: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V rows for this batch layout, split into heads: [B, heads, T, dim], built once per layout."""
+        if layout is self._last_layout:  # the layout of the previous UNet call: no hashing per layer
+            return self._last_rows
         rows = self._rows.get(layout)
         if rows is None:
             # Chunk j of the batch belongs to cond_or_uncond[j] (0 positive, 1 negative).
@@ -147,6 +153,7 @@ class FaceBranch:
             if len(self._rows) > 8:
                 self._rows.clear()
             self._rows[layout] = rows
+        self._last_layout, self._last_rows = layout, rows
         return rows
 
     def attend(self, q: torch.Tensor, q_heads: torch.Tensor) -> torch.Tensor:
