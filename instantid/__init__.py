@@ -5,7 +5,8 @@ Modules, one job each:
   `faces` (InsightFace), `keypoints` (the five-point image), `attention` (the cross-attention
   patch), `control` (the IdentityNet on conditioning), `checks` (input checks), `apply` (what
   every Apply node calls), `similarity` (face similarity);
-- `paths`, `comfy_home` and `catalog` (where ComfyUI and the models are, which models);
-- `embedded` (ComfyUI in this process), `fetch`, `doctor`, `runner` and `cli` (the commands).
+- `paths` (the model folders ComfyUI knows);
+- `commands/`: the command line and what only it needs (cli, runner, embedded ComfyUI, doctor,
+  fetch, catalog, ComfyUI discovery). It imports the domain; nothing here imports it.
 """
 __version__ = "1.0.0"

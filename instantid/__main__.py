@@ -1,5 +1,5 @@
-"""`python -m instantid <command>`: see instantid.cli."""
-from .cli import main
+"""`python -m instantid <command>`: see instantid.commands.cli."""
+from .commands.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO_ROOT))
 sys.path.append(str(REPO_ROOT / "tests"))
 
-from instantid.comfy_home import find_comfyui, why_not_found  # noqa: E402
+from instantid.commands.comfy_home import find_comfyui, why_not_found  # noqa: E402
 
 
 def say(text: str = "") -> None:

@@ -25,7 +25,7 @@ FIXTURE_PACK = TESTS / "fixture_pack"
 if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
-from instantid.comfy_home import comfyui_version, find_comfyui, why_not_found  # noqa: E402
+from instantid.commands.comfy_home import comfyui_version, find_comfyui, why_not_found  # noqa: E402
 
 COMFYUI = find_comfyui()
 UNET_NAME = "tiny_sdxl.safetensors"
@@ -78,7 +78,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 @dataclass
 class ComfyBed:
     """The booted ComfyUI with the generated models in place."""
-    embedded: object          # instantid.embedded.EmbeddedComfyUI
+    embedded: object          # instantid.commands.embedded.EmbeddedComfyUI
     base: Path                # the ComfyUI base directory (models/, input/, output/)
     pack: ModuleType          # the pack as ComfyUI loaded it
 
@@ -94,7 +94,7 @@ class ComfyBed:
 def comfy(tmp_path_factory: pytest.TempPathFactory) -> ComfyBed:
     if COMFYUI is None:
         pytest.skip(why_not_found())
-    from instantid.embedded import EmbeddedComfyUI
+    from instantid.commands.embedded import EmbeddedComfyUI
     base = tmp_path_factory.mktemp("comfy-base")
     embedded = EmbeddedComfyUI.start(COMFYUI, cpu=True, base_directory=base, load_custom_nodes=False,
                                      extra_node_dirs=[REPO_ROOT, FIXTURE_PACK])

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import UNET_NAME
-from instantid import cli, runner
+from instantid.commands import cli, runner
 from instantid.similarity import cosine_similarity
 from support import antelope
 from support.headless import (SIMILARITY_NODE_ID, FakeComfyUI, bed_workflow, finishes_within, png_bytes, serve,

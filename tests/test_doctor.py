@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import COMFYUI, REPO_ROOT
-from instantid import __version__, cli, doctor
-from instantid.catalog import CATALOG, format_size
-from instantid.comfy_home import PACK_ROOT, comfyui_version
+from instantid import __version__
+from instantid.commands import cli, doctor
+from instantid.commands.catalog import CATALOG, format_size
+from instantid.commands.comfy_home import PACK_ROOT, comfyui_version
 from support.antelope import write_antelopev2
 
 MARK = doctor.MARKERS
@@ -213,7 +214,7 @@ def _requirement_names(lines: list[str]) -> set[str]:
 
 
 def _third_party_imports() -> set[str]:
-    files = [*sorted((REPO_ROOT / "instantid").glob("*.py")), REPO_ROOT / "nodes.py", REPO_ROOT / "resampler.py",
+    files = [*sorted((REPO_ROOT / "instantid").rglob("*.py")), REPO_ROOT / "nodes.py", REPO_ROOT / "resampler.py",
              REPO_ROOT / "__init__.py"]
     names = set()
     for file in files:

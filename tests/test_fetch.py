@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instantid import cli, fetch
-from instantid.catalog import CATALOG
+from instantid.commands import cli, fetch
+from instantid.commands.catalog import CATALOG
 from support.headless import finishes_within
 
 ENTRIES = {entry.id: entry for entry in CATALOG}

@@ -6,13 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from instantid import comfy_home
+from instantid.commands import comfy_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid.faces", "instantid.keypoints",
                   "instantid.attention", "instantid.control", "instantid.checks", "instantid.apply",
-                  "instantid.similarity", "instantid.paths", "instantid.catalog", "instantid.fetch",
-                  "instantid.doctor", "instantid.runner", "instantid.embedded", "instantid.cli"]
+                  "instantid.similarity", "instantid.paths", "instantid.commands.catalog", "instantid.commands.fetch",
+                  "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
+                  "instantid.commands.cli"]
 
 
 def test_domain_modules_import_without_comfyui():
@@ -63,3 +64,21 @@ def test_shipped_workflows_are_ui_format():
     for path in files:
         workflow = json.loads(path.read_text())
         assert isinstance(workflow["nodes"], list) and isinstance(workflow["links"], list), path.name
+
+
+def test_the_domain_and_the_nodes_never_import_the_commands():
+    import ast
+    sources = [REPO_ROOT / "nodes.py", REPO_ROOT / "resampler.py", *sorted((REPO_ROOT / "instantid").glob("*.py"))]
+    offenders = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            if any(name == "commands" or ".commands" in f".{name}" for name in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    # __main__ is the entry point of the command line, so it is the one place allowed to start it.
+    assert offenders == ["__main__.py:2"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__
+from .. import __version__
 from .catalog import ModelFile
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 from .catalog import CATALOG, ModelFile
 from .comfy_home import find_comfyui, why_not_found
-from .faces import FETCH_COMMAND
+from ..faces import FETCH_COMMAND
 from .fetch import DEFAULT_RETRIES, DEFAULT_TIMEOUT, FetchError, fetch_models, resolve_endpoint
-from .paths import ADAPTER_FOLDER, FACE_MODELS_FOLDER
+from ..paths import ADAPTER_FOLDER, FACE_MODELS_FOLDER
 
 
 class CommandError(Exception):

@@ -1,5 +1,5 @@
 """`python -m instantid run`: run a workflow without the UI, either with ComfyUI embedded in this
-process (instantid.embedded) or on a running ComfyUI server over its HTTP API.
+process (instantid.commands.embedded) or on a running ComfyUI server over its HTTP API.
 
 Both paths share the same steps: read the workflow (UI or API format), convert it to API format,
 apply the `--set NODE.INPUT=VALUE` overrides, run it, copy the images of the SaveImage/PreviewImage
@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import __version__
+from .. import __version__
 from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, refusal_text, ui_to_api
 
 log = logging.getLogger(__name__)

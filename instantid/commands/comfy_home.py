@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 HOW_TO_FIX = ("set COMFYUI_PATH to a ComfyUI checkout, install this pack under ComfyUI/custom_nodes/, "
               "or check ComfyUI out at ~/comfy/ComfyUI (comfy-cli's default workspace)")
 

@@ -27,7 +27,7 @@ from typing import Literal
 
 from .catalog import CATALOG, INSTANTID_REPO, ModelFile, format_size
 from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
-from .faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, FaceModelsMissing,
+from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, FaceModelsMissing,
                     double_install_warning, find_antelopev2, onnxruntime_distributions, select_providers)
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def adapter_problem(path: Path) -> str | None:
     """Why `path` is not a usable InstantID adapter, or None. A torch zip archive is validated by
     `load_adapter` memory-mapped (headers only, no 1.7 GB read); anything else that
     is not .safetensors is refused: torch.save has written zip archives since torch 1.6."""
-    from .adapter import AdapterFileError, load_adapter
+    from ..adapter import AdapterFileError, load_adapter
 
     if path.suffix.lower() not in (".safetensors", ".sft") and not zipfile.is_zipfile(path):
         return ("not a PyTorch zip archive (the format of the published ip-adapter.bin): the download is truncated "
@@ -411,7 +411,7 @@ def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target
 
 
 def _insightface_load(folder: Path) -> Check:
-    from .faces import FaceAnalyzer
+    from ..faces import FaceAnalyzer
 
     try:
         analyzer = FaceAnalyzer.load(folder, "auto")
