@@ -77,7 +77,7 @@ def test_embedded_run_writes_the_png_applies_set_and_prints_the_similarity(comfy
 
 @pytest.mark.parametrize("setting, message", [
     ("Nope.seed=1", "the workflow has no node 'Nope'. Name a node by id, title or class type; its nodes are: "
-                    "1 InstantIDTest_TinyCheckpoint; 2 CLIPTextEncode ('Positive'); 3 CLIPTextEncode ('Negative'); "
+                    "1 TestBedTinyCheckpoint; 2 CLIPTextEncode ('Positive'); 3 CLIPTextEncode ('Negative'); "
                     "4 EmptyLatentImage; 5 KSampler;"),
     ("CLIPTextEncode.text=x", "2 nodes have the class type 'CLIPTextEncode' (2 CLIPTextEncode ('Positive'), "
                               "3 CLIPTextEncode ('Negative')); use the node id"),

@@ -11,8 +11,8 @@ def sampler_graph(seed: int, with_controlnet: bool = True) -> dict:
     from comfy_execution.graph_utils import GraphBuilder
     g = GraphBuilder()
     model = g.node("UNETLoader", unet_name=UNET_NAME, weight_dtype="default")
-    positive = g.node("InstantIDTest_RandomConditioning", seed=1, tokens=77)
-    negative = g.node("InstantIDTest_RandomConditioning", seed=2, tokens=77)
+    positive = g.node("TestBedRandomConditioning", seed=1, tokens=77)
+    negative = g.node("TestBedRandomConditioning", seed=2, tokens=77)
     pos, neg = positive.out(0), negative.out(0)
     if with_controlnet:
         control = g.node("ControlNetLoader", control_net_name=IDENTITYNET_NAME)
@@ -23,7 +23,7 @@ def sampler_graph(seed: int, with_controlnet: bool = True) -> dict:
     latent = g.node("EmptyLatentImage", width=64, height=64, batch_size=1)
     sampled = g.node("KSampler", model=model.out(0), seed=seed, steps=2, cfg=5.0, sampler_name="euler",
                      scheduler="normal", positive=pos, negative=neg, latent_image=latent.out(0), denoise=1.0)
-    g.node("InstantIDTest_LatentStats", samples=sampled.out(0))
+    g.node("TestBedLatentStats", samples=sampled.out(0))
     return g.finalize()
 
 

@@ -82,3 +82,16 @@ def test_the_domain_and_the_nodes_never_import_the_commands():
                 offenders.append(f"{path.name}:{node.lineno}")
     # __main__ is the entry point of the command line, so it is the one place allowed to start it.
     assert offenders == ["__main__.py:2"]
+
+
+def test_fixture_node_ids_do_not_look_like_the_packs_own():
+    """Manager's node scanner reads the whole repository: a test fixture id starting with 'InstantID'
+    (or naming a product node) would be listed as a node of this pack."""
+    import re
+    source = (REPO_ROOT / "tests" / "fixture_pack" / "__init__.py").read_text()
+    fixture_ids = re.findall(r'node_id="([^"]+)"', source)
+    product_ids = set(re.findall(r'node_id="([^"]+)"', (REPO_ROOT / "nodes.py").read_text()))
+    assert len(fixture_ids) >= 3
+    for node_id in fixture_ids:
+        assert not node_id.lower().startswith(("instantid", "applyinstantid")) and node_id not in product_ids, node_id
+        assert "instantid" not in node_id.lower() and "face" not in node_id.lower(), node_id

@@ -50,7 +50,7 @@ class TinyCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDTest_TinyCheckpoint", category="testing", description="Tiny SDXL UNet (via UNETLoader) with stand-in text encoder and VAE.",
+            node_id="TestBedTinyCheckpoint", category="testing", description="Tiny SDXL UNet (via UNETLoader) with stand-in text encoder and VAE.",
             inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"))],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
 
@@ -64,7 +64,7 @@ class RandomConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDTest_RandomConditioning", category="testing", description="Seeded SDXL-shaped conditioning.",
+            node_id="TestBedRandomConditioning", category="testing", description="Seeded SDXL-shaped conditioning.",
             inputs=[io.Int.Input("seed", default=0), io.Int.Input("tokens", default=77, min=1)],
             outputs=[io.Conditioning.Output()])
 
@@ -77,7 +77,7 @@ class LatentStats(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDTest_LatentStats", category="testing", description="Reports a latent's values to the UI output.",
+            node_id="TestBedLatentStats", category="testing", description="Reports a latent's values to the UI output.",
             inputs=[io.Latent.Input("samples")], outputs=[], is_output_node=True)
 
     @classmethod

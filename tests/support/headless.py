@@ -26,7 +26,7 @@ def bed_workflow(unet_name: str, reference: str, photo: str, size: int = 64, ste
         return {"class_type": kind, "inputs": inputs, "_meta": {"title": title or kind}}
 
     return {
-        "1": node("InstantIDTest_TinyCheckpoint", unet_name=unet_name),
+        "1": node("TestBedTinyCheckpoint", unet_name=unet_name),
         "2": node("CLIPTextEncode", "Positive", text="a photo of a person", clip=["1", 1]),
         "3": node("CLIPTextEncode", "Negative", text="blurry", clip=["1", 1]),
         "4": node("EmptyLatentImage", width=size, height=size, batch_size=1),

@@ -31,7 +31,7 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
-            node["class_type"], node["inputs"] = "InstantIDTest_TinyCheckpoint", {"unet_name": unet_name}
+            node["class_type"], node["inputs"] = "TestBedTinyCheckpoint", {"unet_name": unet_name}
         elif kind == "EmptyLatentImage":
             inputs.update(width=size, height=size)
         elif kind == "KSampler":
