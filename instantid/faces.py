@@ -301,6 +301,28 @@ def _largest(bboxes: np.ndarray) -> int:
     return int(np.argmax(areas))
 
 
+class FaceIndexOutOfRange(ValueError):
+    """face_index asks for a face beyond those found; `found` says how many there are."""
+
+    def __init__(self, face_index: int, found: int) -> None:
+        super().__init__(f"face_index {face_index} asks for face {face_index} from the left, but "
+                         f"{found} face{'' if found == 1 else 's'} {'was' if found == 1 else 'were'} found")
+        self.face_index = face_index
+        self.found = found
+
+
+def choose_face(bboxes: np.ndarray, face_index: int) -> int:
+    """Which detected face to use: 0 = the largest (the official rule), k >= 1 = the k-th from the
+    left (by the box's left edge). Raises FaceIndexOutOfRange beyond the faces found."""
+    if face_index < 0:
+        raise ValueError(f"face_index is {face_index}; use 0 for the largest face or k >= 1 for the k-th from the left.")
+    if face_index == 0:
+        return _largest(bboxes)
+    if face_index > bboxes.shape[0]:
+        raise FaceIndexOutOfRange(face_index, int(bboxes.shape[0]))
+    return int(np.argsort(bboxes[:, 0], kind="stable")[face_index - 1])
+
+
 _NOT_CACHED = object()
 
 
@@ -384,23 +406,24 @@ class FaceAnalyzer:
         static = getattr(self.det_model, "static_input_size", None)
         return (int(static[0]),) if static else DETECTION_SIZES
 
-    def detect(self, image_bgr: np.ndarray) -> DetectedFace | None:
-        """The largest face in a BGR uint8 HxWx3 image, or None. Detection runs at 640 and, only when
-        that finds nothing, at the smaller DETECTION_SIZES. Results are cached by image content:
-        ComfyUI re-runs the Apply node when only a weight changes."""
+    def detect(self, image_bgr: np.ndarray, face_index: int = 0) -> DetectedFace | None:
+        """The largest face (face_index 0) or the face_index-th from the left in a BGR uint8 HxWx3
+        image, or None when there is no face. Detection runs at 640 and, only when that finds nothing,
+        at the smaller DETECTION_SIZES. Results are cached by image content and index: ComfyUI re-runs
+        the Apply node when only a weight changes. Raises FaceIndexOutOfRange (see choose_face)."""
         _check_bgr(image_bgr)
-        key = _image_key(image_bgr)
+        key = f"{_image_key(image_bgr)}/{face_index}"
         cached = self._cache.get(key, _NOT_CACHED)
         if cached is not _NOT_CACHED:
             self._cache.move_to_end(key)
             return cached
-        face = self._detect_uncached(image_bgr)
+        face = self._detect_uncached(image_bgr, face_index)
         self._cache[key] = face
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return face
 
-    def _detect_uncached(self, image: np.ndarray) -> DetectedFace | None:
+    def _detect_uncached(self, image: np.ndarray, face_index: int) -> DetectedFace | None:
         for size in self._detection_sizes():
             bboxes, kpss = self.det_model.detect(image, input_size=(size, size), max_num=0, metric="default")
             if bboxes.shape[0]:
@@ -408,8 +431,8 @@ class FaceAnalyzer:
         else:
             logger.info("No face found in a %dx%d image at any detection size", image.shape[1], image.shape[0])
             return None
-        best = _largest(bboxes)
-        return self._describe(image, bboxes[best], kpss[best], size)
+        chosen = choose_face(bboxes, face_index)
+        return self._describe(image, bboxes[chosen], kpss[chosen], size)
 
     def _describe(self, image: np.ndarray, bbox_score: np.ndarray, kps: np.ndarray, size: int) -> DetectedFace:
         from insightface.app.common import Face

@@ -28,10 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 from instantid.commands.comfy_home import comfyui_version, find_comfyui, why_not_found  # noqa: E402
 
 COMFYUI = find_comfyui()
-UNET_NAME = "tiny_sdxl.safetensors"
-IDENTITYNET_NAME = "instantid/diffusion_pytorch_model.safetensors"  # the path the shared workflows use
-ADAPTER_BIN = "ip-adapter.bin"
-ADAPTER_SAFETENSORS = "ip-adapter.safetensors"
+from support.server import ADAPTER_BIN, ADAPTER_SAFETENSORS, IDENTITYNET_NAME, UNET_NAME  # noqa: E402,F401
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -98,18 +95,6 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> ComfyBed:
     base = tmp_path_factory.mktemp("comfy-base")
     embedded = EmbeddedComfyUI.start(COMFYUI, cpu=True, base_directory=base, load_custom_nodes=False,
                                      extra_node_dirs=[REPO_ROOT, FIXTURE_PACK])
-    from support.antelope import write_antelopev2
-    from support.tiny_models import (adapter_state, build_tiny_unet, write_adapter_bin, write_adapter_safetensors,
-                                     write_tiny_identitynet, write_tiny_unet)
-    import torch
-    models = base / "models"
-    write_tiny_unet(models / "diffusion_models" / UNET_NAME)
-    write_tiny_identitynet(models / "controlnet" / IDENTITYNET_NAME)
-    from instantid.sdxl import attn2_widths
-    state = adapter_state(attn2_widths(build_tiny_unet().model.diffusion_model))
-    write_adapter_bin(models / "instantid" / ADAPTER_BIN, state)
-    write_adapter_safetensors(models / "instantid" / ADAPTER_SAFETENSORS,
-                              {section: {k: v.to(torch.float16) for k, v in part.items()} for section, part in state.items()})
-    write_antelopev2(models / "insightface" / "models" / "antelopev2")
-    (base / "input").mkdir(exist_ok=True)
+    from support.server import write_fixture_models
+    write_fixture_models(base)
     return ComfyBed(embedded, base, sys.modules[str(REPO_ROOT).replace(".", "_x_")])
