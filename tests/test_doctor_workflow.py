@@ -103,6 +103,21 @@ def test_api_workflow_with_extra_model_paths_legacy_folders_and_unknown_files(tm
     ]
 
 
+def test_a_workflow_without_known_loaders_is_a_warning_listing_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COMFYUI_PATH", str(fake_comfyui(tmp_path / "ComfyUI")))
+    workflow = tmp_path / "sampler.json"
+    workflow.write_text(json.dumps({"1": {"class_type": "KSampler", "inputs": {"seed": 1}}}))
+    code, lines = run_doctor(capsys, "--base-directory", tmp_path, "--workflow", workflow)
+    assert code == 0
+    summary = next(i for i, line in enumerate(lines) if line.startswith("Summary: all needed checks passed, "))
+    assert lines[summary - 1] == (
+        f"{MARK['warn']} workflow: {workflow}: 0 model files named by 0 loader nodes; the doctor checks the files of "
+        "these loaders: CheckpointLoaderSimple, CheckpointLoader, ImageOnlyCheckpointLoader, unCLIPCheckpointLoader, "
+        "UNETLoader, VAELoader, CLIPLoader, DualCLIPLoader, CLIPVisionLoader, LoraLoader, LoraLoaderModelOnly, "
+        "ControlNetLoader, DiffControlNetLoader, StyleModelLoader, GLIGENLoader, UpscaleModelLoader, "
+        "InstantIDModelLoader, InstantIDFaceAnalysis")
+
+
 def test_a_file_that_is_not_a_workflow_is_one_error_line(tmp_path, capsys):
     workflow = tmp_path / "notes.json"
     workflow.write_text('{"hello": "world"}')

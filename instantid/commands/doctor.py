@@ -28,9 +28,10 @@ from typing import Literal
 from .catalog import CATALOG, INSTANTID_REPO, ModelFile, format_size
 from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
 from .fetch import DEFAULT_ENDPOINT, file_url
-from .workflow_models import ModelReference, WorkflowModels
+from .workflow_models import FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels
 from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, FaceModelsMissing,
                     double_install_warning, find_antelopev2, onnxruntime_distributions, select_providers)
+from ..paths import ADAPTER_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +237,16 @@ def _found(path: Path) -> str:
     return f"{path} ({format_size(path.stat().st_size)})"
 
 
+def _where(target: Path | None) -> str:
+    return f"put it at {target}" if target else "no model folder to put it in (pass --base-directory)"
+
+
+def _missing_detail(entry: ModelFile, target: Path | None) -> str:
+    return f"MISSING ({entry.approx_size}, {entry.description}); {_where(target)}"
+
+
 def _missing(entry: ModelFile, target: Path | None) -> Check:
-    where = f"put it at {target}" if target else "no model folder to put it in (pass --base-directory)"
-    return Check("fail", entry.id, f"MISSING ({entry.approx_size}, {entry.description}); {where}", refetch=(entry.id,))
+    return Check("fail", entry.id, _missing_detail(entry, target), refetch=(entry.id,))
 
 
 def _bad(entry: ModelFile, path: Path, reason: str) -> Check:
@@ -445,13 +453,12 @@ def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target
     path = _first_existing(roots, reference.relative_path)
     if path is None:
         target = target_folder / reference.relative_path if target_folder else None
-        where = f"put it at {target}" if target else "no model folder to put it in (pass --base-directory)"
         if entry is None:
-            return Check("fail", name, f"{subject}: MISSING; {where}")
-        return Check("fail", name, f"{subject}: MISSING ({entry.approx_size}, {entry.description}); {where}; "
+            return Check("fail", name, f"{subject}: MISSING; {_where(target)}")
+        return Check("fail", name, f"{subject}: {_missing_detail(entry, target)}; "
                                    f"download {file_url(entry, DEFAULT_ENDPOINT)}", refetch=refetch)
     # The adapter is checked whatever its name: InstantIDModelLoader loads nothing else.
-    validator = _VALIDATORS.get(entry.id) if entry else _adapter_check if reference.folder == "instantid" else None
+    validator = _VALIDATORS.get(entry.id) if entry else _adapter_check if reference.folder == ADAPTER_FOLDER else None
     reason, what = validator(path) if validator else (None, "")
     if reason:
         return Check("fail", name, f"{subject}: BROKEN {_found(path)}: {reason}", refetch=refetch)
@@ -466,8 +473,11 @@ def check_workflow(workflow: Path, models: WorkflowModels, search_paths: Mapping
               f"loader node{'s' if models.loader_nodes != 1 else ''}"]
     if models.face_analysis:
         loaded.append(f"face analysis ({FACE_MODEL_NAME})")
-    status: Status = "ok" if models.files or models.face_analysis else "warn"
-    checks = [Check(status, "workflow", f"{workflow}: {' and '.join(loaded)}")]
+    if models.files or models.face_analysis:
+        checks = [Check("ok", "workflow", f"{workflow}: {' and '.join(loaded)}")]
+    else:
+        checks = [Check("warn", "workflow", f"{workflow}: {loaded[0]}; the doctor checks the files of these loaders: "
+                                            f"{', '.join([*MODEL_LOADERS, *FACE_ANALYSIS_NODES])}")]
     checks += [check_workflow_file(reference, search_paths.get(reference.folder, []), targets.get(reference.folder))
                for reference in models.files]
     if models.face_analysis:
