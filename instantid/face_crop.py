@@ -98,7 +98,8 @@ def _round(value: float) -> int:
     return math.floor(value + 0.5)
 
 
-def fit_box(centre: tuple[float, float], width: float, height: float, crop_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def fit_box(centre: tuple[float, float], width: float, height: float,
+            crop_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The integer box centred on `centre` that holds width x height, grown along one side to the
     crop's aspect."""
     aspect = crop_size[1] / crop_size[0]
@@ -151,8 +152,9 @@ def edge_distances(length: int, source_per_pixel: float) -> torch.Tensor:
 
 def feather_mask(crop: FaceCrop, feather: float, in_crop_pixels: bool) -> torch.Tensor:
     """The blend weight over the box: 0 at its edge rising linearly to 1 at `feather` source pixels
-    inside (capped at half the box's short side, so the centre always reaches 1). In crop pixels
-    (the crop node's mask, 0 where the crop lies outside the image) or in source pixels (the paste)."""
+    inside (at most half the box's short side, so a large feather still leaves a full-weight
+    centre). In crop pixels (the crop node's mask, 0 where the crop lies outside the image) or in
+    source pixels (the paste)."""
     box_h, box_w = crop.box_size
     scale_x, scale_y = crop.scale if in_crop_pixels else (1.0, 1.0)
     height, width = (crop.crop_size if in_crop_pixels else crop.box_size)
@@ -192,9 +194,9 @@ def crop_faces(analyzer: FaceAnalyzer, images: torch.Tensor, face_index: int = 0
             notes.append(f"{_which(index, total)}: {problem}; its crop is the whole image with an empty mask, and "
                          "InstantID Face Paste returns it unchanged")
         faces.append(face)
+    whole_image = ((width / 2, height / 2), float(width), float(height))
     # (centre, width, height) to cover: the padded face, or the whole image when there is none
-    wanted = [padded_face(face.bbox, padding) if face is not None else ((width / 2, height / 2), float(width), float(height))
-              for face in faces]
+    wanted = [whole_image if face is None else padded_face(face.bbox, padding) for face in faces]
     first = next((w for w, face in zip(wanted, faces) if face is not None), wanted[0])
     crop_size = crop_dimensions(first[1], first[2], size)
     crops = tuple(FaceCrop((height, width), fit_box(centre, w, h, crop_size), crop_size, face is not None)
