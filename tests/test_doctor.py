@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,78 @@ def test_adapter_with_the_wrong_layout_gets_the_loaders_message(tmp_path):
     torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {}}, str(path))
     problem = doctor.adapter_problem(path)
     assert problem is not None and str(path) in problem and EXPECTED_LAYOUT in problem
+
+
+# ------------------------------------------------------------------ distributions side by side --
+
+
+def fake_distributions(monkeypatch, group, installed: dict[str, str]) -> None:
+    """importlib.metadata answers as if exactly `installed` of the group's distributions were
+    there; every other distribution is looked up for real."""
+    real = metadata.version
+
+    def version(name: str) -> str:
+        if name in group.names:
+            if name not in installed:
+                raise metadata.PackageNotFoundError(name)
+            return installed[name]
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+
+
+@pytest.mark.parametrize("installed, keep, note", [
+    ({"opencv-python": "5.0.0.93", "opencv-python-headless": "4.11.0.86"}, "opencv-python", False),
+    ({"opencv-python-headless": "4.11.0.86", "opencv-contrib-python-headless": "4.10.0.84"},
+     "opencv-contrib-python-headless", True),
+    ({"opencv-python": "5.0.0.93", "opencv-contrib-python": "4.10.0.84", "opencv-contrib-python-headless": "4.10.0.84"},
+     "opencv-contrib-python", True),
+])
+def test_two_opencv_distributions_are_reported_with_the_pip_commands_that_leave_one(monkeypatch, installed, keep, note):
+    from instantid.faces import OPENCV
+    fake_distributions(monkeypatch, OPENCV, installed)
+    check = doctor.check_installs(OPENCV)
+    names = " ".join(name for name in OPENCV.names if name in installed)
+    fix = f"pip uninstall -y {names} && pip install {keep}"
+    listed = ", ".join(f"{name} {installed[name]}" for name in OPENCV.names if name in installed)
+    assert check == doctor.Check(
+        "warn", "OpenCV installs",
+        f"Several OpenCV distributions are installed ({listed}). They all write the same cv2 folder, so their files are "
+        f"mixed and uninstalling either one breaks `import cv2`. Keep one: {fix}."
+        + (" Repeat this after every insightface install or upgrade: it brings opencv-python back." if note else ""),
+        (fix,))
+
+
+def test_one_opencv_distribution_is_fine(monkeypatch):
+    from instantid.faces import OPENCV
+    fake_distributions(monkeypatch, OPENCV, {"opencv-python-headless": "4.11.0.86"})
+    assert doctor.check_installs(OPENCV) == doctor.Check("ok", "OpenCV installs",
+                                                         "one distribution (opencv-python-headless 4.11.0.86)")
+
+
+def test_onnxruntime_and_opencv_share_one_mechanism_in_the_report(tmp_path, monkeypatch, capsys):
+    from instantid.faces import ONNXRUNTIME, OPENCV
+    monkeypatch.setenv("COMFYUI_PATH", str(fake_comfyui(tmp_path / "ComfyUI")))
+    real = metadata.version
+    fake = {"opencv-python": "5.0.0.93", "opencv-python-headless": "4.11.0.86", "onnxruntime": "1.32.0",
+            "onnxruntime-gpu": "1.31.1"}
+
+    def version(name: str) -> str:
+        if name in OPENCV.names or name in ONNXRUNTIME.names:
+            if name not in fake:
+                raise metadata.PackageNotFoundError(name)
+            return fake[name]
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    _, lines = run_doctor(capsys, "--base-directory", tmp_path)
+    assert any(line.startswith(f"{MARK['warn']} OpenCV installs: Several OpenCV distributions are installed "
+                               "(opencv-python 5.0.0.93, opencv-python-headless 4.11.0.86).") for line in lines)
+    assert any(line.startswith(f"{MARK['warn']} onnxruntime installs: Several onnxruntime distributions are installed "
+                               "(onnxruntime 1.32.0, onnxruntime-gpu 1.31.1).") for line in lines)
+    fixes = lines[lines.index("To fix, run:") + 1:]
+    assert "  pip uninstall -y opencv-python opencv-python-headless && pip install opencv-python" in fixes
+    assert "  pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in fixes
 
 
 # --------------------------------------------------------------------------------- packaging --
