@@ -3,6 +3,7 @@ checks one by one, and the packaging the Comfy Registry and ComfyUI-Manager read
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 from importlib import metadata
@@ -192,6 +193,90 @@ def test_adapter_with_the_wrong_layout_gets_the_loaders_message(tmp_path):
     torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {}}, str(path))
     problem = doctor.adapter_problem(path)
     assert problem is not None and str(path) in problem and EXPECTED_LAYOUT in problem
+
+
+# ------------------------------------------------------------------------ ComfyUI Desktop layout --
+
+
+def desktop_install(tmp_path: Path, monkeypatch, platform: str) -> tuple[Path, Path, Path]:
+    """ComfyUI Desktop as it lays itself out on `platform` (github.com/Comfy-Org/desktop, README):
+    ComfyUI inside the app, the user's base directory chosen at install (with Desktop's
+    comfy.settings.json), config.json naming it and extra_models_config.yaml in the app-data folder.
+    Returns (bundled ComfyUI, base directory, extra_models_config.yaml)."""
+    from types import SimpleNamespace
+    from instantid.commands import comfy_home
+    monkeypatch.setattr(comfy_home, "sys", SimpleNamespace(platform=platform))  # this module only
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    if platform == "win32":
+        monkeypatch.setenv("APPDATA", str(home / "AppData/Roaming"))
+        monkeypatch.setenv("LOCALAPPDATA", str(home / "AppData/Local"))
+        bundled, app_data = home / "AppData/Local/Programs/ComfyUI/resources/ComfyUI", home / "AppData/Roaming/ComfyUI"
+    else:
+        bundled = home / "Applications/ComfyUI.app/Contents/Resources/ComfyUI"
+        app_data = home / "Library/Application Support/ComfyUI"
+    fake_comfyui(bundled)
+    base = home / "Documents/ComfyUI"
+    (base / "user/default").mkdir(parents=True)
+    (base / "user/default/comfy.settings.json").write_text("{}")
+    app_data.mkdir(parents=True)
+    (app_data / "config.json").write_text(json.dumps({"basePath": str(base), "installState": "installed"}))
+    shared = tmp_path / "shared-models"
+    models_config = app_data / "extra_models_config.yaml"
+    models_config.write_text(f"comfyui_desktop:\n  base_path: {shared}\n  instantid: instantid/\n")
+    return bundled, base, models_config
+
+
+@pytest.mark.parametrize("platform", ["win32", "darwin"])
+def test_doctor_finds_desktops_comfyui_from_the_base_directory(tmp_path, monkeypatch, capsys, platform):
+    bundled, base, models_config = desktop_install(tmp_path, monkeypatch, platform)
+    adapter = tmp_path / "shared-models/instantid/ip-adapter.bin"  # found only through Desktop's yaml
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"<html>502</html>")
+    _, lines = run_doctor(capsys, "--base-directory", base)
+    assert lines[0] == f"{MARK['ok']} ComfyUI: {bundled.resolve()} (version 0.8.0)"
+    assert lines[1] == f"{MARK['ok']} model folders: base directory {base}; extra model paths {models_config}"
+    assert any(line.startswith(f"{MARK['fail']} adapter: BROKEN {adapter} ") for line in lines), "\n".join(lines)
+
+
+def test_pack_in_a_desktop_base_finds_comfyui_and_the_base_without_flags(tmp_path, monkeypatch, capsys):
+    from instantid.commands import comfy_home
+    bundled, base, models_config = desktop_install(tmp_path, monkeypatch, "darwin")
+    (base / "config.json").write_text("")  # Desktop's config.json is not what says where the base is here
+    (models_config.parent / "config.json").unlink()
+    pack = base / "custom_nodes" / "instantid-nodes"
+    pack.mkdir(parents=True)
+    monkeypatch.setattr(comfy_home, "PACK_ROOT", pack)
+    assert comfy_home.find_comfyui() == bundled.resolve()
+    assert comfy_home.default_base_directory() == base
+    _, lines = run_doctor(capsys)
+    assert lines[0] == f"{MARK['ok']} ComfyUI: {bundled.resolve()} (version 0.8.0)"
+    assert lines[1] == f"{MARK['ok']} model folders: base directory {base}"  # no config.json: no Desktop yaml
+
+
+def test_comfyui_path_still_comes_first_with_desktop(tmp_path, monkeypatch, capsys):
+    _, base, _ = desktop_install(tmp_path, monkeypatch, "win32")
+    own = fake_comfyui(tmp_path / "MyComfyUI", version="0.9.1")
+    monkeypatch.setenv("COMFYUI_PATH", str(own))
+    _, lines = run_doctor(capsys, "--base-directory", base)
+    assert lines[0] == f"{MARK['ok']} ComfyUI: {own.resolve()} (version 0.9.1)"
+
+
+def test_desktop_not_installed_is_listed_where_searched(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from instantid.commands import comfy_home
+    monkeypatch.setattr(comfy_home, "sys", SimpleNamespace(platform="win32"))
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv("APPDATA", str(tmp_path / "Roaming"))
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    base = tmp_path / "base"
+    assert comfy_home.find_comfyui(base) is None
+    assert comfy_home.why_not_found(base).startswith(
+        f"ComfyUI not found (searched {base} (--base-directory), ")
+    assert f"{tmp_path / 'Local/Programs/ComfyUI/resources/ComfyUI'} (ComfyUI Desktop's bundled ComfyUI)" in \
+        comfy_home.why_not_found(base)
 
 
 # ------------------------------------------------------------------ distributions side by side --

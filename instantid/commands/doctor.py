@@ -95,9 +95,9 @@ class Report:
 # ----------------------------------------------------------------------------------- environment --
 
 
-def check_comfyui(comfyui: Path | None) -> Check:
+def check_comfyui(comfyui: Path | None, base_directory: Path | None = None) -> Check:
     if comfyui is None:
-        return Check("fail", "ComfyUI", why_not_found())
+        return Check("fail", "ComfyUI", why_not_found(base_directory))
     return Check("ok", "ComfyUI", f"{comfyui} (version {comfyui_version(comfyui)})")
 
 
@@ -432,7 +432,7 @@ def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_confi
     """Every check, in report order. `search_paths`: the folders ComfyUI searches per folder key;
     `targets`: where fetch-models puts each key's files (cli.model_folders)."""
     report = Report(fetch_command=fetch_command)
-    report.checks += [check_comfyui(comfyui), check_model_folders(base_directory, extra_configs), check_python()]
+    report.checks += [check_comfyui(comfyui, base_directory), check_model_folders(base_directory, extra_configs), check_python()]
     torch_check, torch_cuda = check_torch()
     report.checks += [torch_check, check_packages(), check_installs(OPENCV)]
     by_id = {entry.id: entry for entry in CATALOG}
