@@ -408,3 +408,25 @@ def test_pyproject_is_what_the_comfy_registry_reads():
     requirements = (REPO_ROOT / "requirements.txt").read_text().splitlines()
     assert _requirement_names(project.dependencies) == _requirement_names(requirements)
     assert not any("onnxruntime" in dependency for dependency in project.dependencies)
+
+
+@pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")  # comfy-cli's pathspec call
+def test_registry_zip_holds_what_comfyui_loads_and_no_tests(tmp_path, monkeypatch):
+    """`comfy node pack` (comfy-cli's zip_files: git-tracked files minus .comfyignore) ships the pack
+    and its command line, and leaves the tests, their fixture node pack, CI and scripts out."""
+    import subprocess
+    import zipfile
+    from comfy_cli.file_utils import zip_files
+    tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files"], capture_output=True, text=True, timeout=60)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: comfy node pack would zip the folder as it is")
+    monkeypatch.chdir(REPO_ROOT)
+    zip_files(str(tmp_path / "node.zip"))
+    names = set(zipfile.ZipFile(tmp_path / "node.zip").namelist())
+    files = set(tracked.stdout.split())
+    runtime = {f for f in files if f.startswith(("instantid/", "workflows/"))}
+    assert runtime | {"__init__.py", "nodes.py", "resampler.py", "requirements.txt", "pyproject.toml", "LICENSE",
+                      "README.md"} <= names
+    assert not [n for n in names if n.startswith(("tests/", "scripts/", ".ci/", ".github/"))]
+    assert not {"requirements-test.txt", "run-tests"} & names
+    assert names <= files  # nothing untracked
