@@ -40,14 +40,15 @@ NODE_IDS = ("InstantIDModelLoader", "InstantIDFaceAnalysis", "FaceKeypointsPrepr
             "ApplyInstantIDAdvanced", "InstantIDAttentionPatch", "ApplyInstantIDControlNet", "InstantIDFaceSimilarity")
 PACK_NAME = "instantid-nodes"
 READY_LINE = "To see the GUI go to"
-COPY_IGNORED = shutil.ignore_patterns(".git", "models", "custom_nodes", "user", "input", "output", "temp",
-                                      "tests", "tests-unit", "__pycache__")
+# Left out of the ComfyUI copy: the user's data and packs, and ComfyUI's own tests (top level only:
+# comfy/ldm/models is code).
+NOT_COPIED = {".git", "models", "custom_nodes", "user", "input", "output", "temp", "tests", "tests-unit"}
 
 
 def config_line(version: str) -> str:
     """The config.ini line that allows a git-URL install from a loopback ComfyUI (README, Install)."""
-    major_minor = tuple(int(part) for part in version.split(".")[:2])
-    if major_minor >= (4, 3):
+    release = tuple(int(part) for part in version.split(".")[:3])
+    if release >= (4, 2, 2):  # 4.2.2 moved the git-URL install from security_level to its own flag
         return "allow_git_url_install = true"
     return "security_level = normal-"
 
@@ -158,6 +159,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manager-version", help="comfyui_manager version (default: the one ComfyUI pins)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
+    parser.add_argument("--without-config-line", action="store_true",
+                        help="the control: no config line, so the Manager must refuse the install (HTTP 403)")
     args = parser.parse_args()
     for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
         os.environ.pop(name, None)  # the loopback requests must not go to a proxy
@@ -173,7 +176,8 @@ def main() -> int:
         head = run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], 30).strip()
         steps.say(f"serving {REPO_ROOT} HEAD {head[:12]} at {git_url}")
         comfyui = work / "ComfyUI"
-        shutil.copytree(source, comfyui, ignore=COPY_IGNORED)
+        shutil.copytree(source, comfyui, ignore=lambda folder, names: [
+            n for n in names if n == "__pycache__" or (Path(folder) == source and n in NOT_COPIED)])
         (comfyui / "custom_nodes").mkdir()
         steps.say(f"copied ComfyUI from {source} to {comfyui}")
         python = make_venv(work, version)
@@ -181,8 +185,8 @@ def main() -> int:
         steps.say(f"venv {python.parent.parent} with comfyui_manager {version} from PyPI")
         config = comfyui / "user" / "__manager" / "config.ini"
         config.parent.mkdir(parents=True)
-        config.write_text(f"[default]\n{config_line(version)}\n")
-        steps.say(f"{config}: [default] {config_line(version)}")
+        config.write_text("[default]\n" + ("" if args.without_config_line else f"{config_line(version)}\n"))
+        steps.say(f"{config}: [default] {'(nothing)' if args.without_config_line else config_line(version)}")
         log = work / "comfyui.log"
         process, url = start_comfyui(python, comfyui, log)
         steps.say(f"ComfyUI with the Manager (legacy UI) listening on {url}")
@@ -190,6 +194,10 @@ def main() -> int:
         steps.say(f"POST /v2/customnode/install/git_url {git_url}: HTTP {status}")
         stop(process)
         installed = comfyui / "custom_nodes" / PACK_NAME
+        if args.without_config_line:
+            refused = status == 403 and not installed.exists()
+            steps.say("PASS: refused without the config line" if refused else "FAILED: installed without the config line")
+            return 0 if refused else 1
         if status != 200 or not (installed / "nodes.py").is_file():
             sys.stdout.write(log.read_text(errors="replace")[-4000:])
             steps.say("FAILED: the Manager did not install the pack")
