@@ -20,7 +20,8 @@ from test_apply import Kit, load_kit, seeded_conditioning
 
 BAD_NUMBERS = {"nan": (math.nan, "NaN (not a number)"), "+inf": (math.inf, "inf (infinite)"),
                "-inf": (-math.inf, "-inf (infinite)")}
-SCHEDULE_NODES = ("ApplyInstantID", "ApplyInstantIDAdvanced", "InstantIDAttentionPatch", "ApplyInstantIDControlNet")
+# The nodes with FLOAT inputs (a test below keeps this list complete); each has a start_at..end_at window.
+NODES_WITH_NUMBERS = ("ApplyInstantID", "ApplyInstantIDAdvanced", "InstantIDAttentionPatch", "ApplyInstantIDControlNet")
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,6 @@ def good_inputs(kit: Kit, node_id: str) -> dict[str, Any]:
                 combine_embeds="average", **conditioning)
 
 
-NODES_WITH_INPUTS = ("ApplyInstantID", "ApplyInstantIDAdvanced", "InstantIDAttentionPatch", "ApplyInstantIDControlNet")
-
-
 def float_inputs(comfy, node_id: str) -> list:
     """The FLOAT inputs the node's schema declares, as ComfyUI loaded the pack."""
     node = getattr(comfy.pack_module("nodes"), node_id)
@@ -79,11 +77,11 @@ def test_every_node_with_a_float_input_is_tested_here(comfy):
     parametrised test below covers it."""
     with_floats = {node.define_schema().node_id for node in comfy.pack_module("nodes").NODES
                    if any(item.get_io_type() == "FLOAT" for item in node.define_schema().inputs)}
-    assert with_floats == set(NODES_WITH_INPUTS)
+    assert with_floats == set(NODES_WITH_NUMBERS)
 
 
 @pytest.mark.parametrize("bad", list(BAD_NUMBERS))
-@pytest.mark.parametrize("node_id", NODES_WITH_INPUTS)
+@pytest.mark.parametrize("node_id", NODES_WITH_NUMBERS)
 def test_nan_and_infinity_in_every_float_input_stop_with_the_input_named(comfy, kit, setting_error, node_id, bad):
     value, shown = BAD_NUMBERS[bad]
     inputs = float_inputs(comfy, node_id)
@@ -108,7 +106,7 @@ def test_good_inputs_do_work(kit):
     assert "control" in positive[0][1]
 
 
-@pytest.mark.parametrize("node_id", SCHEDULE_NODES)
+@pytest.mark.parametrize("node_id", NODES_WITH_NUMBERS)
 def test_start_after_end_is_an_error_naming_both_values_even_with_skip(kit, setting_error, node_id):
     given = good_inputs(kit, node_id)
     given.update(start_at=0.8, end_at=0.2)
