@@ -261,7 +261,7 @@ def keypoints_image(face_analysis: Any, image: torch.Tensor, on_no_face: str = "
     faces = detect_faces(as_face_analyzer(face_analysis), image, notes)
     missing = [i for i, face in enumerate(faces) if face is None]
     frames, _ = _keypoint_frames(faces, image, f"{_images(missing, len(faces))} given to Face Keypoints Preprocessor",
-                              _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes)
+                                 _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes)
     return frames, notes
 
 
