@@ -14,7 +14,7 @@ from .attention import FaceAttentionSettings, install_face_attention
 from .checks import as_mask_batch, check_identitynet, sdxl_attention_widths
 from .control import Conditioning, attach_identitynet
 from .faces import DetectedFace, FaceAnalyzer, FaceIndexOutOfRange, image_batch_to_bgr
-from .identity import FaceEmbeds, FaceIdentity, identity_from_faces, tokens_of
+from .identity import FaceEmbeds, FaceIdentity, as_face_embeds, identity_from_faces, tokens_of
 from .keypoints import CanvasFit, keypoint_image_batch
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,9 @@ def reference_identity(face_analysis: Any, image: torch.Tensor | None, face_embe
     (images without a face are left out and named in `notes`); None when skipping because no
     image has a face. combine None keeps a saved identity's mode ('average' for photos)."""
     if face_embeds is not None:
-        if not isinstance(face_embeds, FaceEmbeds):
-            raise TypeError(f"face_embeds is a {type(face_embeds).__name__}, not this pack's FACE_EMBEDS; connect "
-                            "'InstantID Load Face Embeds' or the FACE_EMBEDS output of 'InstantID Patch Attention'.")
+        identity = as_face_embeds(face_embeds).identity
         if image is not None:
             _note(notes, "face_embeds is connected, so the identity comes from it and the image input is ignored")
-        identity = face_embeds.identity
         if combine is not None and combine != identity.combine and identity.embeddings.shape[0] > 1:
             _note(notes, f"the saved identity's {identity.embeddings.shape[0]} faces were combined with "
                          f"'{identity.combine}' when saved; here combine_embeds '{combine}' combines them")

@@ -79,11 +79,18 @@ class FaceTokensMissing(ValueError):
     """FACE_EMBEDS without face tokens reached a node that needs them."""
 
 
+def as_face_embeds(value: object) -> FaceEmbeds:
+    """This pack's FACE_EMBEDS, or a message naming what was connected instead."""
+    if not isinstance(value, FaceEmbeds):
+        what = "empty (an 'on_no_face: skip' upstream found no face?)" if value is None else f"a {type(value).__name__}"
+        raise TypeError(f"face_embeds is {what}, not this pack's FACE_EMBEDS; connect the FACE_EMBEDS output of "
+                        "'InstantID Patch Attention' or 'InstantID Load Face Embeds'.")
+    return value
+
+
 def tokens_of(face_embeds: FaceEmbeds) -> FaceTokens:
     """The face tokens, or a message saying how to get them."""
-    if not isinstance(face_embeds, FaceEmbeds):
-        raise TypeError(f"face_embeds is a {type(face_embeds).__name__}, not this pack's FACE_EMBEDS; connect the "
-                        "FACE_EMBEDS output of 'InstantID Patch Attention' or 'InstantID Load Face Embeds'.")
+    face_embeds = as_face_embeds(face_embeds)
     if face_embeds.tokens is None:
         raise FaceTokensMissing(
             "These face embeds have no face tokens yet: a loaded identity holds the raw face embedding, and the "

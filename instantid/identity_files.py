@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .faces import COMBINE_MODES, EMBEDDING_SIZE
-from .identity import FaceEmbeds, FaceIdentity
+from .identity import FaceEmbeds, FaceIdentity, as_face_embeds
 
 IDENTITY_FOLDER = "instantid_faces"
 SUFFIX = ".safetensors"
@@ -116,13 +116,9 @@ def _adapter_metadata(face_embeds: FaceEmbeds) -> dict[str, str]:
 
 def save_identity(face_embeds: FaceEmbeds, path: str | Path, label: str = "") -> Path:
     """Write the identity of `face_embeds` to `path` (a new file) and return the path."""
-    if not isinstance(face_embeds, FaceEmbeds):
-        raise IdentityFileError(
-            "face_embeds is empty or not this pack's FACE_EMBEDS (an 'on_no_face: skip' upstream found no face?); "
-            "connect the FACE_EMBEDS output of 'InstantID Patch Attention' or 'InstantID Load Face Embeds'.")
     import safetensors.torch
 
-    identity = face_embeds.identity
+    identity = as_face_embeds(face_embeds).identity
     tensors = {"embeddings": identity.embeddings.detach().to("cpu", torch.float32).contiguous(),
                "kps": torch.from_numpy(np.array(identity.kps, dtype=np.float32)),
                "bbox": torch.from_numpy(np.array(identity.bbox, dtype=np.float32)),

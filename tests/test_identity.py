@@ -137,11 +137,12 @@ def test_save_load_round_trip_gives_the_same_latent_bit_for_bit(kit, comfy):
     assert tensors["image_size"].tolist() == [320, 320]
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
-    adapter_file = comfy.base / "models" / "instantid" / ADAPTER_BIN
+    with open(comfy.base / "models" / "instantid" / ADAPTER_BIN, "rb") as adapter_file:
+        adapter_sha256 = hashlib.file_digest(adapter_file, "sha256").hexdigest()
     assert metadata == {"format": "instantid-face-embeds", "format_version": "1", "combine": "average",
                         "face_index": "0", "label": "Ada, two photos", "pack_version": instantid.__version__,
                         "adapter_name": ADAPTER_BIN,
-                        "adapter_sha256": hashlib.sha256(adapter_file.read_bytes()).hexdigest()}
+                        "adapter_sha256": adapter_sha256}
 
     loaded = load_node(kit, saved["choice"])
     assert loaded.tokens is None and torch.equal(loaded.identity.embeddings, face_embeds.identity.embeddings)
@@ -280,6 +281,45 @@ def test_api_graph_with_a_loaded_identity_runs_without_face_models(kit, comfy, m
     assert result.outputs["10"]["latent"][0]["finite"] is True
     refused = comfy.run(identity_prompt("../../x.safetensors"), reuse_outputs=False)
     assert not refused.success and "face_embeds_file" in refused.error_text()
+
+
+def test_a_file_written_from_the_documented_format_runs_as_a_workflow_would(comfy):
+    """prepare_for_test_bed puts a saved identity (written by the test, from the format's description)
+    under the name a workflow's Load Face Embeds asks for, as the shipped workflows are run."""
+    from support.workflows import prepare_for_test_bed
+    prompt = prepare_for_test_bed(identity_prompt("from_format.safetensors"), UNET_NAME, comfy.base / "input")
+    result = comfy.run(prompt, reuse_outputs=False)
+    assert result.success, result.error_text()
+    assert "synthetic test face" in result.outputs["4"]["text"][0]
+
+
+def test_save_needs_face_embeds_and_a_prefix_inside_the_folder(kit):
+    save = kit.nodes.InstantIDSaveFaceEmbeds.execute
+    with pytest.raises(TypeError, match="face_embeds is empty .an 'on_no_face: skip' upstream found no face"):
+        save(face_embeds=None, filename_prefix="x")
+    (_, face_embeds) = kit.apply("InstantIDAttentionPatch")
+    for prefix in ("../../escape", "/tmp/abs", ""):
+        with pytest.raises(ValueError, match="must be a name inside output/instantid_faces/"):
+            save(face_embeds=face_embeds, filename_prefix=prefix)
+
+
+def test_a_saved_group_of_faces_keeps_its_combine_mode(kit, comfy):
+    """Basic Apply and Patch Attention use the mode the identity was saved with; Advanced's
+    combine_embeds, an explicit choice on the node, recombines the raw rows and says so."""
+    identity_module = comfy.pack_module("instantid.identity")
+    FaceEmbeds, FaceIdentity = identity_module.FaceEmbeds, identity_module.FaceIdentity
+    rows = torch.randn(2, 512, generator=torch.Generator().manual_seed(5)) * 20
+    identity = FaceIdentity(rows, "concat", antelope.expected_face((4, 3), 128)[1].astype(np.float32),
+                            np.zeros(4, np.float32), (128, 128))
+    (_, kept) = kit.apply("InstantIDAttentionPatch", image=None, insightface=None, face_embeds=FaceEmbeds(identity))
+    assert kept.tokens.cond.shape == (1, 32, 2048)
+    output = kit.nodes.ApplyInstantIDAdvanced.execute(
+        instantid=kit.adapter, control_net=kit.control_net, model=kit.model, positive=seeded_conditioning(1),
+        negative=seeded_conditioning(2), ip_weight=0.8, cn_strength=0.8, start_at=0.0, end_at=1.0, noise=0.0,
+        combine_embeds="average", face_embeds=FaceEmbeds(identity))
+    assert torch.equal(output.args[1][0][1]["cross_attn_controlnet"],
+                       kit.adapter.face_tokens(rows.double().mean(0, keepdim=True).float()).cond)
+    assert "combined with 'concat' when saved; here combine_embeds 'average'" in output.ui.as_dict()["text"][0]
 
 
 @pytest.mark.skipif(COMFYUI is None, reason="ComfyUI not found")
