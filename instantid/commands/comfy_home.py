@@ -3,6 +3,7 @@ installed there, or comfy-cli's default workspace ~/comfy/ComfyUI. Used by the C
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -21,8 +22,14 @@ def comfyui_candidates() -> list[tuple[str, Path]]:
         found.append(("COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"]).expanduser()))
     if PACK_ROOT.parent.name == "custom_nodes":
         found.append(("the folder above custom_nodes/", PACK_ROOT.parent.parent))
-    found.append(("comfy-cli's default workspace", Path("~/comfy/ComfyUI").expanduser()))
+    found.append(("comfy-cli's default workspace", default_workspace()))
     return found
+
+
+def default_workspace() -> Path:
+    """comfy-cli's default workspace: ~/comfy/ComfyUI, under ~/Documents on macOS and Windows."""
+    documents = ("Documents",) if sys.platform in ("darwin", "win32") else ()
+    return Path.home().joinpath(*documents, "comfy", "ComfyUI")
 
 
 def find_comfyui() -> Path | None:
