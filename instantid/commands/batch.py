@@ -243,12 +243,12 @@ def run_batch(jobs: Sequence[Job], options: BatchOptions, stream: TextIO | None 
         ComfyServer(url)  # a malformed URL fails here, before any work
     results = ResultsFile(options.out / RESULTS_NAME)
     todo = [job for job in jobs if job.id not in results.done]
-    summary = BatchSummary(skipped=len(jobs) - len(todo))
+    servers = tuple(dict.fromkeys(url.rstrip("/") for url in options.servers))
+    summary = BatchSummary(skipped=len(jobs) - len(todo), per_server=dict.fromkeys(servers, 0))
     workflows: dict[Path, dict] = {}
     for job in todo:
         if job.workflow not in workflows:
             workflows[job.workflow] = load_workflow(job.workflow)
-    servers = tuple(dict.fromkeys(url.rstrip("/") for url in options.servers))
     dispatcher = _Dispatcher(todo, servers)
     bar = tqdm(total=len(todo), desc="jobs", unit="job", file=stream or sys.stderr)
     lock = threading.Lock()
@@ -272,7 +272,7 @@ def run_batch(jobs: Sequence[Job], options: BatchOptions, stream: TextIO | None 
                 results.append(record)
                 with lock:
                     summary.done += 1
-                    summary.per_server[server_url] = summary.per_server.get(server_url, 0) + 1
+                    summary.per_server[server_url] += 1
                     bar.update(1)
             dispatcher.finished()
 

@@ -9,6 +9,7 @@ and git is told to give up on a stalled transfer, so nothing hangs.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import platform
@@ -29,6 +30,9 @@ COMFYUI_VERSION = "0.8.0"  # the version the test suite runs against
 COMFYUI_REPOSITORY = "https://github.com/comfyanonymous/ComfyUI"
 REPOSITORY_VARIABLE = "INSTANTID_COMFYUI_REPO"  # a mirror, a fork or a local clone (how the tests run offline)
 PACK_LINK_NAME = "instantid-nodes"
+COMFY_CLI_REQUIREMENT = "comfy-cli==1.23.0"  # the version whose `install` options this module passes
+SETUP_COMMANDS = ("portrait", "install-comfyui")  # the commands that may install into this Python
+_RESTARTED = "INSTANTID_PACKAGES_INSTALLED"
 HARDWARE = ("nvidia", "amd", "m-series", "cpu")
 REACH_TIMEOUT = 60.0  # seconds for `git ls-remote`
 INSTALL_TIMEOUT = 3600.0  # comfy-cli: clone plus, without torch, a torch download of a few GB
@@ -150,6 +154,14 @@ def torch_installed() -> str | None:
         return None
 
 
+def comfy_cli_command(workspace: Path, *, hardware: str, url: str, version: str, keep_torch: bool) -> list[str]:
+    """comfy-cli's install, without prompts or ComfyUI-Manager; requirements.txt is left to
+    install_requirements (which never lets pip replace torch)."""
+    command = [sys.executable, "-m", "comfy_cli", "--workspace", str(workspace), "--skip-prompt", "install",
+               "--url", url, "--version", version, "--skip-manager", "--skip-requirement", f"--{hardware}"]
+    return command + (["--skip-torch-or-directml"] if keep_torch else [])
+
+
 def install_comfyui(workspace: Path, *, hardware: str, url: str, version: str = COMFYUI_VERSION,
                     steps: Steps) -> None:
     """`comfy --workspace W install --url URL --version V --<hardware>` (comfy-cli's own install:
@@ -166,20 +178,18 @@ def install_comfyui(workspace: Path, *, hardware: str, url: str, version: str = 
                          "set COMFYUI_PATH to your ComfyUI, then run again")
     check_repository(step, url, version)
     torch_version = torch_installed()
-    command = [sys.executable, "-m", "comfy_cli", "--workspace", str(workspace), "--skip-prompt", "install",
-               "--url", url, "--version", version, "--skip-manager", "--skip-requirement", f"--{hardware}"]
+    command = comfy_cli_command(workspace, hardware=hardware, url=url, version=version, keep_torch=bool(torch_version))
     if torch_version:
         steps.say(f"    torch {torch_version} is installed in {sys.prefix}: keeping it")
-        command.append("--skip-torch-or-directml")
         if hardware in ("nvidia", "amd") and "+cpu" in torch_version:
             log.warning("torch %s is a CPU build but this machine has an %s GPU; for GPU speed reinstall torch as "
                         "https://pytorch.org/get-started/locally/ shows", torch_version, hardware.upper())
     else:
         steps.say(f"    installing torch for {hardware} (a download of a few GB)")
-    try:
-        import comfy_cli  # noqa: F401  (only its presence is checked; it runs as a subprocess)
-    except ImportError:
-        raise StepFailed(step, "comfy-cli is not installed", f"{shlex.quote(sys.executable)} -m pip install comfy-cli") from None
+    if importlib.util.find_spec("comfy_cli") is None:
+        steps.say(f"    installing {COMFY_CLI_REQUIREMENT}")
+        pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", COMFY_CLI_REQUIREMENT]
+        _run(step, pip, PIP_TIMEOUT, f"run it by hand and read pip's message: {shlex.join(pip)}")
     workspace.parent.mkdir(parents=True, exist_ok=True)
     _run(step, command, INSTALL_TIMEOUT, f"run again (comfy-cli resumes), or install by hand: {shlex.join(command[2:])}")
     if not is_comfyui(workspace) or comfyui_version(workspace) != version:
@@ -288,3 +298,30 @@ def prepare_comfyui(*, workspace: Path | None = None, hardware: str | None = Non
     steps.say(f"    ComfyUI: {install_requirements('install Python packages', comfyui / 'requirements.txt', skip=TORCH_PACKAGES)}")
     steps.say(f"    pack: {install_requirements('install Python packages', PACK_ROOT / 'requirements.txt')}")
     return Installation(comfyui, installed)
+
+
+def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> int:
+    """`python -m instantid` on a Python without the pack's packages (a fresh clone). For the
+    commands that set everything up, install requirements.txt and comfy-cli into this Python and
+    start the command again; for the others, say what to install. Returns the exit code."""
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-r", str(PACK_ROOT / "requirements.txt"),
+           COMFY_CLI_REQUIREMENT]
+    fix = shlex.join(pip)
+    if not argv or argv[0] not in SETUP_COMMANDS or os.environ.get(_RESTARTED):
+        sys.stderr.write(f"python -m instantid: this Python ({sys.executable}) lacks the package {missing.name!r} "
+                         f"that the pack needs; install the pack's packages: {fix}\n")
+        return 1
+    steps = Steps(1)
+    steps.start(f"install the pack's Python packages into {sys.prefix} (it lacks {missing.name})")
+    try:
+        if _externally_managed():
+            raise StepFailed("install the pack's Python packages",
+                             f"{sys.executable} is the system's Python (PEP 668), pip may not install into it",
+                             "create a virtual environment and run the command with it: python3 -m venv .venv && "
+                             f".venv/bin/python -m instantid {shlex.join(argv)}")
+        _run("install the pack's Python packages", pip, PIP_TIMEOUT, f"run it by hand and read pip's message: {fix}")
+    except StepFailed as error:
+        sys.stderr.write(f"python -m instantid {argv[0]}: error: {error}\n")
+        return 1
+    os.environ[_RESTARTED] = "1"  # a second miss is reported, never installed in a loop
+    os.execv(sys.executable, [sys.executable, "-m", "instantid", *argv])

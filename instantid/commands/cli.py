@@ -411,7 +411,7 @@ def _batch(args: argparse.Namespace) -> int:
                                                retries=args.retries, timeout=args.timeout, max_wait=args.max_wait))
     except (JobsError, RunError) as error:
         raise CommandError(str(error)) from None
-    spread = ", ".join(f"{url}: {count}" for url, count in summary.per_server.items()) or "none"
+    spread = ", ".join(f"{url}: {count}" for url, count in summary.per_server.items())
     lines = [f"{summary.done} done ({spread}), {summary.skipped} already done, {len(summary.failed)} failed, "
              f"{len(summary.not_run)} not run; results in {args.out / 'results.jsonl'}"]
     lines += [f"failed: {text}" for text in summary.failed]

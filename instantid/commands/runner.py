@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import http.client
 import json
 import logging
 import shutil
@@ -363,7 +364,7 @@ class ComfyServer:
         except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
             raise ServerUnreachable(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within {timeout:.1f} s; "
                                     "it may be busy or stuck: check its console, or raise --timeout") from None
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
             if isinstance(reason, TimeoutError):
                 raise ServerUnreachable(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within "
