@@ -1,13 +1,5 @@
 """`python -m instantid <command>`: see instantid.commands.cli."""
-import sys
-
-try:
-    from .commands.cli import main
-except ModuleNotFoundError as missing:  # a fresh clone: the pack's packages are not installed yet
-    if (missing.name or "instantid").startswith("instantid"):
-        raise
-    from .commands.bootstrap import install_command_packages
-    raise SystemExit(install_command_packages(missing, sys.argv[1:])) from None
+from .commands.bootstrap import launch
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(launch())

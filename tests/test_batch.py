@@ -15,7 +15,7 @@ from PIL import Image
 from instantid.commands import batch, cli, portrait
 from support import antelope
 from support.server import UNET_NAME, copy_models, start_server
-from support.workflows import load_ui_workflow, prepare_for_test_bed, write_face_photo
+from support.workflows import load_ui_workflow, prepare_for_test_bed, score_face_against, write_face_photo
 from test_cli_run import PHOTO
 
 JOBS = 6
@@ -59,12 +59,7 @@ def jobs_file(comfy, tmp_path_factory) -> Path:
     (the tiny UNet draws no face to score)."""
     folder = tmp_path_factory.mktemp("jobs")
     prompt = comfy.embedded.to_api(load_ui_workflow(portrait.shipped_workflow(posed=False)))
-    prompt = prepare_for_test_bed(prompt, UNET_NAME, folder, steps=1)
-    _, apply = portrait.apply_node(prompt)
-    prompt["90"] = {"class_type": "LoadImage", "inputs": {"image": PHOTO_NAME}}
-    prompt["91"] = {"class_type": "InstantIDFaceSimilarity",
-                    "inputs": {"faceanalysis": apply["inputs"]["insightface"], "reference": apply["inputs"]["image"],
-                               "image": ["90", 0]}}
+    prompt = score_face_against(prepare_for_test_bed(prompt, UNET_NAME, folder, steps=1), PHOTO_NAME)
     (folder / "bed.json").write_text(json.dumps(prompt))
     lines = []
     for n in range(JOBS):

@@ -13,7 +13,8 @@ DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid
                   "instantid.attention", "instantid.control", "instantid.checks", "instantid.apply",
                   "instantid.similarity", "instantid.paths", "instantid.commands.catalog", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
-                  "instantid.commands.cli"]
+                  "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",
+                  "instantid.commands.batch"]
 
 
 def test_domain_modules_import_without_comfyui():

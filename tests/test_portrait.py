@@ -26,7 +26,7 @@ from instantid.commands.runner import RunError
 from support.comfy_repo import make_comfyui_repository
 from support.hub import serve_hub
 from support.server import FIXTURE_PACK, TESTS, UNET_NAME, free_port
-from support.workflows import REPO_ROOT, load_ui_workflow, prepare_for_test_bed, write_face_photo
+from support.workflows import REPO_ROOT, load_ui_workflow, prepare_for_test_bed, score_face_against, write_face_photo
 from test_cli_run import PHOTO, REFERENCE, expected_similarity
 
 ENTRIES = {entry.id: entry for entry in CATALOG}
@@ -50,12 +50,7 @@ def bed_workflow_file(comfy, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bed-workflow")
     prompt = comfy.embedded.to_api(load_ui_workflow(portrait.shipped_workflow(posed=False)))
     prompt = prepare_for_test_bed(prompt, CHECKPOINT.path, folder, steps=1)
-    apply_id, apply = portrait.apply_node(prompt)
-    photo = write_face_photo(folder / "photo.png", **PHOTO)
-    prompt["90"] = {"class_type": "LoadImage", "inputs": {"image": str(photo)}}
-    prompt["91"] = {"class_type": "InstantIDFaceSimilarity",
-                    "inputs": {"faceanalysis": apply["inputs"]["insightface"], "reference": apply["inputs"]["image"],
-                               "image": ["90", 0]}}
+    prompt = score_face_against(prompt, str(write_face_photo(folder / "photo.png", **PHOTO)))
     path = folder / "bed.json"
     path.write_text(json.dumps(prompt))
     return path

@@ -325,3 +325,15 @@ def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> i
         return 1
     os.environ[_RESTARTED] = "1"  # a second miss is reported, never installed in a loop
     os.execv(sys.executable, [sys.executable, "-m", "instantid", *argv])
+
+
+def launch() -> int:
+    """`python -m instantid`: the command line, or, on a fresh clone whose Python lacks the pack's
+    packages, install_command_packages (this module needs nothing beyond the standard library)."""
+    try:
+        from .cli import main
+    except ModuleNotFoundError as missing:
+        if (missing.name or "instantid").startswith("instantid"):
+            raise
+        return install_command_packages(missing, sys.argv[1:])
+    return main()

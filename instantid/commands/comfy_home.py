@@ -8,7 +8,8 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 HOW_TO_FIX = ("set COMFYUI_PATH to a ComfyUI checkout, install this pack under ComfyUI/custom_nodes/, "
-              "or check ComfyUI out at ~/comfy/ComfyUI (comfy-cli's default workspace)")
+              "or install ComfyUI into ~/comfy/ComfyUI (comfy-cli's default workspace) with "
+              "`python -m instantid install-comfyui`")
 
 
 def is_comfyui(folder: Path) -> bool:

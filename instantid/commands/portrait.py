@@ -19,7 +19,7 @@ from typing import TextIO
 from .bootstrap import Steps, StepFailed, prepare_comfyui
 from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
 from .comfy_home import PACK_ROOT
-from .fetch import FetchError, fetch_models
+from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
 from .runner import SIMILARITY_NODE, RunError, RunReport, load_workflow, run_embedded
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,15 @@ def resolve_checkpoint(choice: str | None, checkpoints: Path, steps: Steps) -> t
     return path.name, None
 
 
-def fetch_missing(entries: list[ModelFile], folders: Mapping[str, Path], steps: Steps, *, endpoint: str | None,
+def model_folders(comfyui: Path) -> dict[str, Path]:
+    """Where each catalog folder key lives in this ComfyUI: models/<key>."""
+    return {key: comfyui / "models" / key for key in {entry.folder for entry in CATALOG}}
+
+
+def fetch_missing(entries: list[ModelFile], comfyui: Path, steps: Steps, *, endpoint: str | None,
                   timeout: float) -> None:
     """Fetch the entries whose file is not in place; present files are left alone (doctor checks them)."""
+    folders = model_folders(comfyui)
     missing = [entry for entry in entries if not (folders[entry.folder] / entry.path).is_file()]
     if not missing:
         steps.say("    all present")
@@ -181,10 +187,9 @@ def fetch_missing(entries: list[ModelFile], folders: Mapping[str, Path], steps: 
         fetch_models(missing, folders, endpoint=endpoint, timeout=timeout)
     except FetchError as error:
         only = "".join(f" --only {entry.id}" for entry in missing)
-        base = next(iter(folders.values())).parent.parent
         raise StepFailed("fetch the models", str(error),
                          f"run again to resume, or fetch them alone: python -m instantid fetch-models --base-directory "
-                         f"{shlex.quote(str(base))}{only}") from None
+                         f"{shlex.quote(str(comfyui))}{only}") from None
 
 
 # ------------------------------------------------------------------------------------ command --
@@ -198,7 +203,7 @@ class PortraitOptions:
     workspace: Path | None = None
     hardware: str | None = None
     endpoint: str | None = None
-    timeout: float = 30.0
+    timeout: float = DEFAULT_TIMEOUT
     cpu: bool = False
 
 
@@ -218,10 +223,9 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
     installation = prepare_comfyui(workspace=options.workspace, hardware=options.hardware, steps=steps)
     comfyui = installation.comfyui
     steps.start("fetch the models")
-    folders = {key: comfyui / "models" / key for key in {entry.folder for entry in CATALOG}}
-    ckpt_name, checkpoint = resolve_checkpoint(inputs.checkpoint, folders["checkpoints"], steps)
+    ckpt_name, checkpoint = resolve_checkpoint(inputs.checkpoint, model_folders(comfyui)["checkpoints"], steps)
     wanted = [entry for entry in CATALOG if entry.required] + ([checkpoint] if checkpoint else [])
-    fetch_missing(wanted, folders, steps, endpoint=options.endpoint, timeout=options.timeout)
+    fetch_missing(wanted, comfyui, steps, endpoint=options.endpoint, timeout=options.timeout)
     steps.start(f"draw the portrait with {workflow_path.name} (ComfyUI embedded)")
     absolute = PortraitInputs(face=str(Path(inputs.face).resolve()), prompt=inputs.prompt,
                               pose=str(Path(inputs.pose).resolve()) if inputs.pose else None, seed=inputs.seed,
@@ -231,4 +235,5 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
                             prepare=lambda prompt: with_similarity(fill_portrait(prompt, absolute)))
     except RunError as error:
         raise StepFailed("draw the portrait", str(error),
-                         f"check the models with: {shlex.quote(sys.executable)} -m instantid doctor") from None
+                         f"act on the cause; {shlex.quote(sys.executable)} -m instantid doctor checks ComfyUI, the "
+                         "packages and the models") from None
