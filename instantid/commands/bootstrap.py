@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -66,12 +65,6 @@ class Steps:
         stream = self.stream or sys.stderr
         stream.write(text + "\n")
         stream.flush()
-
-
-@dataclass(frozen=True)
-class Installation:
-    comfyui: Path
-    installed: bool  # False: an existing ComfyUI was used
 
 
 def repository_url() -> str:
@@ -270,16 +263,17 @@ def _requirement_name(line: str) -> str:
 
 
 def prepare_comfyui(*, workspace: Path | None = None, hardware: str | None = None, link: bool = True,
-                    steps: Steps) -> Installation:
+                    steps: Steps) -> Path:
     """ComfyUI ready to run this pack in this interpreter: found or installed, the pack linked
     (when `link`), the requirements of both installed. Takes four of `steps`' numbered lines
     (three without `link`)."""
     steps.start("find ComfyUI")
     comfyui = find_comfyui()
+    if comfyui is None and workspace is not None and is_comfyui(workspace) and not os.environ.get("COMFYUI_PATH"):
+        comfyui = workspace.resolve()  # installed there by an earlier run
     if comfyui is None and os.environ.get("COMFYUI_PATH"):
         raise StepFailed("find ComfyUI", f"COMFYUI_PATH={os.environ['COMFYUI_PATH']} is not a ComfyUI checkout",
                          "point COMFYUI_PATH at the folder holding ComfyUI's main.py, or unset it to install ComfyUI")
-    installed = comfyui is None
     if comfyui is not None:
         steps.say(f"    found {comfyui} (ComfyUI {comfyui_version(comfyui)})")
         steps.start("install ComfyUI: not needed")
@@ -297,7 +291,7 @@ def prepare_comfyui(*, workspace: Path | None = None, hardware: str | None = Non
     steps.start("install the Python packages of ComfyUI and of the pack")
     steps.say(f"    ComfyUI: {install_requirements('install Python packages', comfyui / 'requirements.txt', skip=TORCH_PACKAGES)}")
     steps.say(f"    pack: {install_requirements('install Python packages', PACK_ROOT / 'requirements.txt')}")
-    return Installation(comfyui, installed)
+    return comfyui
 
 
 def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> int:

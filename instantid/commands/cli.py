@@ -322,11 +322,11 @@ def _install_comfyui(args: argparse.Namespace) -> int:
     from .bootstrap import StepFailed, Steps, prepare_comfyui
 
     try:
-        installation = prepare_comfyui(workspace=args.workspace, hardware=args.hardware, link=not args.no_link,
-                                       steps=Steps(3 if args.no_link else 4))
+        comfyui = prepare_comfyui(workspace=args.workspace, hardware=args.hardware, link=not args.no_link,
+                                  steps=Steps(3 if args.no_link else 4))
     except StepFailed as error:
         raise CommandError(str(error)) from None
-    sys.stdout.write(f"{installation.comfyui}\n")
+    sys.stdout.write(f"{comfyui}\n")
     return 0
 
 

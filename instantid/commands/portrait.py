@@ -220,8 +220,7 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
         workflow = load_workflow(workflow_path)
     except RunError as error:
         raise StepFailed("check the inputs", str(error), "pass a workflow saved from ComfyUI with --workflow") from None
-    installation = prepare_comfyui(workspace=options.workspace, hardware=options.hardware, steps=steps)
-    comfyui = installation.comfyui
+    comfyui = prepare_comfyui(workspace=options.workspace, hardware=options.hardware, steps=steps)
     steps.start("fetch the models")
     ckpt_name, checkpoint = resolve_checkpoint(inputs.checkpoint, model_folders(comfyui)["checkpoints"], steps)
     wanted = [entry for entry in CATALOG if entry.required] + ([checkpoint] if checkpoint else [])
