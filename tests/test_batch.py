@@ -168,3 +168,39 @@ def test_bad_jobs_are_refused_naming_the_line(tmp_path, line, message, capsys):
     (tmp_path / "jobs.jsonl").write_text(line + "\n")
     assert cli.main(["batch", str(tmp_path / "jobs.jsonl"), "--comfyui", "http://127.0.0.1:1"]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_leaves_whole_lines_and_the_rerun_finishes_the_rest(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt in the main thread) while jobs are running: results.jsonl holds only
+    whole lines of finished jobs, and a re-run runs exactly the others."""
+    import _thread
+    write_face_photo(tmp_path / "face.png")
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"face": "face.png", "seed": n}) + "\n" for n in range(12)))
+    jobs = batch.read_jobs(tmp_path / "jobs.jsonl")
+    ran: list[str] = []
+
+    def slow_job(job, server_url, options, workflows):  # the work of a server, without one: 0.2 s a job
+        time.sleep(0.2)
+        ran.append(job.id)
+        return {"job": job.id, "status": "done", "server": server_url, "seed": job.inputs.seed, "seconds": 0.1,
+                "similarity": None, "outputs": [], "prompt_id": f"p{job.id}"}
+    monkeypatch.setattr(batch, "run_job", slow_job)
+    options = batch.BatchOptions(("http://127.0.0.1:1", "http://127.0.0.1:2"), tmp_path / "out")
+
+    def interrupt_after_three_lines() -> None:
+        path = options.out / batch.RESULTS_NAME
+        while not path.is_file() or len(path.read_text().splitlines()) < 3:
+            time.sleep(0.01)
+        _thread.interrupt_main()
+    threading.Thread(target=interrupt_after_three_lines, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_batch(jobs, options)
+    time.sleep(0.5)  # the two workers finish the job they hold, and take no other
+    first = read_results(options.out)
+    assert 3 <= len(first) < 12
+    assert {record["job"] for record in first} == set(ran)
+    ran.clear()
+    summary = batch.run_batch(jobs, options)
+    assert summary.skipped == len(first) and summary.done == 12 - len(first)
+    assert sorted(ran) == sorted({job.id for job in jobs} - {record["job"] for record in first})
+    assert sorted(int(record["job"]) for record in read_results(options.out)) == list(range(1, 13))
