@@ -14,7 +14,7 @@ from .instantid.apply import (ON_NO_FACE, apply_attention_only, apply_control_on
                               as_face_analyzer, keypoints_image)
 from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
 from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
-from .instantid.similarity import face_similarity
+from .instantid.similarity import face_similarity, ranked_images
 
 register_model_folders(folder_paths)
 
@@ -28,10 +28,18 @@ def _notes_ui(notes: list[str]) -> dict | None:
     return ui.PreviewText("\n".join(notes)) if notes else None
 
 
-def _on_no_face_input() -> io.Combo.Input:
+def _on_no_face_input(skip: str = "passes the model and conditioning through unchanged and says so on the node"
+                      ) -> io.Combo.Input:
     return io.Combo.Input("on_no_face", options=list(ON_NO_FACE), default="error", optional=True,
-                          tooltip="What to do when an image has no detectable face: 'error' stops with a message "
-                                  "naming the image; 'skip' passes the inputs through unchanged and reports it.")
+                          tooltip=f"What to do when an image has no detectable face: 'error' stops with a message "
+                                  f"naming the image; 'skip' {skip}.")
+
+
+def _noise_input() -> io.Float.Input:
+    return io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
+                          tooltip="0 = official InstantID: the negative prompt's face tokens come from an empty face. "
+                                  "Above 0 they come from seeded noise of this strength, which can reduce burn "
+                                  "(0.35 gives the earlier pack's look).")
 
 
 def _schedule_inputs() -> list[io.Input]:
@@ -43,7 +51,7 @@ def _schedule_inputs() -> list[io.Input]:
 
 def _apply_head_inputs() -> list[io.Input]:
     return [InstantIDType.Input("instantid", tooltip="The InstantID adapter from 'Load InstantID Model'."),
-            FaceAnalysisType.Input("insightface", tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
+            FaceAnalysisType.Input("insightface", tooltip="Face detection and recognition from 'InstantID Face Analysis (InsightFace)'."),
             io.ControlNet.Input("control_net", tooltip="The InstantID IdentityNet, loaded with 'Load ControlNet Model'."),
             io.Image.Input("image", tooltip="Reference photo(s) of the person. Several images are combined into one identity."),
             io.Model.Input("model", tooltip="An SDXL model. It is not modified: a patched copy is returned."),
@@ -53,8 +61,9 @@ def _apply_head_inputs() -> list[io.Input]:
 
 def _apply_tail_inputs() -> list[io.Input]:
     return [io.Image.Input("image_kps", optional=True,
-                           tooltip="Optional pose image: its face keypoints set the face position and angle. "
-                                   "Without it the pose of the reference photo is used."),
+                           tooltip="Optional pose: a photo (its face keypoints set the face position and angle) "
+                                   "or a keypoint drawing, used as is. Without it the pose of the reference photo "
+                                   "is used."),
             io.Mask.Input("mask", optional=True,
                           tooltip="Optional mask: the identity (and this positive prompt) act only inside it; "
                                   "combine two masked Apply nodes for two people."),
@@ -87,7 +96,7 @@ class InstantIDFaceAnalysis(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDFaceAnalysis", display_name="InstantID Face Analysis", category=CATEGORY,
+            node_id="InstantIDFaceAnalysis", display_name="InstantID Face Analysis (InsightFace)", category=CATEGORY,
             description="Loads the antelopev2 face detector and recognizer (models/insightface/models/antelopev2). "
                         "Never downloads anything.",
             inputs=[io.Combo.Input("provider", options=PROVIDER_CHOICES, default="auto",
@@ -105,12 +114,13 @@ class FaceKeypointsPreprocessor(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="FaceKeypointsPreprocessor", display_name="Face Keypoints Preprocessor", category=CATEGORY,
+            node_id="FaceKeypointsPreprocessor", display_name="InstantID Face Keypoints Preprocessor (Pose)", category=CATEGORY,
             description="Draws the five face keypoints (eyes, nose, mouth corners) of each image, as the IdentityNet "
                         "expects them. Batch positions are kept.",
-            inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis'."),
+            inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis (InsightFace)'."),
                     io.Image.Input("image", tooltip="Image(s) whose face pose to extract."),
-                    _on_no_face_input()],
+                    _on_no_face_input("gives a black frame (no pose constraint) for each image without a face and "
+                                      "says so on the node")],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="The keypoint image(s), same size as the input.")])
 
     @classmethod
@@ -156,9 +166,7 @@ class ApplyInstantIDAdvanced(io.ComfyNode):
                     io.Float.Input("cn_strength", default=0.8, min=0.0, max=10.0, step=0.01,
                                    tooltip="Strength of the IdentityNet (identity and pose)."),
                     *_schedule_inputs(),
-                    io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
-                                   tooltip="0 = official InstantID (negative uses Resampler(0)). Above 0 the negative "
-                                           "face tokens come from seeded noise, which can reduce burn."),
+                    _noise_input(),
                     io.Combo.Input("combine_embeds", options=list(COMBINE_MODES), default="average",
                                    tooltip="How several reference photos combine: average of the embeddings, "
                                            "average of their directions ('norm average'), or all faces' tokens ('concat')."),
@@ -184,14 +192,13 @@ class InstantIDAttentionPatch(io.ComfyNode):
             description="Only the face attention part of InstantID (no IdentityNet). Its FACE_EMBEDS output feeds "
                         "'InstantID Apply ControlNet'.",
             inputs=[InstantIDType.Input("instantid", tooltip="The InstantID adapter from 'Load InstantID Model'."),
-                    FaceAnalysisType.Input("insightface", tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
+                    FaceAnalysisType.Input("insightface", tooltip="Face detection and recognition from 'InstantID Face Analysis (InsightFace)'."),
                     io.Image.Input("image", tooltip="Reference photo(s) of the person (averaged)."),
                     io.Model.Input("model", tooltip="An SDXL model. It is not modified: a patched copy is returned."),
                     io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.01,
                                    tooltip="Strength of the face attention."),
                     *_schedule_inputs(),
-                    io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
-                                   tooltip="0 = official InstantID negative face tokens; above 0 seeded noise."),
+                    _noise_input(),
                     io.Mask.Input("mask", optional=True, tooltip="Optional mask: the face attention acts only inside it."),
                     _on_no_face_input()],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with InstantID face attention."),
@@ -212,10 +219,10 @@ class ApplyInstantIDControlNet(io.ComfyNode):
         return io.Schema(
             node_id="ApplyInstantIDControlNet", display_name="InstantID Apply ControlNet", category=CATEGORY,
             description="Only the IdentityNet part of InstantID, driven by face tokens from 'InstantID Patch Attention' "
-                        "and a keypoint image from 'Face Keypoints Preprocessor'.",
+                        "and a keypoint image from 'InstantID Face Keypoints Preprocessor (Pose)'.",
             inputs=[FaceEmbedsType.Input("face_embeds", tooltip="Face tokens from 'InstantID Patch Attention'."),
                     io.ControlNet.Input("control_net", tooltip="The InstantID IdentityNet, loaded with 'Load ControlNet Model'."),
-                    io.Image.Input("image_kps", tooltip="The keypoint image (output of 'Face Keypoints Preprocessor'), used as is."),
+                    io.Image.Input("image_kps", tooltip="The keypoint image (output of 'InstantID Face Keypoints Preprocessor (Pose)'), used as is."),
                     io.Conditioning.Input("positive", tooltip="Positive conditioning."),
                     io.Conditioning.Input("negative", tooltip="Negative conditioning."),
                     io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
@@ -241,20 +248,30 @@ class InstantIDFaceSimilarity(io.ComfyNode):
             node_id="InstantIDFaceSimilarity", display_name="InstantID Face Similarity", category=CATEGORY,
             description="How much the face in 'image' looks like the face in 'reference': cosine similarity of their "
                         "ArcFace (antelopev2) embeddings, largest face of each image. 1.0 is identical; different "
-                        "people usually score below 0.3. Shown on the node and printed by `python -m instantid run`.",
+                        "people usually score below 0.3. Shown on the node and printed by `python -m instantid run`. "
+                        "A batch is also ranked (best image, all images best first); an image without a face "
+                        "scores 0 and ranks last.",
             inputs=[FaceAnalysisType.Input("faceanalysis",
-                                           tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
+                                           tooltip="Face detection and recognition from 'InstantID Face Analysis (InsightFace)'."),
                     io.Image.Input("reference", tooltip="Photo(s) of the person; with several, each image is compared "
                                                         "with every reference and the scores are averaged."),
                     io.Image.Input("image", tooltip="The generated image(s) to score, e.g. the VAE Decode output. "
-                                                    "With a batch, the output is the mean of the per-image scores.")],
-            outputs=[io.Float.Output(display_name="similarity", tooltip="Cosine similarity of the face embeddings, -1 to 1.")],
+                                                    "With a batch, the output is the mean of the per-image scores; an "
+                                                    "image without a face scores 0.")],
+            outputs=[io.Float.Output(display_name="similarity", tooltip="Cosine similarity of the face embeddings, -1 to 1."),
+                     io.String.Output(display_name="scores", tooltip="The text shown on the node: the mean and, for a "
+                                                                    "batch, each image's score, best first."),
+                     io.Image.Output(display_name="best_image", tooltip="The image with the highest score."),
+                     io.Image.Output(display_name="ranked", tooltip="The batch sorted by score, best first (ties keep "
+                                                                   "their order; images without a face last).")],
             is_output_node=True)
 
     @classmethod
     def execute(cls, faceanalysis: Any, reference: Any, image: Any) -> io.NodeOutput:
         result = face_similarity(as_face_analyzer(faceanalysis), reference, image)
-        return io.NodeOutput(result.mean, ui={"text": [result.text()], "face_similarity": list(result.per_image)})
+        best, ranked = ranked_images(image, result)
+        return io.NodeOutput(result.mean, result.text(), best, ranked,
+                             ui={"text": [result.text()], "face_similarity": list(result.per_image)})
 
 
 NODES: list[type[io.ComfyNode]] = [InstantIDModelLoader, InstantIDFaceAnalysis, FaceKeypointsPreprocessor, ApplyInstantID,

@@ -2,7 +2,8 @@
 
 Modules, one job each:
 - `sdxl` (the SDXL cross-attention layout), `adapter` (the adapter file, face tokens, face K/V),
-  `faces` (InsightFace), `keypoints` (the five-point image), `attention` (the cross-attention
+  `faces` (InsightFace), `keypoints` (the five-point image), `drawn_keypoints` (recognising
+  an image that already is one), `attention` (the cross-attention
   patch), `control` (the IdentityNet on conditioning), `checks` (input checks), `apply` (what
   every Apply node calls), `similarity` (face similarity);
 - `paths` (the model folders ComfyUI knows);

@@ -14,6 +14,7 @@ from .adapter import FaceTokens, InstantIDAdapter
 from .attention import FaceAttentionSettings, install_face_attention
 from .checks import as_mask_batch, check_identitynet, sdxl_attention_widths
 from .control import Conditioning, attach_identitynet
+from .drawn_keypoints import keypoint_drawings
 from .faces import DetectedFace, FaceAnalyzer, combine_embeddings, image_batch_to_bgr
 from .keypoints import keypoint_image_batch
 
@@ -107,27 +108,40 @@ def reference_embedding(faces: list[DetectedFace | None], combine: str, on_no_fa
 
 def keypoints_from(analyzer: FaceAnalyzer, image_kps: torch.Tensor | None, references: torch.Tensor,
                    reference_faces: list[DetectedFace | None], on_no_face: str, notes: list[str]) -> torch.Tensor | None:
-    """The five-point image for the IdentityNet: drawn from each pose image (positions kept: an
-    image without a face gets a black frame in 'skip' mode), or from the first reference face.
-    Never the pose photo itself. None when skipping because no pose image has a face."""
+    """The five-point image for the IdentityNet: a pose image that is already a keypoint drawing as
+    is, else drawn from each pose photo (positions kept: a photo without a face gets a black frame in
+    'skip' mode), or from the first reference face. Never a pose photo itself. None when skipping
+    because no pose image has a face or a drawing."""
     if image_kps is None:
         face = next(f for f in reference_faces if f is not None)
         return keypoint_image_batch([face.kps], references.shape[2], references.shape[1])
-    faces = detect_faces(analyzer, image_kps, notes, "keypoint image (image_kps)")
-    missing = [i for i, face in enumerate(faces) if face is None]
-    fix = f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference"
+    drawn = [i for i, is_drawing in enumerate(keypoint_drawings(image_kps)) if is_drawing]
+    if drawn:
+        _note(notes, f"keypoint {_images(drawn, len(image_kps))} (image_kps) "
+                     f"{'are keypoint drawings' if len(drawn) > 1 else 'is a keypoint drawing'}, used as the hint as is")
+    photos = [i for i in range(len(image_kps)) if i not in drawn]
+    faces: list[DetectedFace | None] = [None] * len(image_kps)
+    if photos:
+        for i, face in zip(photos, detect_faces(analyzer, image_kps[photos], notes, "keypoint image (image_kps)")):
+            faces[i] = face
+    missing = [i for i in photos if faces[i] is None]
+    fix = (f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference (a keypoint drawing, "
+           "black with the five coloured points as Face Keypoints Preprocessor draws them, is used as is)")
     if len(missing) == len(faces):
         _no_face(f"the keypoint {_images(missing, len(faces))} (image_kps)", fix, on_no_face, notes)
         return None
-    return _keypoint_frames(faces, image_kps, f"the keypoint {_images(missing, len(faces))} (image_kps)",
-                            f"keypoint {_images(missing, len(faces))}", fix, on_no_face, notes)
+    frames = _keypoint_frames(faces, image_kps, f"the keypoint {_images(missing, len(faces))} (image_kps)",
+                              f"keypoint {_images(missing, len(faces))}", fix, on_no_face, notes, missing)
+    frames[drawn] = image_kps[drawn, ..., :3].detach().to("cpu", torch.float32)
+    return frames
 
 
 def _keypoint_frames(faces: list[DetectedFace | None], images: torch.Tensor, where: str, subject: str, fix: str,
-                     on_no_face: str, notes: list[str]) -> torch.Tensor:
-    """One keypoint frame per image, positions kept. An image without a face stops with an error,
-    or ('skip') gets a black frame: no pose constraint, never the photo itself."""
-    missing = [i for i, face in enumerate(faces) if face is None]
+                     on_no_face: str, notes: list[str], missing: list[int] | None = None) -> torch.Tensor:
+    """One keypoint frame per image, positions kept. An image without a face (`missing`, by default
+    every None) stops with an error, or ('skip') gets a black frame: no pose constraint, never the
+    photo itself."""
+    missing = [i for i, face in enumerate(faces) if face is None] if missing is None else missing
     if missing and on_no_face == "error":
         raise NoFaceError(f"No face found in {where}. {fix}, or set on_no_face to 'skip' to get black frames "
                           "(no pose constraint) at those positions.")
