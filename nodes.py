@@ -114,7 +114,7 @@ class FaceKeypointsPreprocessor(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="FaceKeypointsPreprocessor", display_name="InstantID Face Keypoints Preprocessor (Pose)", category=CATEGORY,
+            node_id="FaceKeypointsPreprocessor", display_name="InstantID Face Keypoints (Pose)", category=CATEGORY,
             description="Draws the five face keypoints (eyes, nose, mouth corners) of each image, as the IdentityNet "
                         "expects them. Batch positions are kept.",
             inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis (InsightFace)'."),
@@ -159,7 +159,7 @@ class ApplyInstantIDAdvanced(io.ComfyNode):
         return io.Schema(
             node_id="ApplyInstantIDAdvanced", display_name="Apply InstantID Advanced", category=CATEGORY,
             description="Apply InstantID with separate strengths for the face attention and the IdentityNet, "
-                        "uncond noise, and the way several reference photos are combined.",
+                        "noise for the negative face tokens, and the way several reference photos are combined.",
             inputs=[*_apply_head_inputs(),
                     io.Float.Input("ip_weight", default=0.8, min=0.0, max=3.0, step=0.01,
                                    tooltip="Strength of the face attention (identity detail)."),
@@ -219,10 +219,10 @@ class ApplyInstantIDControlNet(io.ComfyNode):
         return io.Schema(
             node_id="ApplyInstantIDControlNet", display_name="InstantID Apply ControlNet", category=CATEGORY,
             description="Only the IdentityNet part of InstantID, driven by face tokens from 'InstantID Patch Attention' "
-                        "and a keypoint image from 'InstantID Face Keypoints Preprocessor (Pose)'.",
+                        "and a keypoint image from 'InstantID Face Keypoints (Pose)'.",
             inputs=[FaceEmbedsType.Input("face_embeds", tooltip="Face tokens from 'InstantID Patch Attention'."),
                     io.ControlNet.Input("control_net", tooltip="The InstantID IdentityNet, loaded with 'Load ControlNet Model'."),
-                    io.Image.Input("image_kps", tooltip="The keypoint image (output of 'InstantID Face Keypoints Preprocessor (Pose)'), used as is."),
+                    io.Image.Input("image_kps", tooltip="The keypoint image (output of 'InstantID Face Keypoints (Pose)'), used as is."),
                     io.Conditioning.Input("positive", tooltip="Positive conditioning."),
                     io.Conditioning.Input("negative", tooltip="Negative conditioning."),
                     io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,

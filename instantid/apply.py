@@ -126,7 +126,7 @@ def keypoints_from(analyzer: FaceAnalyzer, image_kps: torch.Tensor | None, refer
             faces[i] = face
     missing = [i for i in photos if faces[i] is None]
     fix = (f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference (a keypoint drawing, "
-           "black with the five coloured points as Face Keypoints Preprocessor draws them, is used as is)")
+           "black with the five coloured points as InstantID Face Keypoints (Pose) draws them, is used as is)")
     if len(missing) == len(faces):
         _no_face(f"the keypoint {_images(missing, len(faces))} (image_kps)", fix, on_no_face, notes)
         return None

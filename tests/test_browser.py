@@ -133,7 +133,8 @@ def test_overlap_check_sees_the_title_bar():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_no_two_nodes_of_a_shipped_workflow_overlap(loaded_workflows, page, path):
-    assert overlaps(loaded_workflows[path.name]["nodes"], page.evaluate(TITLE_HEIGHT)) == []
+    found = overlaps(loaded_workflows[path.name]["nodes"], page.evaluate(TITLE_HEIGHT))
+    assert found == [], f"{len(found)} overlapping node pairs in {path.name}: {found}"
 
 
 BUILD_GRAPH = """async (names) => {
@@ -157,8 +158,8 @@ BUILD_GRAPH = """async (names) => {
     from.connect(output, to, slot);
   };
   // The two nodes whose text is checked sit in view; the rest are further right and below.
-  const apply = add("ApplyInstantID", 120, 100, {on_no_face: "skip"});
-  const similarity = add("InstantIDFaceSimilarity", 560, 100);
+  const apply = add("ApplyInstantID", 120, 160, {on_no_face: "skip"});
+  const similarity = add("InstantIDFaceSimilarity", 560, 160);
   const checkpoint = add("TestBedTinyCheckpoint", 40, 700, {unet_name: names.unet});
   const positive = add("CLIPTextEncode", 400, 700, {text: "a photo of a person"});
   const negative = add("CLIPTextEncode", 400, 900, {text: "blurry"});
@@ -243,3 +244,39 @@ def test_run_button_shows_the_similarity_and_a_skip_note_on_the_nodes(page, tmp_
     rerun = page.evaluate(NODE_TEXT, ids["similarity"])
     assert rerun["value"] == rerun["domValue"] == ("face similarity: 0.000\n"
                                                    "generated image 1 of 1 had no face: scored 0 and ranked last")
+
+
+def open_search_box(page, attempts: int = 3) -> None:
+    """Double-click the empty canvas, as a user does; the search box opens with its input focused
+    (a double-click right after the canvas was cleared is sometimes taken as two clicks: retry)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    for attempt in range(attempts):
+        page.wait_for_timeout(200)
+        page.mouse.dblclick(900, 600)
+        try:
+            page.wait_for_selector("input:focus", timeout=3_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    ("instantid", {"Load InstantID Model", "InstantID Face Analysis (InsightFace)", "InstantID Face Keypoints (Pose)",
+                   "Apply InstantID", "Apply InstantID Advanced", "InstantID Patch Attention",
+                   "InstantID Apply ControlNet", "InstantID Face Similarity"}),
+    ("insightface", {"InstantID Face Analysis (InsightFace)"}),
+    ("pose", {"InstantID Face Keypoints (Pose)"}),
+    ("keypoints", {"InstantID Face Keypoints (Pose)"}),
+    ("face keypoints preprocessor", {"InstantID Face Keypoints (Pose)"}),
+])
+def test_node_search_finds_what_users_type(page, query, expected):
+    page.evaluate("() => window.app.graph.clear()")
+    open_search_box(page)
+    page.keyboard.type(query)
+    page.wait_for_function("() => document.querySelectorAll('[role=option]').length > 1", timeout=10_000)
+    page.wait_for_timeout(300)  # the list settles after the last keystroke
+    shown = page.evaluate("() => [...document.querySelectorAll('[role=option]')].map((e) => e.innerText)")
+    page.keyboard.press("Escape")
+    names = {option.split("\n")[0].strip() for option in shown}
+    assert expected <= names, shown

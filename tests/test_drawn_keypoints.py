@@ -232,7 +232,7 @@ def test_a_photo_without_a_face_still_stops_with_the_message(comfy, control_spy)
     assert not result.success
     message = result.error_text()
     assert "No face found in the keypoint image 1 of 1 (image_kps)" in message
-    assert ("a keypoint drawing, black with the five coloured points as Face Keypoints Preprocessor draws them, "
+    assert ("a keypoint drawing, black with the five coloured points as InstantID Face Keypoints (Pose) draws them, "
             "is used as is") in message
     assert control_spy["controls"] == []
 
