@@ -4,33 +4,30 @@
 // pack's WEB_DIRECTORY; no build step.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const TEXT_WIDGET = "instantid_text";
 const CATEGORY = "InstantID";
 
 function textWidget(node) {
-  let widget = node.widgets?.find((w) => w.name === TEXT_WIDGET);
-  if (!widget) {
-    widget = ComfyWidgets.STRING(node, TEXT_WIDGET, ["STRING", { multiline: true }], app).widget;
-    // Not saved with the workflow (saved widget values go by position) and not sent as an input.
-    widget.serialize = false;
-    widget.options = { ...(widget.options ?? {}), serialize: false };
-    const element = widget.inputEl ?? widget.element;
-    if (element) {
-      element.readOnly = true;
-      element.style.opacity = "0.85";
-    }
-  }
+  const existing = node.widgets?.find((w) => w.name === TEXT_WIDGET);
+  if (existing) return existing;
+  const textarea = document.createElement("textarea");
+  textarea.className = "comfy-multiline-input"; // the frontend's own look for multiline text
+  textarea.readOnly = true;
+  textarea.style.opacity = "0.85";
+  const widget = node.addDOMWidget(TEXT_WIDGET, "customtext", textarea, {
+    getValue: () => textarea.value,
+    setValue: (value) => { textarea.value = value; },
+    serialize: false, // not sent as an input with the prompt
+  });
+  widget.serialize = false; // not saved: saved widget values go by position
+  widget.inputEl = textarea;
   return widget;
 }
 
 function showText(node, lines) {
   const text = lines.map(String).join("\n");
-  const widget = textWidget(node);
-  widget.value = text;
-  const element = widget.inputEl ?? widget.element;
-  if (element && "value" in element) element.value = text;
+  textWidget(node).value = text;
   if (text) console.info(`[InstantID] ${node.title} (#${node.id}):\n${text}`);
   // Grow the node (never shrink it) so that the text fits without scrolling, wrapped at the node's width.
   const wanted = node.computeSize();
