@@ -234,7 +234,8 @@ def test_run_button_shows_the_similarity_and_a_skip_note_on_the_nodes(page, tmp_
     # A re-run replaces the text; the similarity text is also a STRING output.
     page.evaluate("""(id) => {
       const node = window.app.graph.getNodeById(id);
-      const noFace = window.app.graph.nodes.find((n) => n.type === "LoadImage" && n.widgets[0].value === "browser-no-face.png");
+      const noFace = window.app.graph.nodes.find(
+        (n) => n.type === "LoadImage" && n.widgets[0].value === "browser-no-face.png");
       noFace.connect(0, node, node.findInputSlot("image"));
       window.__instantid_events = [];
     }""", ids["similarity"])

@@ -9,7 +9,6 @@ the IdentityNet's control object gets."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +19,7 @@ from conftest import ADAPTER_BIN, IDENTITYNET_NAME, UNET_NAME
 from instantid.drawn_keypoints import is_keypoint_drawing, keypoint_drawings
 from instantid.keypoints import KEYPOINT_COLORS, draw_keypoints
 from support import antelope
-from support.workflows import write_face_photo
-
-FACE_TEMPLATE = np.array([[38.29, 51.70], [73.53, 51.50], [56.03, 71.74], [41.55, 92.37], [70.73, 92.20]])
-
+from support.workflows import loaded_image, preview_images, write_face_photo
 
 def face_keypoints(width: int, height: int, half_size: float, seed: int) -> np.ndarray:
     """Five points of a face of half box size `half_size` somewhere in the canvas, slightly turned."""
@@ -31,7 +27,7 @@ def face_keypoints(width: int, height: int, half_size: float, seed: int) -> np.n
     centre = np.array([width * rng.uniform(0.3, 0.7), height * rng.uniform(0.3, 0.7)])
     angle = rng.uniform(-0.5, 0.5)
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    return (centre + (FACE_TEMPLATE - 56) / 56 @ rotation.T * half_size).astype(np.float32)
+    return (centre + antelope.FACE_TEMPLATE @ rotation.T * half_size).astype(np.float32)
 
 
 def jpeg(rgb: np.ndarray, quality: int = 75) -> np.ndarray:
@@ -178,9 +174,8 @@ def apply_graph(image_kps: list, extra: dict | None = None) -> dict:
     }
 
 
-def loaded(path: Path) -> torch.Tensor:
-    """The file as LoadImage gives it: [1, H, W, 3] float in 0..1."""
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255.0)[None]
+def load_image(name: str) -> dict:
+    return {"class_type": "LoadImage", "inputs": {"image": name}}
 
 
 def assert_hint_is(seen: dict, expected: torch.Tensor) -> None:
@@ -198,9 +193,9 @@ def test_a_drawn_keypoint_png_is_the_hint_as_is(comfy, control_spy):
     write_face_photo(inputs / "drawn-kps-reference.png")
     drawing = resized(jpeg(drawn_pose(1024, 1024, 220, seed=3)), 896, 1152)
     Image.fromarray(drawing).save(inputs / "drawn-kps-pose.png")
-    result = comfy.run(apply_graph(["12", 0], {"12": {"class_type": "LoadImage", "inputs": {"image": "drawn-kps-pose.png"}}}))
+    result = comfy.run(apply_graph(["12", 0], {"12": load_image("drawn-kps-pose.png")}))
     assert result.success, result.error_text()
-    assert_hint_is(control_spy, loaded(inputs / "drawn-kps-pose.png"))
+    assert_hint_is(control_spy, loaded_image(inputs / "drawn-kps-pose.png"))
     assert result.outputs["9"]["text"] == ["keypoint image 1 of 1 (image_kps) is a keypoint drawing, used as the hint as is"]
 
 
@@ -208,14 +203,12 @@ def test_face_keypoints_preprocessor_into_apply_runs(comfy, control_spy):
     inputs = comfy.base / "input"
     write_face_photo(inputs / "drawn-kps-reference.png")
     write_face_photo(inputs / "drawn-kps-pose-photo.png", cell=(6, 5), g=200)
-    extra = {"12": {"class_type": "LoadImage", "inputs": {"image": "drawn-kps-pose-photo.png"}},
+    extra = {"12": load_image("drawn-kps-pose-photo.png"),
              "13": {"class_type": "FaceKeypointsPreprocessor", "inputs": {"faceanalysis": ["6", 0], "image": ["12", 0]}},
              "14": {"class_type": "PreviewImage", "inputs": {"images": ["13", 0]}}}
     result = comfy.run(apply_graph(["13", 0], extra))
     assert result.success, result.error_text()
-    import folder_paths
-    (preview,) = result.outputs["14"]["images"]
-    keypoints = loaded(Path(folder_paths.get_temp_directory()) / preview["subfolder"] / preview["filename"])
+    keypoints = preview_images(result.outputs, "14")
     assert keypoints.sum() > 0 and keypoints.shape == (1, 320, 320, 3)
     assert_hint_is(control_spy, keypoints)
     # Independently: the points the fake detector reports for that marker, drawn by the pack's drawing code.
@@ -228,7 +221,7 @@ def test_a_photo_without_a_face_still_stops_with_the_message(comfy, control_spy)
     inputs = comfy.base / "input"
     write_face_photo(inputs / "drawn-kps-reference.png")
     Image.fromarray(np.full((320, 320, 3), 128, np.uint8)).save(inputs / "drawn-kps-gray.png")
-    result = comfy.run(apply_graph(["12", 0], {"12": {"class_type": "LoadImage", "inputs": {"image": "drawn-kps-gray.png"}}}))
+    result = comfy.run(apply_graph(["12", 0], {"12": load_image("drawn-kps-gray.png")}))
     assert not result.success
     message = result.error_text()
     assert "No face found in the keypoint image 1 of 1 (image_kps)" in message
@@ -239,12 +232,12 @@ def test_a_photo_without_a_face_still_stops_with_the_message(comfy, control_spy)
 
 def test_a_batch_may_mix_drawings_and_photos(comfy):
     from test_apply import face_photo, load_kit
+    from test_robustness import bgr
     kit = load_kit(comfy)
     drawing = as_image(jpeg(drawn_pose(320, 320, 100, seed=5)))
     photo = face_photo(cell=(6, 5), g=200)
     (_, positive, _) = kit.apply(image_kps=torch.cat([drawing, photo]))
     hint = positive[0][1]["control"].cond_hint_original.movedim(1, -1)
     assert torch.equal(hint[0], drawing[0])
-    bgr = np.ascontiguousarray((photo[0].numpy() * 255).round().astype(np.uint8)[..., ::-1])
-    face = kit.analyzer.detect(bgr)
+    face = kit.analyzer.detect(bgr(photo))
     assert torch.equal(hint[1], torch.from_numpy(draw_keypoints(face.kps, 320, 320)).float() / 255.0)

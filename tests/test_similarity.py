@@ -2,15 +2,14 @@
 the job, and the node ranks a batch (best_image, ranked, a per-image scores text)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from instantid.similarity import Similarity, cosine_similarity
-from support.workflows import write_face_photo
+from test_robustness import bgr
+from support.workflows import loaded_image, preview_images, write_face_photo
 
 
 def test_order_is_best_first_stable_and_faceless_last():
@@ -23,17 +22,6 @@ def test_order_is_best_first_stable_and_faceless_last():
                                           "#5: image 5: 0.000 (no face)",
                                           "generated images 2, 5 of 5 had no face: scored 0 and ranked last"]
     assert Similarity((0.734,)).text() == "face similarity: 0.734"
-
-
-def loaded(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255.0)[None]
-
-
-def preview(result, node_id: str) -> torch.Tensor:
-    import folder_paths
-    files = [Path(folder_paths.get_temp_directory()) / image["subfolder"] / image["filename"]
-             for image in result.outputs[node_id]["images"]]
-    return torch.cat([loaded(path) for path in files])
 
 
 def test_batch_is_ranked_reference_other_then_no_face(comfy, caplog):
@@ -59,13 +47,14 @@ def test_batch_is_ranked_reference_other_then_no_face(comfy, caplog):
     }
     result = comfy.run(prompt, reuse_outputs=False)
     assert result.success, result.error_text()
-    pictures = {"reference": loaded(reference), "other": loaded(other), "no face": loaded(inputs / "similarity-no-face.png")}
-    assert torch.equal(preview(result, "8"), pictures["reference"])
-    assert torch.equal(preview(result, "9"), torch.cat([pictures["reference"], pictures["other"], pictures["no face"]]))
+    pictures = {"reference": loaded_image(reference), "other": loaded_image(other),
+                "no face": loaded_image(inputs / "similarity-no-face.png")}
+    assert torch.equal(preview_images(result.outputs, "8"), pictures["reference"])
+    ranked = torch.cat([pictures["reference"], pictures["other"], pictures["no face"]])
+    assert torch.equal(preview_images(result.outputs, "9"), ranked)
     analyzer = comfy.pack_module("instantid.faces").FaceAnalyzer
     face_model = analyzer.load(comfy.base / "models" / "insightface" / "models" / "antelopev2", "CPU")
-    embedding = {name: face_model.detect(np.ascontiguousarray((image[0].numpy() * 255).round().astype(np.uint8)[..., ::-1]))
-                 for name, image in pictures.items()}
+    embedding = {name: face_model.detect(bgr(image)) for name, image in pictures.items()}
     assert embedding["no face"] is None
     other_score = cosine_similarity(embedding["other"].embedding, embedding["reference"].embedding)
     assert 0 < other_score < 0.99
