@@ -67,9 +67,13 @@ def is_keypoint_drawing(rgb: np.ndarray) -> bool:
 
 def keypoint_drawings(images: torch.Tensor) -> list[bool]:
     """For each image of a ComfyUI IMAGE batch [B, H, W, C]: is it a keypoint drawing?"""
-    pixels = torch.nan_to_num(images.detach().to("cpu", torch.float32)[..., :3], nan=0.0)
-    pixels = pixels.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).numpy()
-    return [is_keypoint_drawing(image) for image in pixels]
+    return [is_keypoint_drawing(_as_rgb8(image)) for image in images]
+
+
+def _as_rgb8(image: torch.Tensor) -> np.ndarray:
+    """One image [H, W, C] as uint8 RGB, converted alone so that a large batch is never copied whole."""
+    pixels = torch.nan_to_num(image.detach().to("cpu", torch.float32)[..., :3], nan=0.0)
+    return pixels.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8).numpy()
 
 
 def _hue_index(rgb: np.ndarray, brightest: np.ndarray) -> np.ndarray:
