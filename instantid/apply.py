@@ -193,7 +193,13 @@ def keypoints_from(face_analysis: Any, image_kps: torch.Tensor | None, identity:
 
 
 def _keypoint_frames(faces: list[DetectedFace | None], images: torch.Tensor, where: str, subject: str, fix: str,
-@@BLOCK2@@
+                     on_no_face: str, notes: list[str], missing: list[int] | None = None,
+                     fitting: CanvasFit | None = None) -> tuple[torch.Tensor, list[np.ndarray | None]]:
+    """One keypoint frame per image and its face box (None for a black frame), positions kept, on
+    the canvas `fitting` describes (default: the image's own size). An image without a face
+    (`missing`, by default every None) stops with an error, or ('skip') gets a black frame: no pose
+    constraint, never the photo itself."""
+    missing = [i for i, face in enumerate(faces) if face is None] if missing is None else missing
     if missing and on_no_face == "error":
         raise NoFaceError(f"No face found in {where}. {fix}, or set on_no_face to 'skip' to get black frames "
                           "(no pose constraint) at those positions.")
