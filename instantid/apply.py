@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .adapter import FaceTokens, InstantIDAdapter
