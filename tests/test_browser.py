@@ -229,7 +229,7 @@ def test_run_button_shows_the_similarity_and_a_skip_note_on_the_nodes(page, tmp_
     assert any(expected in line for line in page.console_lines)  # the notes reach the browser console too
     # The saved workflow keeps its widget values as before: the text widget is not saved.
     saved = page.evaluate("(id) => window.app.graph.getNodeById(id).serialize().widgets_values", ids["apply"])
-    assert saved == [0.8, 0, 1, "skip"]
+    assert saved == [0.8, 0, 1, "skip", False, "prompt and identity", 0]
 
     # A re-run replaces the text; the similarity text is also a STRING output.
     page.evaluate("""(id) => {
