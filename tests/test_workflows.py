@@ -1,5 +1,6 @@
-"""Workflows people already share for the old ComfyUI_InstantID pack load and run with this pack,
-and so do the pack's own workflows/ (UI format, converted like `python -m instantid run` does)."""
+"""Workflows people already share for the old ComfyUI_InstantID pack load and run with this pack
+(UI format, converted like `python -m instantid run` does). The pack's own workflows/ are tested in
+test_shipped_workflows.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import UNET_NAME
-from support.workflows import OLD_PACK_WORKFLOWS, REPO_ROOT, load_ui_workflow, prepare_for_test_bed
+from support.workflows import OLD_PACK_WORKFLOWS, load_ui_workflow, prepare_for_test_bed
 
 
 @pytest.fixture
@@ -18,7 +19,8 @@ def sampler_spy(monkeypatch):
     real = nodes.common_ksampler
 
     def spy(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs):
-        seen.append({"model": model, "positive": positive, "negative": negative})
+        seen.append({"model": model, "positive": positive, "negative": negative, "latent": latent,
+                     "denoise": kwargs.get("denoise")})
         return real(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs)
     monkeypatch.setattr(nodes, "common_ksampler", spy)
     return seen
@@ -74,9 +76,3 @@ def test_multi_id_workflow_stacks_two_identities(comfy, sampler_spy):
     assert all(len(patch.branches) == 2 for patch in patches.values())
     masks = [entry[1].get("mask") for entry in sampler_spy[0]["positive"]]
     assert len(masks) == 2 and all(mask is not None for mask in masks)
-
-
-@pytest.mark.parametrize("path", sorted((REPO_ROOT / "workflows").glob("*.json")), ids=lambda p: p.name)
-def test_pack_workflows_run(comfy, sampler_spy, path):
-    run_ui_workflow(comfy, path)
-    assert_instantid_reached_sampler(sampler_spy)

@@ -104,3 +104,48 @@ CATALOG: tuple[ModelFile, ...] = (
     ),
 )
 
+
+OPENRAIL_PLUS = "CreativeML Open RAIL++-M (use restrictions in the licence)"
+OPENRAIL_M = "CreativeML Open RAIL-M (use restrictions in the licence)"
+
+# Files the shipped workflows load besides the pack's own: the SDXL checkpoint, the canny ControlNet
+# of the ControlNet example, and the style LoRA of the LoRA example. `fetch-models` does not fetch
+# them; the workflows carry their links for ComfyUI's missing-models dialog.
+WORKFLOW_MODELS: tuple[ModelFile, ...] = (
+    ModelFile(
+        id="sdxl-base",
+        description="Stable Diffusion XL base 1.0 checkpoint (any SDXL checkpoint works)",
+        folder="checkpoints",
+        path="sd_xl_base_1.0.safetensors",
+        repo="stabilityai/stable-diffusion-xl-base-1.0",
+        file="sd_xl_base_1.0.safetensors",
+        approx_bytes=6_940_000_000,
+        license=OPENRAIL_PLUS,
+        license_url="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0",
+        required=False,
+    ),
+    ModelFile(
+        id="controlnet-canny-sdxl",
+        description="SDXL canny-edge ControlNet (diffusers' controlnet-canny-sdxl-1.0, fp16)",
+        folder="controlnet",
+        path="diffusers_xl_canny_full.safetensors",
+        repo="lllyasviel/sd_control_collection",
+        file="diffusers_xl_canny_full.safetensors",
+        approx_bytes=2_500_000_000,
+        license=OPENRAIL_PLUS,
+        license_url="https://huggingface.co/diffusers/controlnet-canny-sdxl-1.0",
+        required=False,
+    ),
+    ModelFile(
+        id="lora-pixel-art-xl",
+        description="Pixel Art XL, an SDXL style LoRA (any SDXL LoRA works)",
+        folder="loras",
+        path="pixel-art-xl.safetensors",
+        repo="nerijs/pixel-art-xl",
+        file="pixel-art-xl.safetensors",
+        approx_bytes=171_000_000,
+        license=OPENRAIL_M,
+        license_url="https://huggingface.co/nerijs/pixel-art-xl",
+        required=False,
+    ),
+)

@@ -25,13 +25,50 @@ def write_face_photo(path: Path, cell: tuple[int, int] = (4, 3), g: int = 128, s
     return path
 
 
+def write_tiny_lora(path: Path, rank: int = 2, seed: int = 5) -> Path:
+    """A LoRA in kohya's key format for one layer of the tiny SDXL UNet (its output conv)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from support.tiny_models import TINY_CHANNELS
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {"lora_unet_out_2.lora_down.weight": torch.randn(rank, TINY_CHANNELS, 3, 3, generator=generator),
+               "lora_unet_out_2.lora_up.weight": torch.randn(4, rank, 1, 1, generator=generator),
+               "lora_unet_out_2.alpha": torch.tensor(float(rank))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def _swap_lora_loader(prompt: dict, node_id: str) -> None:
+    """LoraLoader → LoraLoaderModelOnly: the test bed's stand-in text encoder takes no LoRA, so the
+    nodes that used the LoRA's CLIP get the CLIP that went into it."""
+    node = prompt[node_id]
+    clip_source = node["inputs"].pop("clip")
+    node["inputs"].pop("strength_clip", None)
+    node["class_type"] = "LoraLoaderModelOnly"
+    for other in prompt.values():
+        for name, value in other["inputs"].items():
+            if value == [node_id, 1]:
+                other["inputs"][name] = clip_source
+
+
 def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: int = 64, steps: int = 2) -> dict:
-    """The API prompt with real-weight loaders replaced by fixtures and a CPU-sized run."""
+    """The API prompt with real-weight loaders replaced by fixtures and a CPU-sized run: the
+    checkpoint by the tiny UNet, any ControlNet by the fixture IdentityNet (an SDXL-layout
+    ControlNet), a LoRA by a tiny one written under its name, images by synthetic faces."""
+    from support.server import IDENTITYNET_NAME
     prompt = json.loads(json.dumps(prompt))
-    for node in prompt.values():
+    models = input_dir.parent / "models"
+    for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "TestBedTinyCheckpoint", {"unet_name": unet_name}
+        elif kind == "ControlNetLoader":
+            inputs["control_net_name"] = IDENTITYNET_NAME
+        elif kind == "LoraLoader":
+            write_tiny_lora(models / "loras" / inputs["lora_name"])
+            _swap_lora_loader(prompt, node_id)
         elif kind == "EmptyLatentImage":
             inputs.update(width=size, height=size)
         elif kind == "KSampler":

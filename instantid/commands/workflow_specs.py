@@ -1,0 +1,186 @@
+"""The shipped workflows (workflows/*.json) as declarative specs; scripts/build_workflows.py writes
+them with workflow_builder. File names read as titles in ComfyUI's Templates browser and their
+two-digit prefix sorts them basic → advanced."""
+from __future__ import annotations
+
+from typing import Any
+
+from .catalog import CATALOG, WORKFLOW_MODELS
+from .workflow_builder import NodeSpec, WorkflowSpec
+
+_FILES = {entry.id: entry.path for entry in (*CATALOG, *WORKFLOW_MODELS)}
+SDXL_CHECKPOINT = _FILES["sdxl-base"]
+ADAPTER = _FILES["adapter"]
+IDENTITYNET = _FILES["identitynet"]
+CANNY_CONTROLNET = _FILES["controlnet-canny-sdxl"]
+STYLE_LORA = _FILES["lora-pixel-art-xl"]
+
+PROMPT = "analog film photo of a man in a denim jacket, city street at dusk, detailed skin, 35mm"
+NEGATIVE = "blurry, lowres, deformed, cartoon, watermark, text"
+SAMPLER = {"seed": 42, "steps": 30, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+MODELS_TEXT = (f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in "
+               f"models/instantid; {IDENTITYNET} in models/controlnet; antelopev2 (scrfd_10g_bnkps.onnx, "
+               "glintr100.onnx) in models/insightface/models/antelopev2. `python -m instantid fetch-models` fetches "
+               "the InstantID and antelopev2 files; ComfyUI offers downloads for the .safetensors ones.")
+
+
+def _node(key: str, class_type: str, title: str, group: str, **values: Any) -> NodeSpec:
+    return NodeSpec(key, class_type, title, group, values)
+
+
+def checkpoint() -> NodeSpec:
+    return _node("checkpoint", "CheckpointLoaderSimple", "Load Checkpoint", "models", ckpt_name=SDXL_CHECKPOINT)
+
+
+def prompts(text: str = PROMPT) -> tuple[NodeSpec, ...]:
+    return (_node("positive", "CLIPTextEncode", "Positive prompt", "sampling", text=text),
+            _node("negative", "CLIPTextEncode", "Negative prompt", "sampling", text=NEGATIVE))
+
+
+def adapter() -> NodeSpec:
+    return _node("adapter", "InstantIDModelLoader", "Load InstantID Model", "models", instantid_file=ADAPTER)
+
+
+def face_analysis() -> NodeSpec:
+    return _node("faces", "InstantIDFaceAnalysis", "InstantID Face Analysis", "models")
+
+
+def identitynet() -> NodeSpec:
+    return _node("identitynet", "ControlNetLoader", "Load IdentityNet", "models", control_net_name=IDENTITYNET)
+
+
+def image(key: str, title: str, file_name: str) -> NodeSpec:
+    return _node(key, "LoadImage", title, "identity", image=file_name)
+
+
+def sampling(width: int, height: int, batch_size: int = 1, prefix: str = "instantid") -> tuple[NodeSpec, ...]:
+    return (_node("latent", "EmptyLatentImage", "Empty Latent Image", "sampling", width=width, height=height,
+                  batch_size=batch_size),
+            _node("sampler", "KSampler", "KSampler", "sampling", **SAMPLER),
+            _node("decode", "VAEDecode", "VAE Decode", "sampling"),
+            _node("save", "SaveImage", "Save Image", "sampling", filename_prefix=prefix))
+
+
+CLIP_LINKS = ("checkpoint.CLIP -> positive.clip", "checkpoint.CLIP -> negative.clip")
+SAMPLING_LINKS = ("latent.LATENT -> sampler.latent_image", "sampler.LATENT -> decode.samples",
+                  "checkpoint.VAE -> decode.vae", "decode.IMAGE -> save.images")
+
+
+def apply_links(apply: str, model: str = "checkpoint.MODEL") -> tuple[str, ...]:
+    """An Apply InstantID node fed by the shared loaders and prompts, feeding the sampler."""
+    return (f"adapter.INSTANTID -> {apply}.instantid", f"faces.FACEANALYSIS -> {apply}.insightface",
+            f"identitynet.CONTROL_NET -> {apply}.control_net", f"reference.IMAGE -> {apply}.image",
+            f"{model} -> {apply}.model", f"positive.CONDITIONING -> {apply}.positive",
+            f"negative.CONDITIONING -> {apply}.negative")
+
+
+def sampler_links(model: str, conditioning: str) -> tuple[str, ...]:
+    return (f"{model} -> sampler.model", f"{conditioning}.positive -> sampler.positive",
+            f"{conditioning}.negative -> sampler.negative")
+
+
+BASIC = WorkflowSpec(
+    name="01 Basic portrait",
+    tag="basic",
+    note="One face photo and a prompt: SDXL draws that person, posed as in the photo.\n"
+         "Put a face photo in 'Reference face', write the prompt, Run. Apply InstantID weight 0.8, "
+         "CFG 4-5, 1016x1016 (avoid exactly 1024x1024).\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"),
+           _node("apply", "ApplyInstantID", "Apply InstantID", "identity"),
+           *sampling(1016, 1016)),
+    links=(*CLIP_LINKS, *apply_links("apply"), *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
+
+POSED = WorkflowSpec(
+    name="02 Pose from a second photo",
+    tag="posed",
+    note="The identity from 'Reference face', the head position and angle from 'Pose photo' (its five face "
+         "keypoints drive the IdentityNet). Use a pose photo of the output's aspect ratio (here 896x1152). "
+         "Apply InstantID Advanced sets the face attention (ip_weight) and the IdentityNet (cn_strength) "
+         "separately.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"), image("pose", "Pose photo", "pose.png"),
+           _node("apply", "ApplyInstantIDAdvanced", "Apply InstantID Advanced", "identity"),
+           *sampling(896, 1152)),
+    links=(*CLIP_LINKS, *apply_links("apply"), "pose.IMAGE -> apply.image_kps",
+           *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
+
+POSE_FREE = WorkflowSpec(
+    name="03 Pose-free identity",
+    tag="pose-free",
+    note="Identity without the IdentityNet: only InstantID's face attention (InstantID Patch Attention), so "
+         "the prompt alone decides pose, framing and composition; the likeness is looser than with the "
+         "IdentityNet. Weight 0.8-1.0, CFG 4-5.\n"
+         f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in "
+         "models/instantid; antelopev2 in models/insightface/models/antelopev2. No IdentityNet needed.",
+    nodes=(checkpoint(), *prompts("photo of a man hiking on a mountain ridge, wide shot, golden hour"),
+           adapter(), face_analysis(), image("reference", "Reference face", "face.png"),
+           _node("patch", "InstantIDAttentionPatch", "InstantID Patch Attention", "identity", weight=0.8),
+           *sampling(1152, 896)),
+    links=(*CLIP_LINKS, "adapter.INSTANTID -> patch.instantid", "faces.FACEANALYSIS -> patch.insightface",
+           "reference.IMAGE -> patch.image", "checkpoint.MODEL -> patch.model",
+           "patch.MODEL -> sampler.model", "positive.CONDITIONING -> sampler.positive",
+           "negative.CONDITIONING -> sampler.negative", *SAMPLING_LINKS))
+
+SPLIT = WorkflowSpec(
+    name="04 Split nodes",
+    tag="split",
+    note="InstantID in its two parts: Patch Attention (face attention on the model) and Apply ControlNet "
+         "(the IdentityNet on the conditioning, with the keypoints of 'Pose photo' from Face Keypoints "
+         "Preprocessor). Useful to place other model patches or ControlNets between them.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"), image("pose", "Pose photo", "pose.png"),
+           _node("patch", "InstantIDAttentionPatch", "InstantID Patch Attention", "identity", weight=0.8),
+           _node("keypoints", "FaceKeypointsPreprocessor", "Face Keypoints Preprocessor", "identity"),
+           _node("control", "ApplyInstantIDControlNet", "InstantID Apply ControlNet", "identity", strength=0.8),
+           *sampling(896, 1152)),
+    links=(*CLIP_LINKS, "adapter.INSTANTID -> patch.instantid", "faces.FACEANALYSIS -> patch.insightface",
+           "reference.IMAGE -> patch.image", "checkpoint.MODEL -> patch.model",
+           "faces.FACEANALYSIS -> keypoints.faceanalysis", "pose.IMAGE -> keypoints.image",
+           "patch.FACE_EMBEDS -> control.face_embeds", "identitynet.CONTROL_NET -> control.control_net",
+           "keypoints.IMAGE -> control.image_kps", "positive.CONDITIONING -> control.positive",
+           "negative.CONDITIONING -> control.negative",
+           *sampler_links("patch.MODEL", "control"), *SAMPLING_LINKS))
+
+STYLE_LORA_WORKFLOW = WorkflowSpec(
+    name="05 Style LoRA",
+    tag="lora",
+    note="A style LoRA on the checkpoint, then InstantID: the person in the LoRA's style. Any SDXL LoRA fits "
+         "the 'Style LoRA' slot; lower strength_model (0.6-0.8) if the face drifts, or raise Apply InstantID's "
+         "weight.\n" + MODELS_TEXT + f" LoRA: {STYLE_LORA} in models/loras.",
+    nodes=(checkpoint(),
+           _node("lora", "LoraLoader", "Style LoRA", "models", lora_name=STYLE_LORA, strength_model=0.8,
+                 strength_clip=0.8),
+           *prompts("pixel art portrait of a man in a denim jacket, city street at dusk"),
+           adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"),
+           _node("apply", "ApplyInstantID", "Apply InstantID", "identity"),
+           *sampling(1016, 1016)),
+    links=("checkpoint.MODEL -> lora.model", "checkpoint.CLIP -> lora.clip",
+           "lora.CLIP -> positive.clip", "lora.CLIP -> negative.clip", *apply_links("apply", "lora.MODEL"),
+           *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
+
+CANNY = WorkflowSpec(
+    name="06 InstantID with a canny ControlNet",
+    tag="canny",
+    note="InstantID for the identity, a canny-edge ControlNet chained after it for the composition of "
+         "'Composition photo' (its edges from the core Canny node). Keep the canny strength moderate "
+         "(0.4-0.6) and end it early (end_percent 0.6) so the face stays the reference's.\n" + MODELS_TEXT
+         + f" Canny ControlNet: {CANNY_CONTROLNET} in models/controlnet.",
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           _node("canny_net", "ControlNetLoader", "Load canny ControlNet", "models",
+                 control_net_name=CANNY_CONTROLNET),
+           image("reference", "Reference face", "face.png"),
+           image("composition", "Composition photo", "composition.png"),
+           _node("apply", "ApplyInstantID", "Apply InstantID", "identity"),
+           _node("edges", "Canny", "Canny", "sampling", low_threshold=0.3, high_threshold=0.6),
+           _node("canny", "ControlNetApplyAdvanced", "Apply canny ControlNet", "sampling", strength=0.5,
+                 end_percent=0.6),
+           *sampling(896, 1152)),
+    links=(*CLIP_LINKS, *apply_links("apply"), "composition.IMAGE -> edges.image",
+           "apply.positive -> canny.positive", "apply.negative -> canny.negative",
+           "canny_net.CONTROL_NET -> canny.control_net", "edges.IMAGE -> canny.image", "checkpoint.VAE -> canny.vae",
+           *sampler_links("apply.MODEL", "canny"), *SAMPLING_LINKS))
+
+WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY)
+BASIC_WORKFLOW_FILE = f"{BASIC.name}.json"

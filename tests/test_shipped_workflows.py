@@ -1,0 +1,159 @@
+"""The shipped workflows (workflows/*.json, UI format, and workflows/api/, their API twins): they
+execute on the test bed, the files are what scripts/build_workflows.py writes, and they carry what
+ComfyUI's frontend and ComfyUI-Manager read (node provenance, model links, a layout without overlaps)."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import UNET_NAME
+from support.workflows import REPO_ROOT, load_ui_workflow, prepare_for_test_bed
+from test_workflows import sampler_spy  # noqa: F401  (the fixture)
+
+from instantid import __version__
+from instantid.commands.workflow_builder import (MODEL_INPUTS, NOTE_TYPE, dumps, model_entries, node_rectangles,
+                                                 overlapping_nodes, render)
+from instantid.commands.workflow_specs import WORKFLOWS
+
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+UI_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
+IDS = [path.name for path in UI_FILES]
+
+
+def pack_node_ids() -> set[str]:
+    """The node ids nodes.py declares (read from its source, so no ComfyUI is needed)."""
+    tree = ast.parse((REPO_ROOT / "nodes.py").read_text())
+    return {kw.value.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+            for kw in node.keywords if kw.arg == "node_id" and isinstance(kw.value, ast.Constant)}
+
+
+def controls(entry: dict) -> list[str]:
+    """The ControlNet chain on one conditioning entry, last applied first."""
+    chain, control = [], entry[1].get("control")
+    while control is not None:
+        chain.append(type(control).__name__)
+        control = control.previous_controlnet
+    return chain
+
+
+def test_there_are_the_specs_files_and_their_names_read_as_titles():
+    assert IDS == sorted(f"{spec.name}.json" for spec in WORKFLOWS)
+    assert len(IDS) >= 6
+    for name in IDS:
+        # Templates titles come from the file name, fetched in a URL as is: letters, digits, spaces, hyphens;
+        # the two-digit prefix orders them basic → advanced in the Templates browser's A-Z sort.
+        assert re.fullmatch(r"\d\d [A-Z][A-Za-z0-9 -]+\.json", name), name
+    assert sorted(p.name for p in (WORKFLOWS_DIR / "api").glob("*.json")) == IDS
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=IDS)
+def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
+    from instantid.sdxl import ATTN2_KEYS
+    prompt = comfy.embedded.to_api(load_ui_workflow(path))
+    kinds = [node["class_type"] for node in prompt.values()]
+    result = comfy.run(prepare_for_test_bed(prompt, UNET_NAME, comfy.base / "input", steps=1))
+    assert result.success, result.error_text()
+    saved = [image for output in result.outputs.values() for image in output.get("images", [])]
+    assert saved and all(image["type"] == "output" for image in saved)
+    assert len(sampler_spy) == kinds.count("KSampler")
+    final = sampler_spy[-1]
+    identities = sum(kinds.count(k) for k in ("ApplyInstantID", "ApplyInstantIDAdvanced", "InstantIDAttentionPatch"))
+    patches = final["model"].model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert set(patches) == set(ATTN2_KEYS)
+    assert all(len(patch.branches) == identities for patch in patches.values())
+    identitynets = sum(kinds.count(k) for k in ("ApplyInstantID", "ApplyInstantIDAdvanced", "ApplyInstantIDControlNet"))
+    expected_chain = ["ControlNet"] * (identitynets + kinds.count("ControlNetApplyAdvanced"))
+    for entry in final["positive"] + final["negative"]:
+        assert controls(entry) == expected_chain
+        assert ("cross_attn_controlnet" in entry[1]) == (identitynets > 0)
+    lora_patched = {key for key in final["model"].patches if key.startswith("diffusion_model.out.2")}
+    assert lora_patched == ({"diffusion_model.out.2.weight"} if "LoraLoader" in kinds else set())
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=IDS)
+def test_api_twin_is_the_converters_output_of_the_ui_file(comfy, path):
+    twin = json.loads((WORKFLOWS_DIR / "api" / path.name).read_text())
+    assert twin == comfy.embedded.to_api(load_ui_workflow(path))
+
+
+def test_shipped_files_are_what_the_generator_writes(comfy):
+    from instantid.commands.comfy_home import comfyui_version
+    files = render(WORKFLOWS, comfy.embedded, __version__, comfyui_version(comfy.embedded.comfyui))
+    for name, (workflow, api) in files.items():
+        assert (WORKFLOWS_DIR / name).read_text() == dumps(workflow), f"rebuild: python scripts/build_workflows.py ({name})"
+        assert (WORKFLOWS_DIR / "api" / name).read_text() == dumps(api), name
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=IDS)
+def test_every_node_says_which_pack_it_comes_from(path):
+    from conftest import COMFYUI
+    from instantid.commands.comfy_home import comfyui_version
+    ours = pack_node_ids()
+    core_versions = set()
+    for node in load_ui_workflow(path)["nodes"]:
+        properties = node["properties"]
+        if node["type"] in ours:
+            assert (properties["cnr_id"], properties["ver"]) == ("instantid-nodes", __version__), node["type"]
+        else:
+            assert properties["cnr_id"] == "comfy-core", node["type"]
+            core_versions.add(properties["ver"])
+    # The ComfyUI version the files were built with: the one the tests run with, where there is one.
+    assert core_versions == {comfyui_version(COMFYUI)} if COMFYUI else re.fullmatch(r"\d+\.\d+\.\d+", *core_versions)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=IDS)
+def test_nodes_do_not_overlap_and_each_sits_in_its_group(path):
+    workflow = load_ui_workflow(path)
+    assert overlapping_nodes(workflow) == []
+    groups = workflow["groups"]
+    assert [g["title"] for g in groups] == [t for t in ("models", "identity", "sampling") if t in {g["title"] for g in groups}]
+    for node_id, (left, top, right, bottom) in node_rectangles(workflow):
+        node = next(n for n in workflow["nodes"] if n["id"] == node_id)
+        inside = [g["title"] for g in groups
+                  if g["bounding"][0] <= left and right <= g["bounding"][0] + g["bounding"][2]
+                  and g["bounding"][1] <= top and bottom <= g["bounding"][1] + g["bounding"][3]]
+        assert len(inside) == (0 if node["type"] == NOTE_TYPE else 1), (node["title"], inside)
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            ax, ay, aw, ah = a["bounding"]
+            bx, by, bw, bh = b["bounding"]
+            assert not (ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah), (a["title"], b["title"])
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=IDS)
+def test_links_flow_left_to_right(path):
+    workflow = load_ui_workflow(path)
+    by_id = {node["id"]: node for node in workflow["nodes"]}
+    for _, source, _, target, _, _ in workflow["links"]:
+        assert by_id[source]["pos"][0] + by_id[source]["size"][0] < by_id[target]["pos"][0], (source, target)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=IDS)
+def test_every_loader_carries_its_download_link(path):
+    workflow = load_ui_workflow(path)
+    known = model_entries()
+    expected = []
+    for node in workflow["nodes"]:
+        for (kind, input_name), folder in MODEL_INPUTS.items():
+            if node["type"] != kind:
+                continue
+            file_name = next(v for v in node["widgets_values"] if isinstance(v, str))
+            entry = known[(folder, file_name)]
+            link = {"name": file_name, "url": f"https://huggingface.co/{entry.repo}/resolve/{entry.revision}/{entry.file}",
+                    "directory": folder}
+            assert node["properties"]["models"] == [link], node["title"]
+            expected.append(link)
+    assert expected and workflow["models"] == list({json.dumps(m): m for m in expected}.values())
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=IDS)
+def test_the_note_names_every_model_file_the_workflow_loads(path):
+    workflow = load_ui_workflow(path)
+    [note] = [node for node in workflow["nodes"] if node["type"] == NOTE_TYPE]
+    for entry in workflow["models"]:
+        assert entry["name"] in note["widgets_values"][0], entry["name"]
+    assert "antelopev2" in note["widgets_values"][0]
