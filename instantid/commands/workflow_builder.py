@@ -27,6 +27,7 @@ SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 20
 WIDGET_SPACING = 4
 WIDGETS_PADDING = 8
+NODE_BOTTOM_PADDING = 6  # computeSize's result is 6 px taller than its rows and widgets (measured in 1.35.9)
 NODE_WIDTH = 140
 TITLE_FONT_PX = 14
 SLOT_FONT_PX = 12
@@ -183,6 +184,7 @@ def node_size(schema: NodeSchema, title: str, values: Mapping[str, Any]) -> list
             widget_rows.append(WIDGET_HEIGHT)
     if widget_rows:
         height += sum(h + WIDGET_SPACING for h in widget_rows) + WIDGETS_PADDING
+    height += NODE_BOTTOM_PADDING
     min_w = NODE_WIDTH * (1.5 if widget_rows else 1)
     width = max(slots_w, widget_w, title_w, min_w)
     if any(w.image_upload for w in schema.widgets) or schema.class_type in ("SaveImage", "PreviewImage"):
@@ -241,13 +243,15 @@ class _Graph:
                 values.append("fixed")
             if widget.image_upload:
                 values.append("image")
-        inputs = []
-        for name, kind, is_widget in schema.inputs:
-            slot: dict[str, Any] = {"localized_name": name, "name": name, "type": kind}
-            if is_widget:
-                slot["widget"] = {"name": name}
-            slot["link"] = None
-            inputs.append(slot)
+        # The frontend lists the sockets first, then one input per widget (the upload button included).
+        inputs = [{"localized_name": name, "name": name, "type": kind, "link": None}
+                  for name, kind, is_widget in schema.inputs if not is_widget]
+        for widget in schema.widgets:
+            inputs.append({"localized_name": widget.name, "name": widget.name, "type": widget.kind,
+                           "widget": {"name": widget.name}, "link": None})
+            if widget.image_upload:
+                inputs.append({"localized_name": "choose file to upload", "name": "upload", "type": "IMAGEUPLOAD",
+                               "widget": {"name": "upload"}, "link": None})
         properties: dict[str, Any] = {"Node name for S&R": node.class_type}
         properties.update(self._provenance(schema.core))
         models = [model_link(folder, node.values[name]) for (kind, name), folder in MODEL_INPUTS.items()
