@@ -12,6 +12,7 @@ from typing_extensions import override
 from .instantid.adapter import load_adapter
 from .instantid.apply import (ON_NO_FACE, apply_attention_only, apply_control_only, apply_instantid,
                               as_face_analyzer, keypoints_image)
+from .instantid.face_crop import DEFAULT_FEATHER, DEFAULT_PADDING, DEFAULT_SIZE, crop_faces, paste_faces
 from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
 from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
 from .instantid.similarity import face_similarity
@@ -21,6 +22,7 @@ register_model_folders(folder_paths)
 InstantIDType = io.Custom("INSTANTID")
 FaceAnalysisType = io.Custom("FACEANALYSIS")
 FaceEmbedsType = io.Custom("FACE_EMBEDS")
+CropType = io.Custom("INSTANTID_CROP")
 CATEGORY = "InstantID"
 
 
@@ -257,9 +259,60 @@ class InstantIDFaceSimilarity(io.ComfyNode):
         return io.NodeOutput(result.mean, ui={"text": [result.text()], "face_similarity": list(result.per_image)})
 
 
+class InstantIDFaceCrop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDFaceCrop", display_name="InstantID Face Crop", category=CATEGORY,
+            description="Crops the face with some context and upscales it, so a small face (a full-body shot) can be "
+                        "redrawn at full resolution, e.g. by InstantID img2img; 'InstantID Face Paste' puts it back. "
+                        "The face stays centred: near the border the crop is padded with the edge pixels. Batch "
+                        "positions are kept; an image without a face passes through unchanged.",
+            inputs=[io.Image.Input("image", tooltip="The image(s) with a face to repair."),
+                    FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis'."),
+                    io.Int.Input("face_index", default=0, min=0, max=64,
+                                 tooltip="Which face: 0 = the largest, 1 = the first from the left, 2 = the second…"),
+                    io.Float.Input("padding", default=DEFAULT_PADDING, min=0.0, max=4.0, step=0.05,
+                                   tooltip="Context around the face, as a fraction of the face box added on each side."),
+                    io.Int.Input("size", default=DEFAULT_SIZE, min=64, max=4096, step=8,
+                                 tooltip="Long side of the crop in pixels (a multiple of 8); the aspect is kept. "
+                                         "1024 suits SDXL.")],
+            outputs=[io.Image.Output(display_name="crop", tooltip="The face crop(s), upscaled to 'size'."),
+                     CropType.Output(display_name="CROP", tooltip="Where each crop came from, for 'InstantID Face Paste'."),
+                     io.Mask.Output(display_name="mask", tooltip="The crop's feathered mask (the paste's blend at the "
+                                                                 "default feather); empty for an image without a face.")])
+
+    @classmethod
+    def execute(cls, image: Any, faceanalysis: Any, face_index: int, padding: float, size: int) -> io.NodeOutput:
+        result = crop_faces(as_face_analyzer(faceanalysis), image, face_index, padding, size)
+        return io.NodeOutput(result.image, result.crops, result.mask, ui=_notes_ui(result.notes))
+
+
+class InstantIDFacePaste(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDFacePaste", display_name="InstantID Face Paste", category=CATEGORY,
+            description="Puts the processed face crop back into the original image: the change made to the crop is "
+                        "resized back and blended in with a feathered edge. Pixels outside the crop box are never "
+                        "changed, and an unchanged crop gives back the original exactly.",
+            inputs=[io.Image.Input("image", tooltip="The original image(s), as given to 'InstantID Face Crop'."),
+                    io.Image.Input("processed", tooltip="The crop after processing (e.g. VAE Decode of an img2img on it)."),
+                    CropType.Input("crop", tooltip="The CROP output of 'InstantID Face Crop'."),
+                    io.Int.Input("feather", default=DEFAULT_FEATHER, min=0, max=1024,
+                                 tooltip="Width in image pixels of the band along the crop edge over which the new face "
+                                         "fades into the original (at most half the crop box).")],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The original with the processed face pasted in.")])
+
+    @classmethod
+    def execute(cls, image: Any, processed: Any, crop: Any, feather: int) -> io.NodeOutput:
+        pasted, notes = paste_faces(image, processed, crop, feather)
+        return io.NodeOutput(pasted, ui=_notes_ui(notes))
+
+
 NODES: list[type[io.ComfyNode]] = [InstantIDModelLoader, InstantIDFaceAnalysis, FaceKeypointsPreprocessor, ApplyInstantID,
                                    ApplyInstantIDAdvanced, InstantIDAttentionPatch, ApplyInstantIDControlNet,
-                                   InstantIDFaceSimilarity]
+                                   InstantIDFaceSimilarity, InstantIDFaceCrop, InstantIDFacePaste]
 
 
 class InstantIDExtension(ComfyExtension):

@@ -26,6 +26,13 @@ class CommandError(Exception):
     """An expected failure; the message is one actionable line."""
 
 
+# ComfyUI's folder_paths: the old names extra_model_paths.yaml may still use (map_legacy), and the
+# keys whose default is more than models/<key>.
+LEGACY_FOLDER_KEYS = {"unet": "diffusion_models", "clip": "text_encoders"}
+DEFAULT_MODEL_SUBFOLDERS = {"diffusion_models": ("unet", "diffusion_models"), "text_encoders": ("text_encoders", "clip"),
+                            "controlnet": ("controlnet", "t2i_adapter")}
+
+
 def read_extra_model_paths(config: Path) -> dict[str, list[Path]]:
     """The folders an extra_model_paths.yaml registers, per folder key, in the order ComfyUI's
     folder_paths would hold them (utils/extra_config.py): `base_path` (relative to the file) joins
@@ -63,7 +70,7 @@ def read_extra_model_paths(config: Path) -> dict[str, list[Path]]:
                 if not line:
                     continue
                 path = Path(os.path.normpath((base or config_dir) / line))
-                paths = folders.setdefault(str(key), [])
+                paths = folders.setdefault(LEGACY_FOLDER_KEYS.get(str(key), str(key)), [])
                 if path in paths and is_default:
                     paths.remove(path)
                 if is_default:
@@ -110,14 +117,15 @@ def model_folders(keys: Iterable[str], base_directory: Path | None, extra_config
 
 def model_search_paths(keys: Iterable[str], base_directory: Path | None,
                        extra_configs: Sequence[Path]) -> dict[str, list[Path]]:
-    """Every folder ComfyUI searches for each key. ComfyUI's own keys (controlnet) start with
-    <base>/models/<key>; the pack's keys (instantid, insightface) list the registered folders
-    first, as paths.register_model_folders does. Without a base only the registered folders."""
+    """Every folder ComfyUI searches for each key. ComfyUI's own keys (controlnet) start with its
+    defaults, <base>/models/<key> (DEFAULT_MODEL_SUBFOLDERS for a few keys); the pack's keys
+    (instantid, insightface) list the registered folders first, as paths.register_model_folders
+    does. Without a base only the registered folders."""
     registered = registered_folders(extra_configs)
     base = comfyui_base(base_directory, required=False)
     found = {}
     for key in keys:
-        default = [base / "models" / key] if base else []
+        default = [base / "models" / folder for folder in DEFAULT_MODEL_SUBFOLDERS.get(key, (key,))] if base else []
         extra = [path for path in registered.get(key, []) if path not in default]
         found[key] = [*extra, *default] if key in (ADAPTER_FOLDER, FACE_MODELS_FOLDER) else [*default, *extra]
     return found
@@ -204,6 +212,9 @@ def _add_doctor(commands: argparse._SubParsersAction) -> None:
                     "the commands that fix what is wrong. Exit code 0 only when everything needed is in place. "
                     "Downloads nothing and needs no GPU.")
     _add_model_location_arguments(parser)
+    parser.add_argument("--workflow", type=Path, metavar="FILE",
+                        help="check the model files this workflow (UI or API format) loads instead of the pack's own: "
+                             "each missing one is named with where it goes and, when known, where to download it")
     parser.set_defaults(handler=_doctor)
 
 
@@ -214,7 +225,15 @@ def _doctor(args: argparse.Namespace) -> int:
     base = comfyui_base(args.base_directory, required=False)
     own_config = comfyui / "extra_model_paths.yaml" if comfyui else None
     configs = [c for c in (own_config,) if c and c.is_file()] + [c for c in (args.extra_model_paths_config,) if c]
-    keys = sorted({entry.folder for entry in CATALOG})
+    workflow = None
+    if args.workflow is not None:
+        from .runner import RunError, load_workflow
+        from .workflow_models import workflow_models
+        try:
+            workflow = (args.workflow, workflow_models(load_workflow(args.workflow)))
+        except RunError as error:
+            raise CommandError(str(error)) from None
+    keys = sorted({entry.folder for entry in CATALOG} | {ref.folder for ref in (workflow[1].files if workflow else ())})
     try:
         targets = model_folders(keys, args.base_directory, args.extra_model_paths_config)
     except CommandError:
@@ -228,7 +247,7 @@ def _doctor(args: argparse.Namespace) -> int:
     try:
         report = run_checks(comfyui=comfyui, base_directory=base, extra_configs=configs,
                             search_paths=model_search_paths(keys, args.base_directory, configs), targets=targets,
-                            custom_node_folders=custom_nodes, fetch_command=fetch)
+                            custom_node_folders=custom_nodes, fetch_command=fetch, workflow=workflow)
     finally:
         faces_log.setLevel(previous_level)
     sys.stdout.write("".join(line + "\n" for line in report.lines(markers_for(sys.stdout))))

@@ -27,8 +27,11 @@ from typing import Literal
 
 from .catalog import CATALOG, INSTANTID_REPO, ModelFile, format_size
 from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
+from .fetch import DEFAULT_ENDPOINT, file_url
+from .workflow_models import FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels
 from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, FaceModelsMissing,
                     double_install_warning, find_antelopev2, onnxruntime_distributions, select_providers)
+from ..paths import ADAPTER_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +237,16 @@ def _found(path: Path) -> str:
     return f"{path} ({format_size(path.stat().st_size)})"
 
 
+def _where(target: Path | None) -> str:
+    return f"put it at {target}" if target else "no model folder to put it in (pass --base-directory)"
+
+
+def _missing_detail(entry: ModelFile, target: Path | None) -> str:
+    return f"MISSING ({entry.approx_size}, {entry.description}); {_where(target)}"
+
+
 def _missing(entry: ModelFile, target: Path | None) -> Check:
-    where = f"put it at {target}" if target else "no model folder to put it in (pass --base-directory)"
-    return Check("fail", entry.id, f"MISSING ({entry.approx_size}, {entry.description}); {where}", refetch=(entry.id,))
+    return Check("fail", entry.id, _missing_detail(entry, target), refetch=(entry.id,))
 
 
 def _bad(entry: ModelFile, path: Path, reason: str) -> Check:
@@ -422,14 +432,70 @@ def _insightface_load(folder: Path) -> Check:
     return Check("ok", FACE_MODEL_NAME, f"insightface loads the detector (5 keypoints) and the recogniser: {used}")
 
 
+# ------------------------------------------------------------------------------ a workflow's models --
+
+_VALIDATORS: dict[str, Callable[[Path], tuple[str | None, str]]] = {"adapter": _adapter_check,
+                                                                    "identitynet": identitynet_problem}
+
+
+def _catalog_entry(reference: ModelReference) -> ModelFile | None:
+    return next((entry for entry in CATALOG
+                 if (entry.folder, entry.path) == (reference.folder, reference.relative_path)), None)
+
+
+def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target_folder: Path | None) -> Check:
+    """One file a workflow's node loads: found where ComfyUI searches (and, for the pack's own
+    files, valid), else where it goes and, when the catalog knows it, where to download it."""
+    entry = _catalog_entry(reference)
+    name = f"node {reference.node} {reference.class_type}"
+    subject = f"{reference.input} {reference.file}"
+    refetch = (entry.id,) if entry else ()
+    path = _first_existing(roots, reference.relative_path)
+    if path is None:
+        target = target_folder / reference.relative_path if target_folder else None
+        if entry is None:
+            return Check("fail", name, f"{subject}: MISSING; {_where(target)}")
+        return Check("fail", name, f"{subject}: {_missing_detail(entry, target)}; "
+                                   f"download {file_url(entry, DEFAULT_ENDPOINT)}", refetch=refetch)
+    # The adapter is checked whatever its name: InstantIDModelLoader loads nothing else.
+    validator = _VALIDATORS.get(entry.id) if entry else _adapter_check if reference.folder == ADAPTER_FOLDER else None
+    reason, what = validator(path) if validator else (None, "")
+    if reason:
+        return Check("fail", name, f"{subject}: BROKEN {_found(path)}: {reason}", refetch=refetch)
+    return Check("ok", name, f"{subject}: {_found(path)}" + (f": {what}" if what else ""))
+
+
+def check_workflow(workflow: Path, models: WorkflowModels, search_paths: Mapping[str, Sequence[Path]],
+                   targets: Mapping[str, Path]) -> list[Check]:
+    """A line naming the workflow and what it loads, then one per model file it names (the
+    antelopev2 checks when it analyses faces)."""
+    loaded = [f"{len(models.files)} model file{'s' if len(models.files) != 1 else ''} named by {models.loader_nodes} "
+              f"loader node{'s' if models.loader_nodes != 1 else ''}"]
+    if models.face_analysis:
+        loaded.append(f"face analysis ({FACE_MODEL_NAME})")
+    if models.files or models.face_analysis:
+        checks = [Check("ok", "workflow", f"{workflow}: {' and '.join(loaded)}")]
+    else:
+        checks = [Check("warn", "workflow", f"{workflow}: {loaded[0]}; the doctor checks the files of these loaders: "
+                                            f"{', '.join([*MODEL_LOADERS, *FACE_ANALYSIS_NODES])}")]
+    checks += [check_workflow_file(reference, search_paths.get(reference.folder, []), targets.get(reference.folder))
+               for reference in models.files]
+    if models.face_analysis:
+        checks += check_antelopev2([entry for entry in CATALOG if entry.folder == "insightface"],
+                                   list(search_paths.get("insightface", [])), targets.get("insightface"))
+    return checks
+
+
 # ------------------------------------------------------------------------------------------ all --
 
 
 def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_configs: Sequence[Path],
                search_paths: Mapping[str, Sequence[Path]], targets: Mapping[str, Path],
-               custom_node_folders: Sequence[Path], fetch_command: str = FETCH_COMMAND) -> Report:
+               custom_node_folders: Sequence[Path], fetch_command: str = FETCH_COMMAND,
+               workflow: tuple[Path, WorkflowModels] | None = None) -> Report:
     """Every check, in report order. `search_paths`: the folders ComfyUI searches per folder key;
-    `targets`: where fetch-models puts each key's files (cli.model_folders)."""
+    `targets`: where fetch-models puts each key's files (cli.model_folders). With `workflow`, the
+    model files checked are those that workflow loads instead of the pack's own."""
     report = Report(fetch_command=fetch_command)
     report.checks += [check_comfyui(comfyui), check_model_folders(base_directory, extra_configs), check_python()]
     torch_check, torch_cuda = check_torch()
@@ -444,6 +510,9 @@ def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_confi
             detector = None
     report.checks += check_onnxruntime(detector, torch_cuda)
     report.checks.append(check_pack_location(custom_node_folders))
+    if workflow is not None:
+        report.checks += check_workflow(*workflow, search_paths, targets)
+        return report
     report.checks.append(check_file_entry(by_id["adapter"], search_paths.get("instantid", []),
                                           _target(targets, by_id["adapter"]), _adapter_check))
     report.checks.append(check_file_entry(by_id["identitynet"], search_paths.get("controlnet", []),

@@ -1,6 +1,6 @@
 """Test-only ComfyUI nodes, loaded beside the pack: what a weightless test cannot get from a real
-checkpoint. The UNet still comes through ComfyUI's real UNETLoader; only text encoding and VAE
-decoding are replaced by seeded stand-ins with SDXL's shapes (2048-wide tokens, 1280 pooled)."""
+checkpoint. The UNet still comes through ComfyUI's real UNETLoader; only text encoding and the VAE
+are replaced by seeded stand-ins with SDXL's shapes (2048-wide tokens, 1280 pooled)."""
 from __future__ import annotations
 
 import hashlib
@@ -38,12 +38,18 @@ class SeededTextEncoder:
 
 
 class LatentPreviewDecoder:
-    """Stands in for the SDXL VAE in VAEDecode: first three latent channels, squashed to 0..1 and
-    upscaled 8x, so different latents give different images."""
+    """Stands in for the SDXL VAE in VAEDecode (and VAEEncode): first three latent channels, squashed
+    to 0..1 and upscaled 8x, so different latents give different images."""
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         rgb = torch.sigmoid(latent[:, :3].float())
         return torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest").movedim(1, -1)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Stands in for VAEEncode (img2img): 8x8 means of the RGB, through the inverse of decode's
+        sigmoid, and a zero fourth channel; decode(encode(x)) is x pooled and upscaled."""
+        rgb = torch.nn.functional.avg_pool2d(pixels[..., :3].movedim(-1, 1).float(), 8).clamp(1e-4, 1 - 1e-4)
+        return torch.cat([torch.logit(rgb), torch.zeros_like(rgb[:, :1])], dim=1)
 
 
 class TinyCheckpoint(io.ComfyNode):
