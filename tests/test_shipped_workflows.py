@@ -15,8 +15,9 @@ from support.workflows import REPO_ROOT, load_ui_workflow, prepare_for_test_bed
 from test_workflows import sampler_spy  # noqa: F401  (the fixture)
 
 from instantid import __version__
-from instantid.commands.workflow_builder import (MODEL_INPUTS, NOTE_TYPE, dumps, model_entries, node_rectangles,
-                                                 overlapping_nodes, render)
+from instantid.commands.workflow_builder import (NOTE_TYPE, dumps, model_entries, node_rectangles, overlapping_nodes,
+                                                 render)
+from instantid.commands.workflow_models import MODEL_LOADERS
 from instantid.commands.workflow_specs import WORKFLOWS
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
@@ -29,6 +30,20 @@ def pack_node_ids() -> set[str]:
     tree = ast.parse((REPO_ROOT / "nodes.py").read_text())
     return {kw.value.value for node in ast.walk(tree) if isinstance(node, ast.Call)
             for kw in node.keywords if kw.arg == "node_id" and isinstance(kw.value, ast.Constant)}
+
+
+OUTPUT_NODES = ("SaveImage", "PreviewImage", "InstantIDFaceSimilarity")
+
+
+def executed_kinds(prompt: dict) -> list[str]:
+    """Class types of the nodes an output depends on (what ComfyUI executes)."""
+    wanted, stack = set(), [i for i, node in prompt.items() if node["class_type"] in OUTPUT_NODES]
+    while stack:
+        node_id = stack.pop()
+        if node_id not in wanted:
+            wanted.add(node_id)
+            stack += [v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return [prompt[i]["class_type"] for i in sorted(wanted)]
 
 
 def controls(entry: dict) -> list[str]:
@@ -53,9 +68,10 @@ def test_there_are_the_specs_files_and_their_names_read_as_titles():
 @pytest.mark.parametrize("path", UI_FILES, ids=IDS)
 def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
     from instantid.sdxl import ATTN2_KEYS
-    prompt = comfy.embedded.to_api(load_ui_workflow(path))
-    kinds = [node["class_type"] for node in prompt.values()]
-    result = comfy.run(prepare_for_test_bed(prompt, UNET_NAME, comfy.base / "input", steps=1))
+    prompt = prepare_for_test_bed(comfy.embedded.to_api(load_ui_workflow(path)), UNET_NAME, comfy.base / "input",
+                                  steps=1)
+    kinds = executed_kinds(prompt)
+    result = comfy.run(prompt)
     assert result.success, result.error_text()
     saved = [image for output in result.outputs.values() for image in output.get("images", [])]
     assert saved and all(image["type"] == "output" for image in saved)
@@ -71,7 +87,10 @@ def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
         assert controls(entry) == expected_chain
         assert ("cross_attn_controlnet" in entry[1]) == (identitynets > 0)
     lora_patched = {key for key in final["model"].patches if key.startswith("diffusion_model.out.2")}
-    assert lora_patched == ({"diffusion_model.out.2.weight"} if "LoraLoader" in kinds else set())
+    assert lora_patched == ({"diffusion_model.out.2.weight"} if "LoraLoaderModelOnly" in kinds else set())
+    if "InstantIDFaceCrop" in kinds:
+        # The face is redrawn as img2img on the crop (crop_size 128 → a 16×16 latent) and pasted back.
+        assert final["denoise"] == 0.45 and final["latent"]["samples"].shape[-2:] == (16, 16)
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=IDS)
@@ -138,13 +157,11 @@ def test_every_loader_carries_its_download_link(path):
     known = model_entries()
     expected = []
     for node in workflow["nodes"]:
-        for (kind, input_name), folder in MODEL_INPUTS.items():
-            if node["type"] != kind:
-                continue
-            file_name = next(v for v in node["widgets_values"] if isinstance(v, str))
-            entry = known[(folder, file_name)]
+        for model in MODEL_LOADERS.get(node["type"], ()):
+            file_name = node["widgets_values"][model.widget]
+            entry = known[(model.folder, file_name)]
             link = {"name": file_name, "url": f"https://huggingface.co/{entry.repo}/resolve/{entry.revision}/{entry.file}",
-                    "directory": folder}
+                    "directory": model.folder}
             assert node["properties"]["models"] == [link], node["title"]
             expected.append(link)
     assert expected and workflow["models"] == list({json.dumps(m): m for m in expected}.values())

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 
 from .catalog import CATALOG, WORKFLOW_MODELS, ModelFile
 from .fetch import DEFAULT_ENDPOINT, file_url
+from .workflow_models import MODEL_LOADERS
 
 PACK_CNR_ID = "instantid-nodes"
 CORE_CNR_ID = "comfy-core"
@@ -45,11 +46,6 @@ NOTE_WIDTH = 400
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_NAMES = ("seed", "noise_seed")
-# Loader inputs that name a model file, with the ComfyUI folder the file lives in.
-MODEL_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
-                ("ControlNetLoader", "control_net_name"): "controlnet",
-                ("LoraLoader", "lora_name"): "loras",
-                ("InstantIDModelLoader", "instantid_file"): "instantid"}
 
 
 class SpecError(ValueError):
@@ -254,8 +250,7 @@ class _Graph:
                                "widget": {"name": "upload"}, "link": None})
         properties: dict[str, Any] = {"Node name for S&R": node.class_type}
         properties.update(self._provenance(schema.core))
-        models = [model_link(folder, node.values[name]) for (kind, name), folder in MODEL_INPUTS.items()
-                  if kind == node.class_type]
+        models = [model_link(model.folder, node.values[model.name]) for model in MODEL_LOADERS.get(node.class_type, ())]
         if models:
             properties["models"] = models
         ui: dict[str, Any] = {"id": self.ids[node.key], "type": node.class_type, "pos": [0, 0],

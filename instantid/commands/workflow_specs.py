@@ -182,5 +182,38 @@ CANNY = WorkflowSpec(
            "canny_net.CONTROL_NET -> canny.control_net", "edges.IMAGE -> canny.image", "checkpoint.VAE -> canny.vae",
            *sampler_links("apply.MODEL", "canny"), *SAMPLING_LINKS))
 
-WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY)
+FACE_REPAIR = WorkflowSpec(
+    name="10 Full-body shot with face repair",
+    tag="face-repair",
+    note="Small faces lose the identity: this draws a full-body shot, then repairs the face at full resolution. "
+         "InstantID Face Crop cuts the face out with some context and upscales it to 1024 px; a second KSampler "
+         "redraws it as img2img (denoise 0.45) with Apply InstantID, the pose taken from the crop itself; "
+         "InstantID Face Paste blends the new face back (pixels outside the crop box are unchanged). Raise denoise "
+         "(0.5-0.6) for more likeness, lower it to keep more of the first face.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts("full-body photo of a man in a denim jacket walking down a city street at dusk, "
+                                  "35mm"),
+           adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"),
+           _node("crop", "InstantIDFaceCrop", "InstantID Face Crop", "identity"),
+           _node("apply", "ApplyInstantID", "Apply InstantID", "identity"),
+           _node("paste", "InstantIDFacePaste", "InstantID Face Paste", "identity"),
+           _node("latent", "EmptyLatentImage", "Empty Latent Image", "sampling", width=832, height=1216),
+           _node("sampler", "KSampler", "KSampler (full body)", "sampling", **SAMPLER),
+           _node("decode", "VAEDecode", "VAE Decode", "sampling"),
+           _node("encode", "VAEEncode", "VAE Encode (face crop)", "sampling"),
+           _node("repair", "KSampler", "KSampler (face, img2img)", "sampling", **{**SAMPLER, "denoise": 0.45}),
+           _node("decode_face", "VAEDecode", "VAE Decode (face)", "sampling"),
+           _node("save", "SaveImage", "Save Image", "sampling", filename_prefix="instantid_repaired")),
+    links=(*CLIP_LINKS, "latent.LATENT -> sampler.latent_image", "checkpoint.MODEL -> sampler.model",
+           "positive.CONDITIONING -> sampler.positive", "negative.CONDITIONING -> sampler.negative",
+           "sampler.LATENT -> decode.samples", "checkpoint.VAE -> decode.vae",
+           "decode.IMAGE -> crop.image", "faces.FACEANALYSIS -> crop.faceanalysis",
+           *apply_links("apply"), "crop.crop -> apply.image_kps",
+           "crop.crop -> encode.pixels", "checkpoint.VAE -> encode.vae",
+           "apply.MODEL -> repair.model", "apply.positive -> repair.positive", "apply.negative -> repair.negative",
+           "encode.LATENT -> repair.latent_image", "repair.LATENT -> decode_face.samples",
+           "checkpoint.VAE -> decode_face.vae", "decode.IMAGE -> paste.image", "decode_face.IMAGE -> paste.processed",
+           "crop.CROP -> paste.crop", "paste.IMAGE -> save.images"))
+
+WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, FACE_REPAIR)
 BASIC_WORKFLOW_FILE = f"{BASIC.name}.json"

@@ -53,10 +53,12 @@ def _swap_lora_loader(prompt: dict, node_id: str) -> None:
                 other["inputs"][name] = clip_source
 
 
-def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: int = 64, steps: int = 2) -> dict:
+def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: int = 64, steps: int = 2,
+                         crop_size: int = 128) -> dict:
     """The API prompt with real-weight loaders replaced by fixtures and a CPU-sized run: the
     checkpoint by the tiny UNet, any ControlNet by the fixture IdentityNet (an SDXL-layout
-    ControlNet), a LoRA by a tiny one written under its name, images by synthetic faces."""
+    ControlNet), a LoRA by a tiny one written under its name, images (and a generated image that a
+    face crop repairs) by synthetic faces, face crops at crop_size."""
     from support.server import IDENTITYNET_NAME
     prompt = json.loads(json.dumps(prompt))
     models = input_dir.parent / "models"
@@ -69,12 +71,29 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
         elif kind == "LoraLoader":
             write_tiny_lora(models / "loras" / inputs["lora_name"])
             _swap_lora_loader(prompt, node_id)
+        elif kind == "InstantIDFaceCrop":
+            inputs["size"] = crop_size
+            source = inputs["image"][0]
+            if prompt[source]["class_type"] == "VAEDecode":
+                # The tiny model draws no face: the generated image to repair becomes a synthetic face photo.
+                name = f"generated_{source}.png"
+                prompt[source] = {"class_type": "LoadImage", "inputs": {"image": name}}
+                write_face_photo(input_dir / name)
         elif kind == "EmptyLatentImage":
             inputs.update(width=size, height=size)
         elif kind == "KSampler":
             inputs["steps"] = steps
         elif kind == "LoadImage":
             write_face_photo(input_dir / inputs["image"])
+    for node_id, node in list(prompt.items()):
+        kps = node["inputs"].get("image_kps")
+        if isinstance(kps, list) and prompt[kps[0]]["class_type"] == "InstantIDFaceCrop":
+            # The synthetic detector fires only on a marker filling one 32-px detector cell, which a crop centred
+            # on the face never holds (its centre is a cell corner): the pose comes from a synthetic face photo.
+            name = f"crop_pose_{node_id}.png"
+            prompt[f"{node_id}_pose"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+            node["inputs"]["image_kps"] = [f"{node_id}_pose", 0]
+            write_face_photo(input_dir / name)
     return prompt
 
 
