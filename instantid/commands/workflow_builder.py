@@ -54,7 +54,8 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One node: `key` names it in links, `values` holds non-default widget values by input name."""
+    """One node: `key` names it in links, `values` holds non-default widget values by input name;
+    an empty title shows the node's display name."""
     key: str
     class_type: str
     title: str
@@ -253,12 +254,16 @@ class _Graph:
         models = [model_link(model.folder, node.values[model.name]) for model in MODEL_LOADERS.get(node.class_type, ())]
         if models:
             properties["models"] = models
+        title = node.title or schema.display_name
         ui: dict[str, Any] = {"id": self.ids[node.key], "type": node.class_type, "pos": [0, 0],
-                              "size": node_size(schema, node.title, node.values), "flags": {}, "order": 0, "mode": 0,
+                              "size": node_size(schema, title, node.values), "flags": {}, "order": 0, "mode": 0,
                               "inputs": inputs,
                               "outputs": [{"localized_name": name, "name": name, "type": kind, "links": []}
                                           for name, kind in schema.outputs],
-                              "title": node.title, "properties": properties, "widgets_values": values}
+                              "properties": properties, "widgets_values": values}
+        if title != schema.display_name:
+            # As the frontend saves it: a title only where it differs from the display name.
+            ui["title"] = title
         return ui
 
     def _provenance(self, core: bool) -> dict[str, str]:

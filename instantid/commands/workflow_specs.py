@@ -24,41 +24,41 @@ MODELS_TEXT = (f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/ch
                "the InstantID and antelopev2 files; ComfyUI offers downloads for the .safetensors ones.")
 
 
-def _node(key: str, class_type: str, title: str, group: str, **values: Any) -> NodeSpec:
+def _node(key: str, class_type: str, group: str, title: str = "", **values: Any) -> NodeSpec:
     return NodeSpec(key, class_type, title, group, values)
 
 
 def checkpoint() -> NodeSpec:
-    return _node("checkpoint", "CheckpointLoaderSimple", "Load Checkpoint", "models", ckpt_name=SDXL_CHECKPOINT)
+    return _node("checkpoint", "CheckpointLoaderSimple", "models", ckpt_name=SDXL_CHECKPOINT)
 
 
 def prompts(text: str = PROMPT) -> tuple[NodeSpec, ...]:
-    return (_node("positive", "CLIPTextEncode", "Positive prompt", "sampling", text=text),
-            _node("negative", "CLIPTextEncode", "Negative prompt", "sampling", text=NEGATIVE))
+    return (_node("positive", "CLIPTextEncode", "sampling", title="Positive prompt", text=text),
+            _node("negative", "CLIPTextEncode", "sampling", title="Negative prompt", text=NEGATIVE))
 
 
 def adapter() -> NodeSpec:
-    return _node("adapter", "InstantIDModelLoader", "Load InstantID Model", "models", instantid_file=ADAPTER)
+    return _node("adapter", "InstantIDModelLoader", "models", instantid_file=ADAPTER)
 
 
 def face_analysis() -> NodeSpec:
-    return _node("faces", "InstantIDFaceAnalysis", "InstantID Face Analysis", "models")
+    return _node("faces", "InstantIDFaceAnalysis", "models")
 
 
 def identitynet() -> NodeSpec:
-    return _node("identitynet", "ControlNetLoader", "Load IdentityNet", "models", control_net_name=IDENTITYNET)
+    return _node("identitynet", "ControlNetLoader", "models", title="Load IdentityNet", control_net_name=IDENTITYNET)
 
 
 def image(key: str, title: str, file_name: str) -> NodeSpec:
-    return _node(key, "LoadImage", title, "identity", image=file_name)
+    return _node(key, "LoadImage", "identity", title=title, image=file_name)
 
 
 def sampling(width: int, height: int, batch_size: int = 1, prefix: str = "instantid") -> tuple[NodeSpec, ...]:
-    return (_node("latent", "EmptyLatentImage", "Empty Latent Image", "sampling", width=width, height=height,
+    return (_node("latent", "EmptyLatentImage", "sampling", width=width, height=height,
                   batch_size=batch_size),
-            _node("sampler", "KSampler", "KSampler", "sampling", **SAMPLER),
-            _node("decode", "VAEDecode", "VAE Decode", "sampling"),
-            _node("save", "SaveImage", "Save Image", "sampling", filename_prefix=prefix))
+            _node("sampler", "KSampler", "sampling", **SAMPLER),
+            _node("decode", "VAEDecode", "sampling"),
+            _node("save", "SaveImage", "sampling", filename_prefix=prefix))
 
 
 CLIP_LINKS = ("checkpoint.CLIP -> positive.clip", "checkpoint.CLIP -> negative.clip")
@@ -87,7 +87,7 @@ BASIC = WorkflowSpec(
          "CFG 4-5, 1016x1016 (avoid exactly 1024x1024).\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"),
-           _node("apply", "ApplyInstantID", "Apply InstantID", "identity"),
+           _node("apply", "ApplyInstantID", "identity"),
            *sampling(1016, 1016)),
     links=(*CLIP_LINKS, *apply_links("apply"), *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
 
@@ -100,7 +100,7 @@ POSED = WorkflowSpec(
          "separately.\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"), image("pose", "Pose photo", "pose.png"),
-           _node("apply", "ApplyInstantIDAdvanced", "Apply InstantID Advanced", "identity"),
+           _node("apply", "ApplyInstantIDAdvanced", "identity"),
            *sampling(896, 1152)),
     links=(*CLIP_LINKS, *apply_links("apply"), "pose.IMAGE -> apply.image_kps",
            *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
@@ -115,7 +115,7 @@ POSE_FREE = WorkflowSpec(
          "models/instantid; antelopev2 in models/insightface/models/antelopev2. No IdentityNet needed.",
     nodes=(checkpoint(), *prompts("photo of a man hiking on a mountain ridge, wide shot, golden hour"),
            adapter(), face_analysis(), image("reference", "Reference face", "face.png"),
-           _node("patch", "InstantIDAttentionPatch", "InstantID Patch Attention", "identity", weight=0.8),
+           _node("patch", "InstantIDAttentionPatch", "identity", weight=0.8),
            *sampling(1152, 896)),
     links=(*CLIP_LINKS, "adapter.INSTANTID -> patch.instantid", "faces.FACEANALYSIS -> patch.insightface",
            "reference.IMAGE -> patch.image", "checkpoint.MODEL -> patch.model",
@@ -130,9 +130,9 @@ SPLIT = WorkflowSpec(
          "Preprocessor). Useful to place other model patches or ControlNets between them.\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"), image("pose", "Pose photo", "pose.png"),
-           _node("patch", "InstantIDAttentionPatch", "InstantID Patch Attention", "identity", weight=0.8),
-           _node("keypoints", "FaceKeypointsPreprocessor", "Face Keypoints Preprocessor", "identity"),
-           _node("control", "ApplyInstantIDControlNet", "InstantID Apply ControlNet", "identity", strength=0.8),
+           _node("patch", "InstantIDAttentionPatch", "identity", weight=0.8),
+           _node("keypoints", "FaceKeypointsPreprocessor", "identity"),
+           _node("control", "ApplyInstantIDControlNet", "identity", strength=0.8),
            *sampling(896, 1152)),
     links=(*CLIP_LINKS, "adapter.INSTANTID -> patch.instantid", "faces.FACEANALYSIS -> patch.insightface",
            "reference.IMAGE -> patch.image", "checkpoint.MODEL -> patch.model",
@@ -149,12 +149,12 @@ STYLE_LORA_WORKFLOW = WorkflowSpec(
          "the 'Style LoRA' slot; lower strength_model (0.6-0.8) if the face drifts, or raise Apply InstantID's "
          "weight.\n" + MODELS_TEXT + f" LoRA: {STYLE_LORA} in models/loras.",
     nodes=(checkpoint(),
-           _node("lora", "LoraLoader", "Style LoRA", "models", lora_name=STYLE_LORA, strength_model=0.8,
+           _node("lora", "LoraLoader", "models", title="Style LoRA", lora_name=STYLE_LORA, strength_model=0.8,
                  strength_clip=0.8),
            *prompts("pixel art portrait of a man in a denim jacket, city street at dusk"),
            adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"),
-           _node("apply", "ApplyInstantID", "Apply InstantID", "identity"),
+           _node("apply", "ApplyInstantID", "identity"),
            *sampling(1016, 1016)),
     links=("checkpoint.MODEL -> lora.model", "checkpoint.CLIP -> lora.clip",
            "lora.CLIP -> positive.clip", "lora.CLIP -> negative.clip", *apply_links("apply", "lora.MODEL"),
@@ -168,13 +168,13 @@ CANNY = WorkflowSpec(
          "(0.4-0.6) and end it early (end_percent 0.6) so the face stays the reference's.\n" + MODELS_TEXT
          + f" Canny ControlNet: {CANNY_CONTROLNET} in models/controlnet.",
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
-           _node("canny_net", "ControlNetLoader", "Load canny ControlNet", "models",
+           _node("canny_net", "ControlNetLoader", "models", title="Load canny ControlNet",
                  control_net_name=CANNY_CONTROLNET),
            image("reference", "Reference face", "face.png"),
            image("composition", "Composition photo", "composition.png"),
-           _node("apply", "ApplyInstantID", "Apply InstantID", "identity"),
-           _node("edges", "Canny", "Canny", "sampling", low_threshold=0.3, high_threshold=0.6),
-           _node("canny", "ControlNetApplyAdvanced", "Apply canny ControlNet", "sampling", strength=0.5,
+           _node("apply", "ApplyInstantID", "identity"),
+           _node("edges", "Canny", "sampling", low_threshold=0.3, high_threshold=0.6),
+           _node("canny", "ControlNetApplyAdvanced", "sampling", title="Apply canny ControlNet", strength=0.5,
                  end_percent=0.6),
            *sampling(896, 1152)),
     links=(*CLIP_LINKS, *apply_links("apply"), "composition.IMAGE -> edges.image",
@@ -194,16 +194,16 @@ FACE_REPAIR = WorkflowSpec(
                                   "35mm"),
            adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"),
-           _node("crop", "InstantIDFaceCrop", "InstantID Face Crop", "identity"),
-           _node("apply", "ApplyInstantID", "Apply InstantID", "identity"),
-           _node("paste", "InstantIDFacePaste", "InstantID Face Paste", "identity"),
-           _node("latent", "EmptyLatentImage", "Empty Latent Image", "sampling", width=832, height=1216),
-           _node("sampler", "KSampler", "KSampler (full body)", "sampling", **SAMPLER),
-           _node("decode", "VAEDecode", "VAE Decode", "sampling"),
-           _node("encode", "VAEEncode", "VAE Encode (face crop)", "sampling"),
-           _node("repair", "KSampler", "KSampler (face, img2img)", "sampling", **{**SAMPLER, "denoise": 0.45}),
-           _node("decode_face", "VAEDecode", "VAE Decode (face)", "sampling"),
-           _node("save", "SaveImage", "Save Image", "sampling", filename_prefix="instantid_repaired")),
+           _node("crop", "InstantIDFaceCrop", "identity"),
+           _node("apply", "ApplyInstantID", "identity"),
+           _node("paste", "InstantIDFacePaste", "identity"),
+           _node("latent", "EmptyLatentImage", "sampling", width=832, height=1216),
+           _node("sampler", "KSampler", "sampling", title="KSampler (full body)", **SAMPLER),
+           _node("decode", "VAEDecode", "sampling"),
+           _node("encode", "VAEEncode", "sampling", title="VAE Encode (face crop)"),
+           _node("repair", "KSampler", "sampling", title="KSampler (face, img2img)", **{**SAMPLER, "denoise": 0.45}),
+           _node("decode_face", "VAEDecode", "sampling", title="VAE Decode (face)"),
+           _node("save", "SaveImage", "sampling", filename_prefix="instantid_repaired")),
     links=(*CLIP_LINKS, "latent.LATENT -> sampler.latent_image", "checkpoint.MODEL -> sampler.model",
            "positive.CONDITIONING -> sampler.positive", "negative.CONDITIONING -> sampler.negative",
            "sampler.LATENT -> decode.samples", "checkpoint.VAE -> decode.vae",

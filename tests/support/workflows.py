@@ -25,6 +25,17 @@ def write_face_photo(path: Path, cell: tuple[int, int] = (4, 3), g: int = 128, s
     return path
 
 
+def write_people_photo(path: Path, count: int, size: int = 320) -> Path:
+    """An image file with `count` synthetic faces side by side, left to right (face_index 1, 2, …)."""
+    pixels = np.zeros((size, size, 3), np.uint8)
+    scale = antelope.det_scale_for(size, size, 640)
+    for index in range(count):
+        antelope.draw_face(pixels, (2 + 6 * index, 8), 128, scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path
+
+
 def write_tiny_lora(path: Path, rank: int = 2, seed: int = 5) -> Path:
     """A LoRA in kohya's key format for one layer of the tiny SDXL UNet (its output conv)."""
     import torch
@@ -58,7 +69,8 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
     """The API prompt with real-weight loaders replaced by fixtures and a CPU-sized run: the
     checkpoint by the tiny UNet, any ControlNet by the fixture IdentityNet (an SDXL-layout
     ControlNet), a LoRA by a tiny one written under its name, images (and a generated image that a
-    face crop repairs) by synthetic faces, face crops at crop_size."""
+    face crop repairs) by synthetic faces (as many side by side as a face_index that reads them
+    asks for), face crops at crop_size."""
     from support.server import IDENTITYNET_NAME
     prompt = json.loads(json.dumps(prompt))
     models = input_dir.parent / "models"
@@ -84,7 +96,12 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
         elif kind == "KSampler":
             inputs["steps"] = steps
         elif kind == "LoadImage":
-            write_face_photo(input_dir / inputs["image"])
+            people = max([n["inputs"].get("face_index", 0) for n in prompt.values()
+                          if [node_id, 0] in n["inputs"].values()], default=0)
+            if people > 1:
+                write_people_photo(input_dir / inputs["image"], people)
+            else:
+                write_face_photo(input_dir / inputs["image"])
     for node_id, node in list(prompt.items()):
         kps = node["inputs"].get("image_kps")
         if isinstance(kps, list) and prompt[kps[0]]["class_type"] == "InstantIDFaceCrop":
