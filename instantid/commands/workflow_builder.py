@@ -30,6 +30,7 @@ WIDGET_SPACING = 4
 WIDGETS_PADDING = 8
 NODE_BOTTOM_PADDING = 6  # computeSize's result is 6 px taller than its rows and widgets (measured in 1.35.9)
 NODE_WIDTH = 140
+MIN_NODE_WIDTH = 180
 TITLE_FONT_PX = 14
 SLOT_FONT_PX = 12
 WIDGET_PADDING = 42 + 2 * (15 + 6 + 10)  # minValueWidth + 2 × (margin + arrowMargin + arrowWidth)
@@ -182,7 +183,9 @@ def node_size(schema: NodeSchema, title: str, values: Mapping[str, Any]) -> list
     if widget_rows:
         height += sum(h + WIDGET_SPACING for h in widget_rows) + WIDGETS_PADDING
     height += NODE_BOTTOM_PADDING
-    min_w = NODE_WIDTH * (1.5 if widget_rows else 1)
+    # The frontend's minimum is NODE_WIDTH (× 1.5 with widgets); short titles next to the node badge
+    # get cut at that width, so a little more.
+    min_w = max(NODE_WIDTH * (1.5 if widget_rows else 1), MIN_NODE_WIDTH)
     width = max(slots_w, widget_w, title_w, min_w)
     if any(w.image_upload for w in schema.widgets) or schema.class_type in ("SaveImage", "PreviewImage"):
         height += IMAGE_PREVIEW_HEIGHT

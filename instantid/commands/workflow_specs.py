@@ -14,6 +14,7 @@ ADAPTER = _FILES["adapter"]
 IDENTITYNET = _FILES["identitynet"]
 CANNY_CONTROLNET = _FILES["controlnet-canny-sdxl"]
 STYLE_LORA = _FILES["lora-pixel-art-xl"]
+SAVED_IDENTITY_FILE = "identity_00001_.safetensors"
 
 PROMPT = "analog film photo of a man in a denim jacket, city street at dusk, detailed skin, 35mm"
 NEGATIVE = "blurry, lowres, deformed, cartoon, watermark, text"
@@ -181,6 +182,77 @@ CANNY = WorkflowSpec(
            "apply.positive -> canny.positive", "apply.negative -> canny.negative",
            "canny_net.CONTROL_NET -> canny.control_net", "edges.IMAGE -> canny.image", "checkpoint.VAE -> canny.vae",
            *sampler_links("apply.MODEL", "canny"), *SAMPLING_LINKS))
+
+BEST_OF_FOUR = WorkflowSpec(
+    name="07 Best of four seeds by likeness",
+    tag="best-of-four",
+    note="Likeness varies from seed to seed: this draws four images in one batch (four different noises), scores "
+         "each against 'Reference face' with InstantID Face Similarity (ArcFace cosine similarity, shown on the "
+         "node) and saves the best one; the preview shows all four, best first. An image without a face "
+         "scores 0 and ranks last.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"),
+           _node("apply", "ApplyInstantID", "identity"),
+           _node("similarity", "InstantIDFaceSimilarity", "identity"),
+           *sampling(1016, 1016, batch_size=4, prefix="instantid_best"),
+           _node("ranked", "PreviewImage", "sampling", title="All four, best first")),
+    links=(*CLIP_LINKS, *apply_links("apply"), *sampler_links("apply.MODEL", "apply"),
+           "latent.LATENT -> sampler.latent_image", "sampler.LATENT -> decode.samples", "checkpoint.VAE -> decode.vae",
+           "faces.FACEANALYSIS -> similarity.faceanalysis", "reference.IMAGE -> similarity.reference",
+           "decode.IMAGE -> similarity.image", "similarity.best_image -> save.images",
+           "similarity.ranked -> ranked.images"))
+
+SAVED_IDENTITY = WorkflowSpec(
+    name="08 Saved identity",
+    tag="saved-identity",
+    note="Generate from a saved identity instead of a photo: InstantID Load Face Embeds reads a small .safetensors "
+         "file (face embedding, keypoints) from input/instantid_identities or output/instantid_identities, and "
+         "Apply InstantID uses it through face_embeds: no reference photo and no face analysis. Save one with "
+         "InstantID Save Face Embeds after InstantID Patch Attention (its FACE_EMBEDS output).\n"
+         f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in models/instantid; "
+         f"{IDENTITYNET} in models/controlnet. No antelopev2 needed.",
+    nodes=(checkpoint(), *prompts(), adapter(), identitynet(),
+           _node("identity", "InstantIDLoadFaceEmbeds", "identity", face_embeds_file=SAVED_IDENTITY_FILE),
+           _node("apply", "ApplyInstantID", "identity"),
+           *sampling(1016, 1016)),
+    links=(*CLIP_LINKS, "adapter.INSTANTID -> apply.instantid", "identitynet.CONTROL_NET -> apply.control_net",
+           "identity.FACE_EMBEDS -> apply.face_embeds", "checkpoint.MODEL -> apply.model",
+           "positive.CONDITIONING -> apply.positive", "negative.CONDITIONING -> apply.negative",
+           *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
+
+TWO_PEOPLE = WorkflowSpec(
+    name="09 Two people in one image",
+    tag="two-people",
+    note="Two identities in one picture: two Apply InstantID nodes in a chain, one shared prompt. 'Two-person pose "
+         "photo' gives both poses (Face Keypoints with face_index 1 = the left face, 2 = the right one); each "
+         "identity acts only in its half of the image (mask_scope 'identity only': the masks limit the identity, "
+         "the prompt stays global). Use masks that match where the faces are.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts("photo of two friends sitting at a cafe table, city street at dusk, 35mm"),
+           adapter(), face_analysis(), identitynet(),
+           image("reference", "First person (left)", "face_left.png"),
+           image("reference_right", "Second person (right)", "face_right.png"),
+           image("pose", "Two-person pose photo", "two_people.png"),
+           _node("kps_left", "FaceKeypointsPreprocessor", "identity", title="Keypoints, left face", face_index=1),
+           _node("kps_right", "FaceKeypointsPreprocessor", "identity", title="Keypoints, right face", face_index=2),
+           _node("empty_mask", "SolidMask", "identity", title="Empty mask", value=0.0, width=1152, height=896),
+           _node("half_mask", "SolidMask", "identity", title="Half mask", value=1.0, width=576, height=896),
+           _node("mask_left", "MaskComposite", "identity", title="Left half", x=0, y=0, operation="add"),
+           _node("mask_right", "MaskComposite", "identity", title="Right half", x=576, y=0, operation="add"),
+           _node("apply", "ApplyInstantID", "identity", title="Apply InstantID (left)", mask_scope="identity only"),
+           _node("apply_right", "ApplyInstantID", "identity", title="Apply InstantID (right)",
+                 mask_scope="identity only"),
+           *sampling(1152, 896)),
+    links=(*CLIP_LINKS, *apply_links("apply"), "faces.FACEANALYSIS -> kps_left.faceanalysis",
+           "faces.FACEANALYSIS -> kps_right.faceanalysis", "pose.IMAGE -> kps_left.image",
+           "pose.IMAGE -> kps_right.image", "kps_left.IMAGE -> apply.image_kps", "kps_right.IMAGE -> apply_right.image_kps",
+           "empty_mask.MASK -> mask_left.destination", "half_mask.MASK -> mask_left.source",
+           "empty_mask.MASK -> mask_right.destination", "half_mask.MASK -> mask_right.source",
+           "mask_left.MASK -> apply.mask", "mask_right.MASK -> apply_right.mask",
+           "adapter.INSTANTID -> apply_right.instantid", "faces.FACEANALYSIS -> apply_right.insightface",
+           "identitynet.CONTROL_NET -> apply_right.control_net", "reference_right.IMAGE -> apply_right.image",
+           "apply.MODEL -> apply_right.model", "apply.positive -> apply_right.positive",
+           "apply.negative -> apply_right.negative",
+           *sampler_links("apply_right.MODEL", "apply_right"), *SAMPLING_LINKS))
 
 FACE_REPAIR = WorkflowSpec(
     name="10 Full-body shot with face repair",
