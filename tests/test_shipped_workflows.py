@@ -85,9 +85,11 @@ def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
         assert controls(entry) == identitynets + kinds.count("ControlNetApplyAdvanced")
     lora_patched = {key for key in final["model"].patches if key.startswith("diffusion_model.out.2")}
     assert lora_patched == ({"diffusion_model.out.2.weight"} if "LoraLoaderModelOnly" in kinds else set())
-    if "InstantIDFaceCrop" in kinds:
-        # The face is redrawn as img2img on the crop (crop_size 128 → a 16×16 latent) and pasted back.
-        assert final["denoise"] == 0.45 and final["latent"]["samples"].shape[-2:] == (16, 16)
+    if "InstantIDFacePaste" in kinds:
+        # The repaired face is pasted back into the full-size image (the test bed's 320×320 photo).
+        from PIL import Image
+        assert all(Image.open(comfy.base / "output" / image["subfolder"] / image["filename"]).size == (320, 320)
+                   for image in saved)
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=IDS)

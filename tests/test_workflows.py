@@ -19,8 +19,7 @@ def sampler_spy(monkeypatch):
     real = nodes.common_ksampler
 
     def spy(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs):
-        seen.append({"model": model, "positive": positive, "negative": negative, "latent": latent,
-                     "denoise": kwargs.get("denoise")})
+        seen.append({"model": model, "positive": positive, "negative": negative})
         return real(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs)
     monkeypatch.setattr(nodes, "common_ksampler", spy)
     return seen
