@@ -46,6 +46,12 @@ def executed_kinds(prompt: dict) -> list[str]:
     return [prompt[i]["class_type"] for i in sorted(wanted)]
 
 
+def read_image(comfy, image: dict):
+    from PIL import Image
+    folder = Path(comfy.embedded.folder_paths.get_directory_by_type(image["type"]))
+    return Image.open(folder / image["subfolder"] / image["filename"]).convert("RGB")
+
+
 def controls(entry: dict) -> int:
     """The length of the ControlNet chain on one conditioning entry."""
     count, control = 0, entry[1].get("control")
@@ -72,8 +78,9 @@ def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
     kinds = executed_kinds(prompt)
     result = comfy.run(prompt)
     assert result.success, result.error_text()
-    saved = [image for output in result.outputs.values() for image in output.get("images", [])]
-    assert saved and all(image["type"] == "output" for image in saved)
+    images = [image for output in result.outputs.values() for image in output.get("images", [])]
+    saved = [image for image in images if image["type"] == "output"]
+    assert saved
     assert len(sampler_spy) == kinds.count("KSampler")
     final = sampler_spy[-1]
     identities = sum(kinds.count(k) for k in ("ApplyInstantID", "ApplyInstantIDAdvanced", "InstantIDAttentionPatch"))
@@ -87,9 +94,12 @@ def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
     assert lora_patched == ({"diffusion_model.out.2.weight"} if "LoraLoaderModelOnly" in kinds else set())
     if "InstantIDFacePaste" in kinds:
         # The repaired face is pasted back into the full-size image (the test bed's 320×320 photo).
-        from PIL import Image
-        assert all(Image.open(comfy.base / "output" / image["subfolder"] / image["filename"]).size == (320, 320)
-                   for image in saved)
+        assert all(read_image(comfy, image).size == (320, 320) for image in saved)
+    if "InstantIDFaceSimilarity" in kinds:
+        # One batch of four, ranked: the saved best image is the first of the ranked preview.
+        ranked = [image for image in images if image["type"] == "temp"]
+        assert len(ranked) == 4 and len(saved) == 1
+        assert read_image(comfy, saved[0]).tobytes() == read_image(comfy, ranked[0]).tobytes()
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=IDS)
