@@ -64,6 +64,23 @@ def _swap_lora_loader(prompt: dict, node_id: str) -> None:
                 other["inputs"][name] = clip_source
 
 
+def _stand_in_images(prompt: dict, input_dir: Path) -> None:
+    """Photos the synthetic detector can read where one face per image would not do."""
+    for node_id, node in list(prompt.items()):
+        people = max([n["inputs"].get("face_index", 0) for n in prompt.values() if [node_id, 0] in n["inputs"].values()],
+                     default=0)
+        if node["class_type"] == "LoadImage" and people > 1:
+            write_people_photo(input_dir / node["inputs"]["image"], people)
+        kps = node["inputs"].get("image_kps")
+        if isinstance(kps, list) and prompt[kps[0]]["class_type"] == "InstantIDFaceCrop":
+            # The synthetic detector fires only on a marker filling one 32-px detector cell, which a crop centred
+            # on the face never holds (its centre is a cell corner): the pose comes from a synthetic face photo.
+            name = f"crop_pose_{node_id}.png"
+            prompt[f"{node_id}_pose"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+            node["inputs"]["image_kps"] = [f"{node_id}_pose", 0]
+            write_face_photo(input_dir / name)
+
+
 def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: int = 64, steps: int = 2,
                          crop_size: int = 128) -> dict:
     """The API prompt with real-weight loaders replaced by fixtures and a CPU-sized run: the
@@ -96,21 +113,8 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
         elif kind == "KSampler":
             inputs["steps"] = steps
         elif kind == "LoadImage":
-            people = max([n["inputs"].get("face_index", 0) for n in prompt.values()
-                          if [node_id, 0] in n["inputs"].values()], default=0)
-            if people > 1:
-                write_people_photo(input_dir / inputs["image"], people)
-            else:
-                write_face_photo(input_dir / inputs["image"])
-    for node_id, node in list(prompt.items()):
-        kps = node["inputs"].get("image_kps")
-        if isinstance(kps, list) and prompt[kps[0]]["class_type"] == "InstantIDFaceCrop":
-            # The synthetic detector fires only on a marker filling one 32-px detector cell, which a crop centred
-            # on the face never holds (its centre is a cell corner): the pose comes from a synthetic face photo.
-            name = f"crop_pose_{node_id}.png"
-            prompt[f"{node_id}_pose"] = {"class_type": "LoadImage", "inputs": {"image": name}}
-            node["inputs"]["image_kps"] = [f"{node_id}_pose", 0]
-            write_face_photo(input_dir / name)
+            write_face_photo(input_dir / inputs["image"])
+    _stand_in_images(prompt, input_dir)
     return prompt
 
 
