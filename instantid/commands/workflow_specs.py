@@ -14,7 +14,7 @@ ADAPTER = _FILES["adapter"]
 IDENTITYNET = _FILES["identitynet"]
 CANNY_CONTROLNET = _FILES["controlnet-canny-sdxl"]
 STYLE_LORA = _FILES["lora-pixel-art-xl"]
-SAVED_IDENTITY_FILE = "identity_00001_.safetensors [output]"  # what Save Face Embeds writes first
+SAVED_IDENTITY_FILE = "identity.safetensors"  # in input/instantid_faces/
 
 PROMPT = "analog film photo of a man in a denim jacket, city street at dusk, detailed skin, 35mm"
 NEGATIVE = "blurry, lowres, deformed, cartoon, watermark, text"
@@ -206,10 +206,11 @@ SAVED_IDENTITY = WorkflowSpec(
     name="08 Saved identity",
     tag="saved-identity",
     note="Generate from a saved identity instead of a photo: InstantID Load Face Embeds reads a small .safetensors "
-         "file (face embedding, keypoints) from output/instantid_faces (or input/instantid_faces), and "
+         "file (face embedding, keypoints) from input/instantid_faces or output/instantid_faces, and "
          "Apply InstantID uses it through face_embeds: no reference photo and no face analysis. Save one with "
-         "InstantID Save Face Embeds after InstantID Patch Attention (its FACE_EMBEDS output); pick it in "
-         "'face_embeds_file'.\n"
+         "InstantID Save Face Embeds after InstantID Patch Attention (its FACE_EMBEDS output) and pick "
+         "it in 'face_embeds_file' (saved files are listed with '[output]'), or put one at "
+         "input/instantid_faces/identity.safetensors.\n"
          f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in models/instantid; "
          f"{IDENTITYNET} in models/controlnet. No antelopev2 needed.",
     nodes=(checkpoint(), *prompts(), adapter(), identitynet(),
