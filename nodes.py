@@ -13,6 +13,7 @@ from .instantid.adapter import load_adapter
 from .instantid.apply import (ON_NO_FACE, apply_attention_only, apply_control_only, apply_instantid,
                               as_face_analyzer, keypoints_image)
 from .instantid.face_crop import DEFAULT_FEATHER, DEFAULT_PADDING, DEFAULT_SIZE, crop_faces, paste_faces
+from .instantid.checks import NumberInput, float_inputs
 from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
 from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
 from .instantid.similarity import face_similarity
@@ -28,6 +29,12 @@ CATEGORY = "InstantID"
 
 def _notes_ui(notes: list[str]) -> dict | None:
     return ui.PreviewText("\n".join(notes)) if notes else None
+
+
+def _numbers(cls: type[io.ComfyNode], arguments: dict[str, Any]) -> list[NumberInput]:
+    """The node's FLOAT inputs with their widget ranges, for the checks in instantid/apply.py; given
+    execute()'s locals() so that a FLOAT input added later is checked without being listed."""
+    return float_inputs(cls.define_schema().inputs, arguments)
 
 
 def _on_no_face_input() -> io.Combo.Input:
@@ -141,7 +148,7 @@ class ApplyInstantID(io.ComfyNode):
         outcome = apply_instantid(adapter=instantid, face_analysis=insightface, control_net=control_net, image=image,
                                   model=model, positive=positive, negative=negative, ip_weight=weight,
                                   cn_strength=weight, start_at=start_at, end_at=end_at, image_kps=image_kps,
-                                  mask=mask, on_no_face=on_no_face)
+                                  mask=mask, on_no_face=on_no_face, numbers=_numbers(cls, locals()))
         return io.NodeOutput(outcome.model, outcome.positive, outcome.negative, ui=_notes_ui(outcome.notes))
 
 
@@ -174,7 +181,8 @@ class ApplyInstantIDAdvanced(io.ComfyNode):
         outcome = apply_instantid(adapter=instantid, face_analysis=insightface, control_net=control_net, image=image,
                                   model=model, positive=positive, negative=negative, ip_weight=ip_weight,
                                   cn_strength=cn_strength, start_at=start_at, end_at=end_at, noise=noise,
-                                  combine=combine_embeds, image_kps=image_kps, mask=mask, on_no_face=on_no_face)
+                                  combine=combine_embeds, image_kps=image_kps, mask=mask, on_no_face=on_no_face,
+                                  numbers=_numbers(cls, locals()))
         return io.NodeOutput(outcome.model, outcome.positive, outcome.negative, ui=_notes_ui(outcome.notes))
 
 
@@ -204,7 +212,7 @@ class InstantIDAttentionPatch(io.ComfyNode):
                 end_at: float, noise: float, mask: Any = None, on_no_face: str = "error") -> io.NodeOutput:
         outcome = apply_attention_only(adapter=instantid, face_analysis=insightface, image=image, model=model,
                                        weight=weight, start_at=start_at, end_at=end_at, noise=noise, mask=mask,
-                                       on_no_face=on_no_face)
+                                       on_no_face=on_no_face, numbers=_numbers(cls, locals()))
         return io.NodeOutput(outcome.model, outcome.face_tokens, ui=_notes_ui(outcome.notes))
 
 
@@ -233,7 +241,8 @@ class ApplyInstantIDControlNet(io.ComfyNode):
                 strength: float, start_at: float, end_at: float, mask: Any = None) -> io.NodeOutput:
         return io.NodeOutput(*apply_control_only(face_tokens=face_embeds, control_net=control_net, image_kps=image_kps,
                                                  positive=positive, negative=negative, strength=strength,
-                                                 start_at=start_at, end_at=end_at, mask=mask))
+                                                 start_at=start_at, end_at=end_at, mask=mask,
+                                                 numbers=_numbers(cls, locals())))
 
 
 class InstantIDFaceSimilarity(io.ComfyNode):
@@ -284,7 +293,8 @@ class InstantIDFaceCrop(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: Any, faceanalysis: Any, face_index: int, padding: float, size: int) -> io.NodeOutput:
-        result = crop_faces(as_face_analyzer(faceanalysis), image, face_index, padding, size)
+        result = crop_faces(as_face_analyzer(faceanalysis), image, face_index, padding, size,
+                            numbers=_numbers(cls, locals()))
         return io.NodeOutput(result.image, result.crops, result.mask, ui=_notes_ui(result.notes))
 
 

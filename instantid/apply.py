@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 
 from .adapter import FaceTokens, InstantIDAdapter
 from .attention import FaceAttentionSettings, install_face_attention
-from .checks import as_mask_batch, check_identitynet, sdxl_attention_widths
+from .checks import (NumberInput, as_mask_batch, check_finite, check_identitynet, check_schedule,
+                     sdxl_attention_widths)
 from .control import Conditioning, attach_identitynet
 from .faces import DetectedFace, FaceAnalyzer, combine_embeddings, image_batch_to_bgr
 from .keypoints import keypoint_image_batch
@@ -49,6 +51,14 @@ def _image_list(indices: list[int]) -> str:
 def _images(indices: list[int], total: int) -> str:
     """'image 2 of 3' / 'images 1, 3 of 3': 1-based, as the user counts a batch."""
     return f"image{'s' if len(indices) > 1 else ''} {_image_list(indices)} of {total}"
+
+
+def check_numbers(numbers: Sequence[NumberInput], start_at: float, end_at: float, **own: float) -> None:
+    """The number checks each Apply runs first. `numbers` are the node's FLOAT inputs as the user
+    named them, with their widget ranges (checks.float_inputs); called without a node, the
+    function's own arguments are checked under their own names."""
+    check_finite(numbers or [NumberInput(name, value) for name, value in dict(own, start_at=start_at, end_at=end_at).items()])
+    check_schedule(start_at, end_at)
 
 
 def check_on_no_face(on_no_face: str) -> None:
@@ -173,9 +183,10 @@ def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_ne
                     positive: Conditioning, negative: Conditioning, ip_weight: float, cn_strength: float,
                     start_at: float, end_at: float, noise: float = 0.0, combine: str = "average",
                     image_kps: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                    on_no_face: str = "error") -> Outcome:
+                    on_no_face: str = "error", numbers: Sequence[NumberInput] = ()) -> Outcome:
     """ApplyInstantID / ApplyInstantIDAdvanced: face attention on the model and the IdentityNet on the
     conditioning. With on_no_face='skip' and no usable face, everything passes through unchanged."""
+    check_numbers(numbers, start_at, end_at, ip_weight=ip_weight, cn_strength=cn_strength, noise=noise)
     check_on_no_face(on_no_face)
     adapter.check_fits(sdxl_attention_widths(model))
     check_identitynet(control_net)
@@ -195,8 +206,10 @@ def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_ne
 
 def apply_attention_only(*, adapter: InstantIDAdapter, face_analysis: Any, image: torch.Tensor, model: Any,
                          weight: float, start_at: float, end_at: float, noise: float = 0.0,
-                         mask: torch.Tensor | None = None, on_no_face: str = "error") -> Outcome:
+                         mask: torch.Tensor | None = None, on_no_face: str = "error",
+                         numbers: Sequence[NumberInput] = ()) -> Outcome:
     """InstantIDAttentionPatch: face attention only; the face tokens go out for the ControlNet node."""
+    check_numbers(numbers, start_at, end_at, weight=weight, noise=noise)
     check_on_no_face(on_no_face)
     adapter.check_fits(sdxl_attention_widths(model))
     mask = as_mask_batch(mask)
@@ -210,8 +223,10 @@ def apply_attention_only(*, adapter: InstantIDAdapter, face_analysis: Any, image
 
 def apply_control_only(*, face_tokens: FaceTokens | None, control_net: Any, image_kps: torch.Tensor,
                        positive: Conditioning, negative: Conditioning, strength: float, start_at: float,
-                       end_at: float, mask: torch.Tensor | None = None) -> tuple[Conditioning, Conditioning]:
+                       end_at: float, mask: torch.Tensor | None = None,
+                       numbers: Sequence[NumberInput] = ()) -> tuple[Conditioning, Conditioning]:
     """ApplyInstantIDControlNet: the IdentityNet with the given keypoint image as its hint."""
+    check_numbers(numbers, start_at, end_at, strength=strength)
     if face_tokens is None or strength == 0:
         return positive, negative
     check_identitynet(control_net)

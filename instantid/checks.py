@@ -2,6 +2,9 @@
 stops with a message that says what was given and what to do, never deep inside the sampler."""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -130,3 +133,58 @@ def as_mask_batch(mask: torch.Tensor | None) -> torch.Tensor | None:
         raise ValueError(f"The mask has shape {list(mask.shape)}; expected a MASK of [height, width] or "
                          "[batch, height, width] (e.g. from 'Load Image' (as Mask) or 'Solid Mask').")
     return mask.float().clamp(0, 1)
+
+
+class SettingError(ValueError):
+    """A number input that can do nothing sensible (NaN, infinite, an empty schedule)."""
+
+
+@dataclass(frozen=True)
+class NumberInput:
+    """One FLOAT input of a node as the user sees it: its name, the value given and the range its
+    widget allows (None where unknown)."""
+    name: str
+    value: Any
+    low: float | None = None
+    high: float | None = None
+
+
+def float_inputs(schema_inputs: Iterable[Any], values: Mapping[str, Any]) -> list[NumberInput]:
+    """Every FLOAT input of a node schema (ComfyUI io.Float.Input, read by duck typing so the domain
+    needs no ComfyUI import) with the value the node was given; a new FLOAT input is included
+    without anyone listing it."""
+    return [NumberInput(item.id, values[item.id], getattr(item, "min", None), getattr(item, "max", None))
+            for item in schema_inputs if item.get_io_type() == "FLOAT" and item.id in values]
+
+
+def _range_text(number: NumberInput) -> str:
+    if number.low is not None and number.high is not None:
+        return f"a number from {number.low:g} to {number.high:g}"
+    if number.low is not None:
+        return f"a number of at least {number.low:g}"
+    if number.high is not None:
+        return f"a number of at most {number.high:g}"
+    return "a finite number"
+
+
+def check_finite(numbers: Iterable[NumberInput]) -> None:
+    """SettingError for the first NaN or infinite value: ComfyUI's range check lets NaN through
+    (every comparison with it is false), and a NaN strength turns the whole latent into NaN."""
+    for number in numbers:
+        value = number.value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+            what = "NaN (not a number)" if math.isnan(value) else f"{value} (infinite)"
+            raise SettingError(
+                f"The {number.name} input is {what}; it must be {_range_text(number)}. Set {number.name} to a value "
+                f"in that range (if {number.name} is connected, the node feeding it made this value).")
+
+
+def check_schedule(start: float, end: float, names: tuple[str, str] = ("start_at", "end_at")) -> None:
+    """SettingError when the window [start, end] of the sampling schedule is empty: the part it
+    controls would never act and its effect would silently vanish from the image."""
+    if start > end:
+        start_name, end_name = names
+        raise SettingError(
+            f"{start_name} ({start:g}) is after {end_name} ({end:g}), so this window of the schedule is empty and "
+            f"InstantID would never act (the identity would silently vanish). Lower {start_name} to {end:g} or "
+            f"less, or raise {end_name} to {start:g} or more (0 = first step, 1 = last step).")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import NumberInput, check_finite
 from .faces import FaceAnalyzer, FaceIndexOutOfRange, image_batch_to_bgr
 
 DEFAULT_PADDING = 0.6
@@ -175,10 +176,12 @@ def _which(index: int, total: int) -> str:
 
 
 def crop_faces(analyzer: FaceAnalyzer, images: torch.Tensor, face_index: int = 0, padding: float = DEFAULT_PADDING,
-               size: int = DEFAULT_SIZE) -> CropResult:
+               size: int = DEFAULT_SIZE, numbers: Sequence[NumberInput] = ()) -> CropResult:
     """Crop the face of each image (face_index 0: the largest, k: the k-th from the left), upscaled
     so the crop's long side is `size`. An image without that face gets the whole image as its crop,
-    an empty mask and a note; the paste returns it unchanged."""
+    an empty mask and a note; the paste returns it unchanged. `numbers`: the node's FLOAT inputs
+    (checks.float_inputs), checked for NaN/infinity like every Apply's."""
+    check_finite(numbers or [NumberInput("padding", padding)])
     check_crop_settings(padding, size)
     pixels = _as_pixels(images, "image")
     total, height, width = pixels.shape[:3]

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -186,29 +186,66 @@ def select_providers(choice: str, available: list[str] | None = None, *,
     return providers, warnings
 
 
+@dataclass(frozen=True)
+class SharedModuleDistributions:
+    """pip distributions that all install the same module folder. With two installed, each one's
+    files overwrite the other's, and uninstalling either breaks the module; pip allows it anyway."""
+    what: str
+    names: tuple[str, ...]
+    harm: str
+    keep_first: tuple[str, ...]  # which one to keep when several are installed, best first
+    dragged_in: str  # the one `pip install insightface` installs again
+    reinstall_note: str
+
+    def installed(self) -> dict[str, str]:
+        """The installed ones and their versions."""
+        found = {}
+        for name in self.names:
+            try:
+                found[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        return found
+
+    def keep(self, found: Mapping[str, str]) -> str:
+        return next((name for name in self.keep_first if name in found), self.dragged_in)
+
+    def fix(self, found: Mapping[str, str]) -> str:
+        """The pip commands that leave one: all out (their shared files are mixed), the kept one back in."""
+        return f"pip uninstall -y {' '.join(found)} && pip install {self.keep(found)}"
+
+    def warning(self) -> str | None:
+        """An actionable warning when more than one is installed, else None."""
+        found = self.installed()
+        if len(found) < 2:
+            return None
+        listed = ", ".join(f"{name} {version}" for name, version in found.items())
+        note = self.reinstall_note if self.keep(found) != self.dragged_in else ""
+        return f"Several {self.what} distributions are installed ({listed}). {self.harm} Keep one: {self.fix(found)}.{note}"
+
+
+# Keep the accelerated build: the CPU one is what `pip install insightface` drags back in.
+ONNXRUNTIME = SharedModuleDistributions(
+    "onnxruntime", ORT_DISTRIBUTIONS, "They overwrite each other's files, which usually leaves only the CPU provider.",
+    ORT_DISTRIBUTIONS[1:], "onnxruntime", _REINSTALL_NOTE)
+# Keep a contrib build (a superset that another node pack asked for), else the one insightface and
+# this pack declare, so the next `pip install` does not bring a second one back.
+OPENCV = SharedModuleDistributions(
+    "OpenCV", ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"),
+    "They all write the same cv2 folder, so their files are mixed and uninstalling either one breaks `import cv2`.",
+    ("opencv-contrib-python", "opencv-contrib-python-headless", "opencv-python", "opencv-python-headless"),
+    "opencv-python", " Repeat this after every insightface install or upgrade: it brings opencv-python back.")
+
+
 def onnxruntime_distributions() -> dict[str, str]:
     """Installed onnxruntime distributions and their versions. They all install the same
     `onnxruntime` module, so with two of them the last one installed silently wins."""
-    found = {}
-    for name in ORT_DISTRIBUTIONS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+    return ONNXRUNTIME.installed()
 
 
 def double_install_warning() -> str | None:
     """An actionable warning when more than one onnxruntime distribution is installed, else None."""
-    found = onnxruntime_distributions()
-    if len(found) < 2:
-        return None
-    listed = ", ".join(f"{name} {version}" for name, version in found.items())
-    # Keep the accelerated build: the CPU one is what `pip install insightface` drags back in.
-    keep = next((name for name in found if name != "onnxruntime"), "onnxruntime")
-    return (f"Several onnxruntime distributions are installed ({listed}). They overwrite each other's files, "
-            f"which usually leaves only the CPU provider. Keep one: "
-            f"pip uninstall -y {' '.join(found)} && pip install {keep}.{_REINSTALL_NOTE}")
+    return ONNXRUNTIME.warning()
 
 
 def _split_providers(providers: list) -> tuple[list[str], list[dict[str, str]]]:

@@ -3,8 +3,10 @@ checks one by one, and the packaging the Comfy Registry and ComfyUI-Manager read
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -193,6 +195,162 @@ def test_adapter_with_the_wrong_layout_gets_the_loaders_message(tmp_path):
     assert problem is not None and str(path) in problem and EXPECTED_LAYOUT in problem
 
 
+# ------------------------------------------------------------------------ ComfyUI Desktop layout --
+
+
+def desktop_install(tmp_path: Path, monkeypatch, platform: str) -> tuple[Path, Path, Path]:
+    """ComfyUI Desktop as it lays itself out on `platform` (github.com/Comfy-Org/desktop, README):
+    ComfyUI inside the app, the user's base directory chosen at install (with Desktop's
+    comfy.settings.json), config.json naming it and extra_models_config.yaml in the app-data folder.
+    Returns (bundled ComfyUI, base directory, extra_models_config.yaml)."""
+    from types import SimpleNamespace
+    from instantid.commands import comfy_home
+    monkeypatch.setattr(comfy_home, "sys", SimpleNamespace(platform=platform))  # this module only
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    if platform == "win32":
+        monkeypatch.setenv("APPDATA", str(home / "AppData/Roaming"))
+        monkeypatch.setenv("LOCALAPPDATA", str(home / "AppData/Local"))
+        bundled, app_data = home / "AppData/Local/Programs/ComfyUI/resources/ComfyUI", home / "AppData/Roaming/ComfyUI"
+    else:
+        bundled = home / "Applications/ComfyUI.app/Contents/Resources/ComfyUI"
+        app_data = home / "Library/Application Support/ComfyUI"
+    fake_comfyui(bundled)
+    base = home / "Documents/ComfyUI"
+    (base / "user/default").mkdir(parents=True)
+    (base / "user/default/comfy.settings.json").write_text("{}")
+    app_data.mkdir(parents=True)
+    (app_data / "config.json").write_text(json.dumps({"basePath": str(base), "installState": "installed"}))
+    shared = tmp_path / "shared-models"
+    models_config = app_data / "extra_models_config.yaml"
+    models_config.write_text(f"comfyui_desktop:\n  base_path: {shared}\n  instantid: instantid/\n")
+    return bundled, base, models_config
+
+
+@pytest.mark.parametrize("platform", ["win32", "darwin"])
+def test_doctor_finds_desktops_comfyui_from_the_base_directory(tmp_path, monkeypatch, capsys, platform):
+    bundled, base, models_config = desktop_install(tmp_path, monkeypatch, platform)
+    adapter = tmp_path / "shared-models/instantid/ip-adapter.bin"  # found only through Desktop's yaml
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"<html>502</html>")
+    _, lines = run_doctor(capsys, "--base-directory", base)
+    assert lines[0] == f"{MARK['ok']} ComfyUI: {bundled.resolve()} (version 0.8.0)"
+    assert lines[1] == f"{MARK['ok']} model folders: base directory {base}; extra model paths {models_config}"
+    assert any(line.startswith(f"{MARK['fail']} adapter: BROKEN {adapter} ") for line in lines), "\n".join(lines)
+
+
+def test_pack_in_a_desktop_base_finds_comfyui_and_the_base_without_flags(tmp_path, monkeypatch, capsys):
+    from instantid.commands import comfy_home
+    bundled, base, models_config = desktop_install(tmp_path, monkeypatch, "darwin")
+    (base / "config.json").write_text("")  # Desktop's config.json is not what says where the base is here
+    (models_config.parent / "config.json").unlink()
+    pack = base / "custom_nodes" / "instantid-nodes"
+    pack.mkdir(parents=True)
+    monkeypatch.setattr(comfy_home, "PACK_ROOT", pack)
+    assert comfy_home.find_comfyui() == bundled.resolve()
+    assert comfy_home.default_base_directory() == base
+    _, lines = run_doctor(capsys)
+    assert lines[0] == f"{MARK['ok']} ComfyUI: {bundled.resolve()} (version 0.8.0)"
+    assert lines[1] == f"{MARK['ok']} model folders: base directory {base}"  # no config.json: no Desktop yaml
+
+
+def test_comfyui_path_still_comes_first_with_desktop(tmp_path, monkeypatch, capsys):
+    _, base, _ = desktop_install(tmp_path, monkeypatch, "win32")
+    own = fake_comfyui(tmp_path / "MyComfyUI", version="0.9.1")
+    monkeypatch.setenv("COMFYUI_PATH", str(own))
+    _, lines = run_doctor(capsys, "--base-directory", base)
+    assert lines[0] == f"{MARK['ok']} ComfyUI: {own.resolve()} (version 0.9.1)"
+
+
+def test_desktop_not_installed_is_listed_where_searched(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from instantid.commands import comfy_home
+    monkeypatch.setattr(comfy_home, "sys", SimpleNamespace(platform="win32"))
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv("APPDATA", str(tmp_path / "Roaming"))
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    base = tmp_path / "base"
+    assert comfy_home.find_comfyui(base) is None
+    assert comfy_home.why_not_found(base).startswith(
+        f"ComfyUI not found (searched {base} (--base-directory), ")
+    assert f"{tmp_path / 'Local/Programs/ComfyUI/resources/ComfyUI'} (ComfyUI Desktop's bundled ComfyUI)" in \
+        comfy_home.why_not_found(base)
+
+
+# ------------------------------------------------------------------ distributions side by side --
+
+
+def fake_distributions(monkeypatch, group, installed: dict[str, str]) -> None:
+    """importlib.metadata answers as if exactly `installed` of the group's distributions were
+    there; every other distribution is looked up for real."""
+    real = metadata.version
+
+    def version(name: str) -> str:
+        if name in group.names:
+            if name not in installed:
+                raise metadata.PackageNotFoundError(name)
+            return installed[name]
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+
+
+@pytest.mark.parametrize("installed, keep, note", [
+    ({"opencv-python": "5.0.0.93", "opencv-python-headless": "4.11.0.86"}, "opencv-python", False),
+    ({"opencv-python-headless": "4.11.0.86", "opencv-contrib-python-headless": "4.10.0.84"},
+     "opencv-contrib-python-headless", True),
+    ({"opencv-python": "5.0.0.93", "opencv-contrib-python": "4.10.0.84", "opencv-contrib-python-headless": "4.10.0.84"},
+     "opencv-contrib-python", True),
+])
+def test_two_opencv_distributions_are_reported_with_the_pip_commands_that_leave_one(monkeypatch, installed, keep, note):
+    from instantid.faces import OPENCV
+    fake_distributions(monkeypatch, OPENCV, installed)
+    check = doctor.check_installs(OPENCV)
+    names = " ".join(name for name in OPENCV.names if name in installed)
+    fix = f"pip uninstall -y {names} && pip install {keep}"
+    listed = ", ".join(f"{name} {installed[name]}" for name in OPENCV.names if name in installed)
+    assert check == doctor.Check(
+        "warn", "OpenCV installs",
+        f"Several OpenCV distributions are installed ({listed}). They all write the same cv2 folder, so their files are "
+        f"mixed and uninstalling either one breaks `import cv2`. Keep one: {fix}."
+        + (" Repeat this after every insightface install or upgrade: it brings opencv-python back." if note else ""),
+        (fix,))
+
+
+def test_one_opencv_distribution_is_fine(monkeypatch):
+    from instantid.faces import OPENCV
+    fake_distributions(monkeypatch, OPENCV, {"opencv-python-headless": "4.11.0.86"})
+    assert doctor.check_installs(OPENCV) == doctor.Check("ok", "OpenCV installs",
+                                                         "one distribution (opencv-python-headless 4.11.0.86)")
+
+
+def test_onnxruntime_and_opencv_share_one_mechanism_in_the_report(tmp_path, monkeypatch, capsys):
+    from instantid.faces import ONNXRUNTIME, OPENCV
+    monkeypatch.setenv("COMFYUI_PATH", str(fake_comfyui(tmp_path / "ComfyUI")))
+    real = metadata.version
+    fake = {"opencv-python": "5.0.0.93", "opencv-python-headless": "4.11.0.86", "onnxruntime": "1.32.0",
+            "onnxruntime-gpu": "1.31.1"}
+
+    def version(name: str) -> str:
+        if name in OPENCV.names or name in ONNXRUNTIME.names:
+            if name not in fake:
+                raise metadata.PackageNotFoundError(name)
+            return fake[name]
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    _, lines = run_doctor(capsys, "--base-directory", tmp_path)
+    assert any(line.startswith(f"{MARK['warn']} OpenCV installs: Several OpenCV distributions are installed "
+                               "(opencv-python 5.0.0.93, opencv-python-headless 4.11.0.86).") for line in lines)
+    assert any(line.startswith(f"{MARK['warn']} onnxruntime installs: Several onnxruntime distributions are installed "
+                               "(onnxruntime 1.32.0, onnxruntime-gpu 1.31.1).") for line in lines)
+    fixes = lines[lines.index("To fix, run:") + 1:]
+    assert "  pip uninstall -y opencv-python opencv-python-headless && pip install opencv-python" in fixes
+    assert "  pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in fixes
+
+
 # --------------------------------------------------------------------------------- packaging --
 
 COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_execution", "folder_paths", "nodes", "execution", "utils", "server"}
@@ -250,3 +408,25 @@ def test_pyproject_is_what_the_comfy_registry_reads():
     requirements = (REPO_ROOT / "requirements.txt").read_text().splitlines()
     assert _requirement_names(project.dependencies) == _requirement_names(requirements)
     assert not any("onnxruntime" in dependency for dependency in project.dependencies)
+
+
+@pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")  # comfy-cli's pathspec call
+def test_registry_zip_holds_what_comfyui_loads_and_no_tests(tmp_path, monkeypatch):
+    """`comfy node pack` (comfy-cli's zip_files: git-tracked files minus .comfyignore) ships the pack
+    and its command line, and leaves the tests, their fixture node pack, CI and scripts out."""
+    import subprocess
+    import zipfile
+    from comfy_cli.file_utils import zip_files
+    tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files"], capture_output=True, text=True, timeout=60)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: comfy node pack would zip the folder as it is")
+    monkeypatch.chdir(REPO_ROOT)
+    zip_files(str(tmp_path / "node.zip"))
+    names = set(zipfile.ZipFile(tmp_path / "node.zip").namelist())
+    files = set(tracked.stdout.split())
+    runtime = {f for f in files if f.startswith(("instantid/", "workflows/"))}
+    assert runtime | {"__init__.py", "nodes.py", "resampler.py", "requirements.txt", "pyproject.toml", "LICENSE",
+                      "README.md"} <= names
+    assert not [n for n in names if n.startswith(("tests/", "scripts/", ".ci/", ".github/"))]
+    assert not {"requirements-test.txt", "run-tests"} & names
+    assert names <= files  # nothing untracked

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .. import __version__
 from .catalog import CATALOG, ModelFile
-from .comfy_home import find_comfyui, why_not_found
+from .comfy_home import (default_base_directory, desktop_base_directory, desktop_models_config, find_comfyui,
+                         why_not_found)
 from ..faces import FETCH_COMMAND
 from .fetch import DEFAULT_RETRIES, DEFAULT_TIMEOUT, FetchError, fetch_models, resolve_endpoint
 from ..paths import ADAPTER_FOLDER, FACE_MODELS_FOLDER
@@ -82,12 +83,13 @@ def read_extra_model_paths(config: Path) -> dict[str, list[Path]]:
 
 def comfyui_base(base_directory: Path | None, *, required: bool) -> Path | None:
     """ComfyUI's base directory (models/, custom_nodes/, input/, output/): --base-directory when
-    given, else the ComfyUI checkout comfy_home finds. None when there is none and not `required`."""
+    given, else ComfyUI Desktop's base directory when ComfyUI is Desktop's, else the ComfyUI
+    checkout comfy_home finds. None when there is none and not `required`."""
     if base_directory is not None:
         if not base_directory.is_dir():
             raise CommandError(f"--base-directory {base_directory} is not a directory")
         return base_directory
-    found = find_comfyui()
+    found = default_base_directory()
     if found is None and required:
         raise CommandError(f"{why_not_found()}; or pass --base-directory DIR")
     return found
@@ -221,10 +223,12 @@ def _add_doctor(commands: argparse._SubParsersAction) -> None:
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import markers_for, run_checks
 
-    comfyui = find_comfyui()
+    comfyui = find_comfyui(args.base_directory)
     base = comfyui_base(args.base_directory, required=False)
     own_config = comfyui / "extra_model_paths.yaml" if comfyui else None
-    configs = [c for c in (own_config,) if c and c.is_file()] + [c for c in (args.extra_model_paths_config,) if c]
+    desktop_config = desktop_models_config(base) if base else None  # ComfyUI Desktop passes it to ComfyUI
+    configs = [c for c in (own_config, desktop_config) if c and c.is_file()]
+    configs += [c for c in (args.extra_model_paths_config,) if c]
     workflow = None
     if args.workflow is not None:
         from .runner import RunError, load_workflow
@@ -290,13 +294,17 @@ def _run(args: argparse.Namespace) -> int:
             report = runner.run_on_server(workflow, overrides, args.out, url=args.comfyui, timeout=args.timeout,
                                           max_wait=args.max_wait)
         else:
-            comfyui = find_comfyui()
+            comfyui = find_comfyui(args.base_directory)
             if comfyui is None:
-                raise CommandError(f"{why_not_found()}; or send the workflow to a running ComfyUI with --comfyui URL")
+                raise CommandError(f"{why_not_found(args.base_directory)}; or send the workflow to a running ComfyUI "
+                                   "with --comfyui URL")
             comfyui_base(args.base_directory, required=False)  # a wrong --base-directory fails here, not in ComfyUI
-            configs = [args.extra_model_paths_config] if args.extra_model_paths_config else []
+            # ComfyUI Desktop's ComfyUI runs on the user's base directory with Desktop's model paths.
+            base = args.base_directory or desktop_base_directory()
+            desktop_config = desktop_models_config(base) if base else None
+            configs = [c for c in (desktop_config, args.extra_model_paths_config) if c]
             report = runner.run_embedded(workflow, overrides, args.out, comfyui=comfyui,
-                                         base_directory=args.base_directory, extra_model_paths_configs=configs,
+                                         base_directory=base, extra_model_paths_configs=configs,
                                          cpu=args.cpu)
     except runner.RunError as error:
         raise CommandError(str(error)) from None

@@ -29,8 +29,8 @@ from .catalog import CATALOG, INSTANTID_REPO, ModelFile, format_size
 from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
 from .fetch import DEFAULT_ENDPOINT, file_url
 from .workflow_models import FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels
-from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, FaceModelsMissing,
-                    double_install_warning, find_antelopev2, onnxruntime_distributions, select_providers)
+from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, ONNXRUNTIME, OPENCV, FaceModelsMissing,
+                    SharedModuleDistributions, find_antelopev2, select_providers)
 from ..paths import ADAPTER_FOLDER
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,9 @@ class Report:
 # ----------------------------------------------------------------------------------- environment --
 
 
-def check_comfyui(comfyui: Path | None) -> Check:
+def check_comfyui(comfyui: Path | None, base_directory: Path | None = None) -> Check:
     if comfyui is None:
-        return Check("fail", "ComfyUI", why_not_found())
+        return Check("fail", "ComfyUI", why_not_found(base_directory))
     return Check("ok", "ComfyUI", f"{comfyui} (version {comfyui_version(comfyui)})")
 
 
@@ -150,8 +150,7 @@ def check_packages() -> Check:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as faces does: no network at import
     found, missing = [], []
     for label, module, distributions in (("insightface", "insightface", ("insightface",)),
-                                         ("opencv", "cv2", ("opencv-python", "opencv-python-headless",
-                                                            "opencv-contrib-python", "opencv-contrib-python-headless"))):
+                                         ("opencv", "cv2", OPENCV.names)):
         version = next((v for v in map(_version, distributions) if v), None)
         try:
             __import__(module)
@@ -203,17 +202,19 @@ def check_onnxruntime(detector: Path | None, torch_cuda: bool) -> list[Check]:
         checks.append(Check("warn", "onnxruntime GPU", "torch uses CUDA but this onnxruntime has no CUDA provider, so "
                             "face analysis runs on the CPU (slower, still correct); swap in onnxruntime-gpu, and again "
                             "after every insightface upgrade", (GPU_ONNXRUNTIME,)))
-    distributions = onnxruntime_distributions()
-    doubled = double_install_warning()
-    if doubled:
-        # Keep the accelerated build, as faces.double_install_warning advises.
-        keep = next((name for name in distributions if name != "onnxruntime"), "onnxruntime")
-        checks.append(Check("warn", "onnxruntime installs", doubled,
-                            (f"pip uninstall -y {' '.join(distributions)} && pip install {keep}",)))
-    else:
-        installed = ", ".join(f"{name} {v}" for name, v in distributions.items())
-        checks.append(Check("ok", "onnxruntime installs", f"one distribution ({installed})"))
+    checks.append(check_installs(ONNXRUNTIME))
     return checks
+
+
+def check_installs(group: SharedModuleDistributions) -> Check:
+    """Whether exactly one of the distributions that share a module folder is installed; with
+    several, the pip commands that leave one."""
+    found = group.installed()
+    doubled = group.warning()
+    if doubled:
+        return Check("warn", f"{group.what} installs", doubled, (group.fix(found),))
+    installed = ", ".join(f"{name} {v}" for name, v in found.items()) or "none installed with pip"
+    return Check("ok", f"{group.what} installs", f"one distribution ({installed})" if found else installed)
 
 
 def check_pack_location(custom_node_folders: Sequence[Path]) -> Check:
@@ -497,9 +498,9 @@ def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_confi
     `targets`: where fetch-models puts each key's files (cli.model_folders). With `workflow`, the
     model files checked are those that workflow loads instead of the pack's own."""
     report = Report(fetch_command=fetch_command)
-    report.checks += [check_comfyui(comfyui), check_model_folders(base_directory, extra_configs), check_python()]
+    report.checks += [check_comfyui(comfyui, base_directory), check_model_folders(base_directory, extra_configs), check_python()]
     torch_check, torch_cuda = check_torch()
-    report.checks += [torch_check, check_packages()]
+    report.checks += [torch_check, check_packages(), check_installs(OPENCV)]
     by_id = {entry.id: entry for entry in CATALOG}
     face_roots = list(search_paths.get("insightface", []))
     detector = _first_existing(face_roots, by_id["antelopev2-detector"].path)

@@ -176,6 +176,46 @@ def apply_overrides(prompt: Mapping[str, dict], overrides: Sequence[Override],
     return prompt
 
 
+def check_override_numbers(prompt: Mapping[str, dict], overrides: Sequence[Override],
+                           node_info: Callable[[str], Mapping]) -> None:
+    """The nodes' own number checks (instantid.checks) on the values --set gave, so a NaN, an
+    infinity or an empty InstantID schedule stops here, before ComfyUI runs anything. A FLOAT
+    input given as text ('nan', 'inf') becomes the number ComfyUI would make of it."""
+    from ..checks import NumberInput, SettingError, check_finite, check_schedule  # imports torch: only when used
+
+    for override in overrides:
+        node_id = resolve_node(prompt, override.node, override.text)
+        node = prompt[node_id]
+        info = node_info(node["class_type"]) or {}
+        spec = _input_spec(info, override.input)
+        inputs = node["inputs"]
+        if spec.get("type") == "FLOAT" and isinstance(inputs[override.input], str):
+            try:
+                inputs[override.input] = float(inputs[override.input])
+            except ValueError:
+                raise RunError(f"--set {override.text!r}: {override.input} takes a number, not "
+                               f"{inputs[override.input]!r}") from None
+        try:
+            check_finite([NumberInput(override.input, inputs[override.input], spec.get("min"), spec.get("max"))])
+            start, end = inputs.get("start_at"), inputs.get("end_at")
+            if (str(info.get("category", "")).startswith("InstantID") and override.input in ("start_at", "end_at")
+                    and all(isinstance(v, (int, float)) for v in (start, end))):
+                check_schedule(start, end)
+        except SettingError as error:
+            raise RunError(f"--set {override.text!r}: node {_describe(node_id, node)}: {error}") from None
+
+
+def _input_spec(info: Mapping, name: str) -> dict:
+    """{'type': 'FLOAT', 'min': 0.0, ...} of one input in a node type's /object_info entry ({} if unknown)."""
+    inputs = info.get("input") or {}
+    for section in ("required", "optional"):
+        entry = (inputs.get(section) or {}).get(name)
+        if isinstance(entry, (list, tuple)) and entry:
+            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            return {"type": entry[0] if isinstance(entry[0], str) else "COMBO", **options}
+    return {}
+
+
 def schema_input_names(info: Mapping) -> list[str]:
     """Input names of one node type from its /object_info entry."""
     inputs = info.get("input") or {}
@@ -272,8 +312,9 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     except (RuntimeError, ValueError) as error:
         raise RunError(str(error)) from None
     types = comfy.nodes.NODE_CLASS_MAPPINGS
-    prompt = apply_overrides(prompt, overrides,
-                             lambda kind: schema_input_names(comfy.node_info(kind)) if kind in types else ())
+    node_info = lambda kind: comfy.node_info(kind) if kind in types else {}  # noqa: E731
+    prompt = apply_overrides(prompt, overrides, lambda kind: schema_input_names(node_info(kind)))
+    check_override_numbers(prompt, overrides, node_info)
     import comfy.utils as comfy_utils  # importable once ComfyUI is booted
 
     labels = {i: (n.get("_meta") or {}).get("title") or n["class_type"] for i, n in prompt.items()}
@@ -397,10 +438,12 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
     finishes or `max_wait` seconds pass, and download the output images with /view."""
     server = ComfyServer(url, timeout)
     schema: SchemaInputs | None = None
-    if is_ui_format(workflow):
+    object_info: dict = {}
+    if is_ui_format(workflow) or overrides:  # the --set checks need the inputs' types and ranges too
         object_info = server.json("/object_info")
         if not isinstance(object_info, dict):
             raise RunError(f"{server.url}/object_info did not list node types; is --comfyui the address of ComfyUI?")
+    if is_ui_format(workflow):
         try:
             prompt = ui_to_api(workflow, object_info)
         except WorkflowError as error:
@@ -409,6 +452,7 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
     else:
         prompt = workflow
     prompt = apply_overrides(prompt, overrides, schema)
+    check_override_numbers(prompt, overrides, lambda kind: object_info.get(kind) or {})
     answer = server.json("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
     prompt_id = answer.get("prompt_id") if isinstance(answer, dict) else None
     if not prompt_id:
