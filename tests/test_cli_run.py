@@ -166,7 +166,8 @@ def test_comfyui_url_posts_the_api_graph_and_fetches_the_images(tmp_path, capsys
 
 def test_comfyui_url_converts_a_ui_workflow_with_the_servers_object_info(comfy, tmp_path):
     workflow = load_ui_workflow(REPO_ROOT / "workflows" / BASIC_WORKFLOW_FILE)
-    kinds = {node["type"] for node in workflow["nodes"]}
+    # What a server's /object_info holds: no frontend-only types such as the workflow's Note.
+    kinds = {node["type"] for node in workflow["nodes"]} & set(comfy.embedded.nodes.NODE_CLASS_MAPPINGS)
     fake = FakeComfyUI(object_info={kind: comfy.embedded.node_info(kind) for kind in kinds})
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps(workflow))

@@ -9,7 +9,7 @@ from .catalog import CATALOG, WORKFLOW_MODELS
 from .workflow_builder import NodeSpec, WorkflowSpec
 
 _FILES = {entry.id: entry.path for entry in (*CATALOG, *WORKFLOW_MODELS)}
-SDXL_CHECKPOINT = _FILES["sdxl-base"]
+SDXL_CHECKPOINT = next(entry.path for entry in (*CATALOG, *WORKFLOW_MODELS) if entry.folder == "checkpoints")
 ADAPTER = _FILES["adapter"]
 IDENTITYNET = _FILES["identitynet"]
 CANNY_CONTROLNET = _FILES["controlnet-canny-sdxl"]
@@ -291,3 +291,4 @@ FACE_REPAIR = WorkflowSpec(
 
 WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, FACE_REPAIR)
 BASIC_WORKFLOW_FILE = f"{BASIC.name}.json"
+POSED_WORKFLOW_FILE = f"{POSED.name}.json"
