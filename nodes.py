@@ -16,6 +16,7 @@ from .instantid.face_crop import DEFAULT_FEATHER, DEFAULT_PADDING, DEFAULT_SIZE,
 from .instantid.checks import NumberInput, float_inputs
 from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
 from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
+from .instantid.regions import MASK_SCOPES, PROMPT_AND_IDENTITY
 from .instantid.similarity import face_similarity
 
 register_model_folders(folder_paths)
@@ -65,9 +66,22 @@ def _apply_tail_inputs() -> list[io.Input]:
                            tooltip="Optional pose image: its face keypoints set the face position and angle. "
                                    "Without it the pose of the reference photo is used."),
             io.Mask.Input("mask", optional=True,
-                          tooltip="Optional mask: the identity (and this positive prompt) act only inside it; "
-                                  "combine two masked Apply nodes for two people."),
+                          tooltip="Optional mask: the identity (and, with mask_scope 'prompt and identity', this "
+                                  "positive prompt) act only inside it; combine two masked Apply nodes for two people."),
             _on_no_face_input()]
+
+
+def _region_inputs() -> list[io.Input]:
+    return [io.Boolean.Input("face_region", default=False, optional=True,
+                             tooltip="Official 'enhance non-face region' mode: the identity (face attention and "
+                                     "IdentityNet) acts only inside the face's bounding box on the keypoint image, "
+                                     "placed on the latent as ComfyUI places the keypoints; the prompt still acts "
+                                     "everywhere. With a mask, the region is their product."),
+            io.Combo.Input("mask_scope", options=list(MASK_SCOPES), default=PROMPT_AND_IDENTITY, optional=True,
+                           tooltip="What the mask limits. 'prompt and identity': this positive prompt and the "
+                                   "IdentityNet act only inside it (the earlier pack's behaviour). 'identity only': "
+                                   "the face attention and the IdentityNet act only inside it and the prompt stays "
+                                   "global, so two Apply nodes can share one prompt (two people).")]
 
 
 def _apply_outputs() -> list[io.Output]:
@@ -138,17 +152,19 @@ class ApplyInstantID(io.ComfyNode):
             inputs=[*_apply_head_inputs(),
                     io.Float.Input("weight", default=0.8, min=0.0, max=5.0, step=0.01,
                                    tooltip="Strength of both the face attention and the IdentityNet (0.8 recommended)."),
-                    *_schedule_inputs(), *_apply_tail_inputs()],
+                    *_schedule_inputs(), *_apply_tail_inputs(), *_region_inputs()],
             outputs=_apply_outputs())
 
     @classmethod
     def execute(cls, instantid: Any, insightface: Any, control_net: Any, image: Any, model: Any, positive: Any,
                 negative: Any, weight: float, start_at: float, end_at: float, image_kps: Any = None, mask: Any = None,
-                on_no_face: str = "error") -> io.NodeOutput:
+                on_no_face: str = "error", face_region: bool = False,
+                mask_scope: str = PROMPT_AND_IDENTITY) -> io.NodeOutput:
         outcome = apply_instantid(adapter=instantid, face_analysis=insightface, control_net=control_net, image=image,
                                   model=model, positive=positive, negative=negative, ip_weight=weight,
                                   cn_strength=weight, start_at=start_at, end_at=end_at, image_kps=image_kps,
-                                  mask=mask, on_no_face=on_no_face, numbers=_numbers(cls, locals()))
+                                  mask=mask, on_no_face=on_no_face, face_region=face_region, mask_scope=mask_scope,
+                                  numbers=_numbers(cls, locals()))
         return io.NodeOutput(outcome.model, outcome.positive, outcome.negative, ui=_notes_ui(outcome.notes))
 
 
@@ -171,18 +187,27 @@ class ApplyInstantIDAdvanced(io.ComfyNode):
                     io.Combo.Input("combine_embeds", options=list(COMBINE_MODES), default="average",
                                    tooltip="How several reference photos combine: average of the embeddings, "
                                            "average of their directions ('norm average'), or all faces' tokens ('concat')."),
-                    *_apply_tail_inputs()],
+                    *_apply_tail_inputs(), *_region_inputs(),
+                    io.Float.Input("cn_start_at", default=-1.0, min=-1.0, max=1.0, step=0.001, optional=True,
+                                   tooltip="Fraction of the schedule where the IdentityNet starts acting, apart from "
+                                           "the face attention. -1 (default) follows start_at."),
+                    io.Float.Input("cn_end_at", default=-1.0, min=-1.0, max=1.0, step=0.001, optional=True,
+                                   tooltip="Fraction of the schedule where the IdentityNet stops acting, apart from "
+                                           "the face attention. -1 (default) follows end_at.")],
             outputs=_apply_outputs())
 
     @classmethod
     def execute(cls, instantid: Any, insightface: Any, control_net: Any, image: Any, model: Any, positive: Any,
                 negative: Any, ip_weight: float, cn_strength: float, start_at: float, end_at: float, noise: float,
-                combine_embeds: str, image_kps: Any = None, mask: Any = None, on_no_face: str = "error") -> io.NodeOutput:
+                combine_embeds: str, image_kps: Any = None, mask: Any = None, on_no_face: str = "error",
+                face_region: bool = False, mask_scope: str = PROMPT_AND_IDENTITY, cn_start_at: float = -1.0,
+                cn_end_at: float = -1.0) -> io.NodeOutput:
         outcome = apply_instantid(adapter=instantid, face_analysis=insightface, control_net=control_net, image=image,
                                   model=model, positive=positive, negative=negative, ip_weight=ip_weight,
                                   cn_strength=cn_strength, start_at=start_at, end_at=end_at, noise=noise,
                                   combine=combine_embeds, image_kps=image_kps, mask=mask, on_no_face=on_no_face,
-                                  numbers=_numbers(cls, locals()))
+                                  face_region=face_region, mask_scope=mask_scope, cn_start_at=cn_start_at,
+                                  cn_end_at=cn_end_at, numbers=_numbers(cls, locals()))
         return io.NodeOutput(outcome.model, outcome.positive, outcome.negative, ui=_notes_ui(outcome.notes))
 
 
@@ -232,17 +257,25 @@ class ApplyInstantIDControlNet(io.ComfyNode):
                                    tooltip="Strength of the IdentityNet (0 passes the conditioning through)."),
                     *_schedule_inputs(),
                     io.Mask.Input("mask", optional=True, tooltip="Optional mask: this positive prompt and the "
-                                                                  "IdentityNet act only inside it.")],
+                                                                  "IdentityNet act only inside it (see mask_scope)."),
+                    io.Boolean.Input("face_region", default=False, optional=True,
+                                     tooltip="The IdentityNet acts only inside the box around the drawn keypoints of "
+                                             "image_kps (eyes to mouth, tighter than a detected face box), placed on "
+                                             "the latent as ComfyUI places the keypoints; the prompt acts everywhere."),
+                    io.Combo.Input("mask_scope", options=list(MASK_SCOPES), default=PROMPT_AND_IDENTITY, optional=True,
+                                   tooltip="What the mask limits. 'prompt and identity': this positive prompt and the "
+                                           "IdentityNet. 'identity only': only the IdentityNet; the prompt stays global.")],
             outputs=[io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning with the IdentityNet."),
                      io.Conditioning.Output(display_name="negative", tooltip="Negative conditioning with the IdentityNet.")])
 
     @classmethod
     def execute(cls, face_embeds: Any, control_net: Any, image_kps: Any, positive: Any, negative: Any,
-                strength: float, start_at: float, end_at: float, mask: Any = None) -> io.NodeOutput:
+                strength: float, start_at: float, end_at: float, mask: Any = None, face_region: bool = False,
+                mask_scope: str = PROMPT_AND_IDENTITY) -> io.NodeOutput:
         return io.NodeOutput(*apply_control_only(face_tokens=face_embeds, control_net=control_net, image_kps=image_kps,
                                                  positive=positive, negative=negative, strength=strength,
-                                                 start_at=start_at, end_at=end_at, mask=mask,
-                                                 numbers=_numbers(cls, locals())))
+                                                 start_at=start_at, end_at=end_at, mask=mask, face_region=face_region,
+                                                 mask_scope=mask_scope, numbers=_numbers(cls, locals())))
 
 
 class InstantIDFaceSimilarity(io.ComfyNode):

@@ -18,6 +18,7 @@ from .checks import (NumberInput, as_mask_batch, check_finite, check_identitynet
 from .control import Conditioning, attach_identitynet
 from .faces import DetectedFace, FaceAnalyzer, combine_embeddings, image_batch_to_bgr
 from .keypoints import keypoint_image_batch
+from .regions import IDENTITY_ONLY, PROMPT_AND_IDENTITY, IdentityRegion, check_mask_scope, drawn_extent_boxes, face_box_canvas
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,15 @@ def reference_embedding(faces: list[DetectedFace | None], combine: str, on_no_fa
 
 
 def keypoints_from(analyzer: FaceAnalyzer, image_kps: torch.Tensor | None, references: torch.Tensor,
-                   reference_faces: list[DetectedFace | None], on_no_face: str, notes: list[str]) -> torch.Tensor | None:
-    """The five-point image for the IdentityNet: drawn from each pose image (positions kept: an
-    image without a face gets a black frame in 'skip' mode), or from the first reference face.
-    Never the pose photo itself. None when skipping because no pose image has a face."""
+                   reference_faces: list[DetectedFace | None], on_no_face: str,
+                   notes: list[str]) -> tuple[torch.Tensor, list[np.ndarray | None]] | None:
+    """The five-point image for the IdentityNet and the face box of each frame (None for a black
+    frame): drawn from each pose image (positions kept: an image without a face gets a black frame
+    in 'skip' mode), or from the first reference face. Never the pose photo itself. None when
+    skipping because no pose image has a face."""
     if image_kps is None:
         face = next(f for f in reference_faces if f is not None)
-        return keypoint_image_batch([face.kps], references.shape[2], references.shape[1])
+        return keypoint_image_batch([face.kps], references.shape[2], references.shape[1]), [face.bbox]
     faces = detect_faces(analyzer, image_kps, notes, "keypoint image (image_kps)")
     missing = [i for i, face in enumerate(faces) if face is None]
     fix = f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference"
@@ -134,7 +137,7 @@ def keypoints_from(analyzer: FaceAnalyzer, image_kps: torch.Tensor | None, refer
 
 
 def _keypoint_frames(faces: list[DetectedFace | None], images: torch.Tensor, where: str, subject: str, fix: str,
-                     on_no_face: str, notes: list[str]) -> torch.Tensor:
+                     on_no_face: str, notes: list[str]) -> tuple[torch.Tensor, list[np.ndarray | None]]:
     """One keypoint frame per image, positions kept. An image without a face stops with an error,
     or ('skip') gets a black frame: no pose constraint, never the photo itself."""
     missing = [i for i, face in enumerate(faces) if face is None]
@@ -144,7 +147,8 @@ def _keypoint_frames(faces: list[DetectedFace | None], images: torch.Tensor, whe
     if missing:
         _note(notes, f"{subject} had no face: black keypoint frames (no pose constraint) at those positions, "
                      "the others keep theirs")
-    return keypoint_image_batch([None if f is None else f.kps for f in faces], images.shape[2], images.shape[1])
+    return (keypoint_image_batch([None if f is None else f.kps for f in faces], images.shape[2], images.shape[1]),
+            [None if f is None else f.bbox for f in faces])
 
 
 def face_tokens_for(adapter: InstantIDAdapter, analyzer: FaceAnalyzer, image: torch.Tensor, combine: str,
@@ -156,11 +160,12 @@ def face_tokens_for(adapter: InstantIDAdapter, analyzer: FaceAnalyzer, image: to
 
 
 def patched_model(model: Any, adapter: InstantIDAdapter, tokens: FaceTokens, weight: float, start_at: float,
-                  end_at: float, mask: torch.Tensor | None) -> Any:
+                  end_at: float, mask: torch.Tensor | None, face_box: torch.Tensor | None = None) -> Any:
     """A clone of `model` with the face attention on all 70 cross-attention layers. The callers have
     checked the model against the adapter and normalised the mask (as_mask_batch) already."""
     sampling = model.get_model_object("model_sampling")
-    settings = FaceAttentionSettings(weight, sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask)
+    settings = FaceAttentionSettings(weight, sampling.percent_to_sigma(start_at), sampling.percent_to_sigma(end_at), mask,
+                                     face_box)
     patched = model.clone()
     install_face_attention(patched, adapter.layer_kv(tokens), settings)
     return patched
@@ -168,7 +173,7 @@ def patched_model(model: Any, adapter: InstantIDAdapter, tokens: FaceTokens, wei
 
 # ComfyUI cuts a conditioning mask batch to the latent batch and then tiles it, so M masks crash the
 # sampler for a latent batch N > M that M does not divide. Padding with the last mask (what the face
-# attention does, see attention.mask_for_batch) makes every latent batch up to this size work.
+# attention does, see regions.mask_for_batch) makes every latent batch up to this size work.
 CONDITIONING_MASK_BATCH = 16
 
 
@@ -179,28 +184,58 @@ def conditioning_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat([mask, mask[-1:].expand(CONDITIONING_MASK_BATCH - mask.shape[0], *mask.shape[1:])])
 
 
+def follow(window_edge: float, schedule_edge: float) -> float:
+    """A separate IdentityNet window edge; negative (the default -1) follows the shared schedule."""
+    return schedule_edge if window_edge < 0 else window_edge
+
+
+def _attach(positive: Conditioning, negative: Conditioning, control_net: Any, keypoints: torch.Tensor, strength: float,
+            start_at: float, end_at: float, tokens: FaceTokens, mask: torch.Tensor | None, mask_scope: str,
+            face_box: torch.Tensor | None) -> tuple[Conditioning, Conditioning]:
+    """The IdentityNet with the mask in its scope: 'prompt and identity' makes the positive prompt
+    regional (and the IdentityNet with it, through ComfyUI's conditioning mask), 'identity only'
+    multiplies only the IdentityNet's residuals by it; a face box multiplies them in both."""
+    identity_only = mask_scope == IDENTITY_ONLY
+    residual_mask = mask if identity_only else None
+    region = None if face_box is None and residual_mask is None else IdentityRegion(face_box, residual_mask)
+    return attach_identitynet(positive, negative, control_net, keypoints, strength, start_at, end_at, tokens.cond,
+                              tokens.uncond, None if identity_only else conditioning_mask(mask), region=region)
+
+
 def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_net: Any, image: torch.Tensor, model: Any,
                     positive: Conditioning, negative: Conditioning, ip_weight: float, cn_strength: float,
                     start_at: float, end_at: float, noise: float = 0.0, combine: str = "average",
                     image_kps: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                    on_no_face: str = "error", numbers: Sequence[NumberInput] = ()) -> Outcome:
+                    on_no_face: str = "error", face_region: bool = False, mask_scope: str = PROMPT_AND_IDENTITY,
+                    cn_start_at: float = -1.0, cn_end_at: float = -1.0, numbers: Sequence[NumberInput] = ()) -> Outcome:
     """ApplyInstantID / ApplyInstantIDAdvanced: face attention on the model and the IdentityNet on the
-    conditioning. With on_no_face='skip' and no usable face, everything passes through unchanged."""
-    check_numbers(numbers, start_at, end_at, ip_weight=ip_weight, cn_strength=cn_strength, noise=noise)
+    conditioning. With on_no_face='skip' and no usable face, everything passes through unchanged.
+    face_region confines both to the face box of the keypoint image; cn_start_at / cn_end_at (-1:
+    follow start_at / end_at) time the IdentityNet apart from the face attention."""
+    check_numbers(numbers, start_at, end_at, ip_weight=ip_weight, cn_strength=cn_strength, noise=noise,
+                  cn_start_at=cn_start_at, cn_end_at=cn_end_at)
+    cn_start, cn_end = follow(cn_start_at, start_at), follow(cn_end_at, end_at)
+    # The IdentityNet's own window; a -1 end follows start_at/end_at, so the message names that input.
+    check_schedule(cn_start, cn_end, ("cn_start_at" if cn_start_at >= 0 else "start_at",
+                                      "cn_end_at" if cn_end_at >= 0 else "end_at"))
     check_on_no_face(on_no_face)
+    check_mask_scope(mask_scope)
     adapter.check_fits(sdxl_attention_widths(model))
     check_identitynet(control_net)
     mask = as_mask_batch(mask)
     notes: list[str] = []
     analyzer = as_face_analyzer(face_analysis)
     tokens, faces = face_tokens_for(adapter, analyzer, image, combine, noise, on_no_face, notes)
-    keypoints = None if tokens is None else keypoints_from(analyzer, image_kps, image, faces, on_no_face, notes)
-    if tokens is None or keypoints is None:
+    posed = None if tokens is None else keypoints_from(analyzer, image_kps, image, faces, on_no_face, notes)
+    if tokens is None or posed is None:
         return Outcome(model, positive, negative, None, notes, skipped=True)
-    work_model = model if ip_weight == 0 else patched_model(model, adapter, tokens, ip_weight, start_at, end_at, mask)
+    keypoints, boxes = posed
+    face_box = face_box_canvas(boxes, keypoints.shape[2], keypoints.shape[1]) if face_region else None
+    work_model = model if ip_weight == 0 else patched_model(model, adapter, tokens, ip_weight, start_at, end_at, mask,
+                                                            face_box)
     if cn_strength != 0:
-        positive, negative = attach_identitynet(positive, negative, control_net, keypoints, cn_strength, start_at, end_at,
-                                                tokens.cond, tokens.uncond, conditioning_mask(mask))
+        positive, negative = _attach(positive, negative, control_net, keypoints, cn_strength, cn_start, cn_end, tokens,
+                                     mask, mask_scope, face_box)
     return Outcome(work_model, positive, negative, tokens, notes)
 
 
@@ -223,15 +258,19 @@ def apply_attention_only(*, adapter: InstantIDAdapter, face_analysis: Any, image
 
 def apply_control_only(*, face_tokens: FaceTokens | None, control_net: Any, image_kps: torch.Tensor,
                        positive: Conditioning, negative: Conditioning, strength: float, start_at: float,
-                       end_at: float, mask: torch.Tensor | None = None,
+                       end_at: float, mask: torch.Tensor | None = None, face_region: bool = False,
+                       mask_scope: str = PROMPT_AND_IDENTITY,
                        numbers: Sequence[NumberInput] = ()) -> tuple[Conditioning, Conditioning]:
-    """ApplyInstantIDControlNet: the IdentityNet with the given keypoint image as its hint."""
+    """ApplyInstantIDControlNet: the IdentityNet with the given keypoint image as its hint. Its face
+    region is the extent of the drawn keypoints (no face detection here)."""
     check_numbers(numbers, start_at, end_at, strength=strength)
+    check_mask_scope(mask_scope)
     if face_tokens is None or strength == 0:
         return positive, negative
     check_identitynet(control_net)
-    return attach_identitynet(positive, negative, control_net, image_kps, strength, start_at, end_at,
-                              face_tokens.cond, face_tokens.uncond, conditioning_mask(as_mask_batch(mask)))
+    face_box = face_box_canvas(drawn_extent_boxes(image_kps), image_kps.shape[2], image_kps.shape[1]) if face_region else None
+    return _attach(positive, negative, control_net, image_kps, strength, start_at, end_at, face_tokens,
+                   as_mask_batch(mask), mask_scope, face_box)
 
 
 def keypoints_image(face_analysis: Any, image: torch.Tensor, on_no_face: str = "error") -> tuple[torch.Tensor, list[str]]:
@@ -241,8 +280,8 @@ def keypoints_image(face_analysis: Any, image: torch.Tensor, on_no_face: str = "
     notes: list[str] = []
     faces = detect_faces(as_face_analyzer(face_analysis), image, notes)
     missing = [i for i, face in enumerate(faces) if face is None]
-    frames = _keypoint_frames(faces, image, f"{_images(missing, len(faces))} given to Face Keypoints Preprocessor",
-                              _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes)
+    frames, _ = _keypoint_frames(faces, image, f"{_images(missing, len(faces))} given to Face Keypoints Preprocessor",
+                                 _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes)
     return frames, notes
 
 

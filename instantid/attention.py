@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .regions import ATTENTION, IdentityRegion
 from .sdxl import ATTN2_KEYS, AttentionKey
 
 ExtraOptions = dict[str, Any]
@@ -54,17 +55,18 @@ class FaceAttentionSettings:
     reused by the other 69 (the sigmas tensor and cond_or_uncond list are the same objects
     throughout one call), so a layer's Python work is a couple of identity checks."""
 
-    def __init__(self, weight: float, sigma_start: float, sigma_end: float, mask: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: float, sigma_start: float, sigma_end: float, mask: torch.Tensor | None = None,
+                 face_box: torch.Tensor | None = None) -> None:
         self.weight = float(weight)
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
-        self.mask = None if mask is None else mask.detach().float().cpu()  # [N, H, W] in 0..1
+        # The mask ([N, H, W] in 0..1) and the face region (regions.py) scale the face term per pixel.
+        self.region = None if mask is None and face_box is None else IdentityRegion(face_box, mask)
         self._sigmas: torch.Tensor | None = None
         self._cond_or_uncond: list[int] | None = None
         self.layout: tuple = ()
         self._gate: torch.Tensor | None = None
         self._masked: dict[tuple[int, int], torch.Tensor] = {}
-        self._mask_rows_cache: dict[tuple, torch.Tensor] = {}
 
     def __deepcopy__(self, memo: dict) -> "FaceAttentionSettings":
         return self  # immutable apart from caches that depend only on their inputs
@@ -81,26 +83,18 @@ class FaceAttentionSettings:
             layout = (q.device, q.dtype, q.shape[0], tuple(cond_or_uncond))
             if layout != self.layout:  # keep the same object while the layout stays: branches compare by identity
                 self.layout = layout
-        if self.mask is None:
+        if self.region is None:
             return self._gate
         size = tuple(extra_options["activations_shape"][-2:])
         masked = self._masked.get(size)
         if masked is None:
-            masked = self._masked[size] = self._gate * self._mask_rows(size, q, len(cond_or_uncond))
+            # The region at this layer's resolution, one row per batch row: [B, h*w, 1, 1] (the region
+            # caches it per resolution and batch layout, so only the product is per step).
+            latent = extra_options.get("original_shape")
+            rows = self.region.factor(size, None if latent is None else latent[-2:], q.shape[0], len(cond_or_uncond),
+                                      ATTENTION, q.device, q.dtype)
+            masked = self._masked[size] = self._gate * rows.reshape(q.shape[0], -1, 1, 1)
         return masked
-
-    def _mask_rows(self, size: tuple[int, int], q: torch.Tensor, chunks: int) -> torch.Tensor:
-        """The mask at this layer's resolution, one row per batch row: [B, h*w, 1, 1] (built once per
-        resolution and batch layout, not per step)."""
-        key = (size, q.shape[0], chunks, q.device, q.dtype)
-        rows = self._mask_rows_cache.get(key)
-        if rows is None:
-            per_chunk = q.shape[0] // chunks
-            mask = F.interpolate(self.mask[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            mask = mask_for_batch(mask, per_chunk)
-            rows = mask.reshape(per_chunk, -1, 1, 1).repeat(chunks, 1, 1, 1).to(device=q.device, dtype=q.dtype)
-            self._mask_rows_cache[key] = rows
-        return rows
 
 
 def per_row(per_latent: torch.Tensor, rows: int) -> torch.Tensor:
@@ -111,16 +105,6 @@ def per_row(per_latent: torch.Tensor, rows: int) -> torch.Tensor:
     if per_latent.shape[0] == 1:
         return per_latent.expand(rows, *per_latent.shape[1:])
     return per_latent.repeat(rows // per_latent.shape[0], *([1] * (per_latent.ndim - 1)))
-
-
-def mask_for_batch(mask: torch.Tensor, batch: int) -> torch.Tensor:
-    """One mask per latent: a single mask is shared, a shorter batch repeats its last mask, a longer
-    one is cut (as ComfyUI does for other per-image inputs)."""
-    if mask.shape[0] == batch or mask.shape[0] == 1:
-        return mask.expand(batch, *mask.shape[1:])
-    if mask.shape[0] < batch:
-        return torch.cat([mask, mask[-1:].expand(batch - mask.shape[0], *mask.shape[1:])])
-    return mask[:batch]
 
 
 @dataclass(eq=False)

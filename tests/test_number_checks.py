@@ -187,3 +187,22 @@ def test_run_set_nan_on_a_server_is_refused_before_anything_is_queued(comfy, tmp
     assert code == 1
     assert "The weight input is inf (infinite); it must be a number from 0 to 5" in capsys.readouterr().err
     assert fake.posted == []
+
+
+@pytest.mark.parametrize(("window", "message"), [
+    (dict(cn_start_at=0.9, cn_end_at=0.1), "cn_start_at (0.9) is after cn_end_at (0.1)"),
+    (dict(cn_start_at=0.9, end_at=0.95, cn_end_at=-1.0, start_at=0.0), None),
+    (dict(cn_start_at=0.9, cn_end_at=-1.0, end_at=0.5), "cn_start_at (0.9) is after end_at (0.5)"),
+])
+def test_the_identitynet_window_is_checked_too(kit, setting_error, window, message):
+    """Advanced's separate IdentityNet window (-1 follows start_at/end_at) must not be empty either."""
+    given = dict(good_inputs(kit, "ApplyInstantIDAdvanced"), **window)
+    before = state_of(kit.model, given)
+    if message is None:
+        (_, positive, _) = kit.run_node("ApplyInstantIDAdvanced", **given)
+        assert "control" in positive[0][1]
+        return
+    with pytest.raises(setting_error) as error:
+        kit.run_node("ApplyInstantIDAdvanced", **given)
+    assert str(error.value).startswith(message + ", so this window of the schedule is empty")
+    assert_same_state(before, state_of(kit.model, given))

@@ -305,11 +305,11 @@ def test_reference_batch_uses_only_the_images_with_a_face(kit):
     assert kit.ui_text() == ("reference image 2 of 3 had no face and was ignored; the identity comes from the other 2")
     embeddings = [kit.analyzer.detect(bgr(image)).embedding for image in (first, second)]
     expected = kit.adapter.face_tokens(torch.from_numpy(np.mean(np.float64(embeddings), axis=0)).float()[None])
-    torch.testing.assert_close(positive[0][1]["cross_attn_controlnet"], expected.cond, rtol=0, atol=1e-6)
+    torch.testing.assert_close(positive[0][1]["control"].face_tokens[0], expected.cond, rtol=0, atol=1e-6)
     (_, only_faces, _) = kit.apply(image=torch.cat([first, second]))
-    assert torch.equal(positive[0][1]["cross_attn_controlnet"], only_faces[0][1]["cross_attn_controlnet"])
+    assert torch.equal(positive[0][1]["control"].face_tokens[0], only_faces[0][1]["control"].face_tokens[0])
     (_, first_only, _) = kit.apply(image=first)
-    assert not torch.allclose(first_only[0][1]["cross_attn_controlnet"], expected.cond, atol=1e-3)
+    assert not torch.allclose(first_only[0][1]["control"].face_tokens[0], expected.cond, atol=1e-3)
 
 
 def test_keypoint_batch_keeps_positions_and_never_uses_the_photo(kit, errors):
@@ -467,13 +467,13 @@ def test_provider_problems_are_warned_in_the_log_and_on_the_node(kit, monkeypatc
 def test_rgba_gray_nan_and_out_of_range_images(kit, errors):
     rgb = photo(((4, 3), 128))
     (_, reference, _) = kit.apply(image=rgb)
-    tokens = reference[0][1]["cross_attn_controlnet"]
+    tokens = reference[0][1]["control"].face_tokens[0]
     rgba = torch.cat([rgb, torch.rand(1, 320, 320, 1, generator=torch.Generator().manual_seed(0))], dim=-1)
     stretched = torch.where(rgb == 0, -0.5, torch.where(rgb == 1, 1.5, rgb))  # clamps back to the same picture
     with_nan = torch.where(rgb == 0, torch.nan, rgb)
     for image in (rgba, stretched, with_nan):
         (_, positive, _) = kit.apply(image=image)
-        assert torch.equal(positive[0][1]["cross_attn_controlnet"], tokens)
+        assert torch.equal(positive[0][1]["control"].face_tokens[0], tokens)
     kit.apply(image=stretched)
     assert kit.ui_text() == ("the reference image values range from -0.5 to 1.5, outside ComfyUI's 0..1; they were "
                              "clamped")
@@ -501,7 +501,7 @@ def test_batch_of_sixteen_reference_images_is_averaged(kit):
     (_, positive, _) = kit.apply(image=images)
     embeddings = np.float64([kit.analyzer.detect(bgr(images[i:i + 1])).embedding for i in range(16)])
     expected = kit.adapter.face_tokens(torch.from_numpy(embeddings.mean(axis=0)).float()[None])
-    torch.testing.assert_close(positive[0][1]["cross_attn_controlnet"], expected.cond, rtol=0, atol=1e-6)
+    torch.testing.assert_close(positive[0][1]["control"].face_tokens[0], expected.cond, rtol=0, atol=1e-6)
     assert kit.ui_text() == ""
 
 

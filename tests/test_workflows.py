@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import UNET_NAME
 from support.workflows import OLD_PACK_WORKFLOWS, load_ui_workflow, prepare_for_test_bed
@@ -20,7 +21,9 @@ def sampler_spy(monkeypatch):
 
     def spy(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs):
         seen.append({"model": model, "positive": positive, "negative": negative})
-        return real(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs)
+        result = real(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs)
+        seen[-1]["latent"] = result[0]["samples"]
+        return result
     monkeypatch.setattr(nodes, "common_ksampler", spy)
     return seen
 
@@ -39,8 +42,9 @@ def assert_instantid_reached_sampler(seen: list, identities: int = 1) -> None:
     assert set(patches) == set(ATTN2_KEYS)
     assert all(len(patch.branches) == identities for patch in patches.values())
     for entry in seen[0]["positive"] + seen[0]["negative"]:
-        assert entry[1]["cross_attn_controlnet"].shape == (1, 16, 2048)
-        assert type(entry[1]["control"]).__name__ == "ControlNet"
+        assert type(entry[1]["control"]).__name__ == "IdentityNet"
+        assert [tokens.shape for tokens in entry[1]["control"].face_tokens] == [(1, 16, 2048)] * 2
+        assert "cross_attn_controlnet" not in entry[1]  # other ControlNets of the chain keep the text context
 
 
 @pytest.mark.parametrize("name", ["InstantID_basic.json", "InstantID_posed.json"])
@@ -57,7 +61,7 @@ def test_old_pack_workflow_runs_with_this_pack(comfy, sampler_spy, name):
     assert len(images) == 1 and images[0]["type"] == "temp"
 
 
-def test_multi_id_workflow_stacks_two_identities(comfy, sampler_spy):
+def test_multi_id_workflow_stacks_two_identities(comfy, sampler_spy, monkeypatch):
     path = OLD_PACK_WORKFLOWS / "InstantID_multi_id.json"
     if not path.is_file():
         pytest.skip(f"the shared old-pack workflows are not at {OLD_PACK_WORKFLOWS}")
@@ -75,3 +79,11 @@ def test_multi_id_workflow_stacks_two_identities(comfy, sampler_spy):
     assert all(len(patch.branches) == 2 for patch in patches.values())
     masks = [entry[1].get("mask") for entry in sampler_spy[0]["positive"]]
     assert len(masks) == 2 and all(mask is not None for mask in masks)
+    # Today's result: the latent of the route before the IdentityNet carried its own tokens.
+    from support.old_route import attach_identitynet_through_conditioning
+    monkeypatch.setattr(comfy.pack_module("instantid.apply"), "attach_identitynet", attach_identitynet_through_conditioning)
+    old = comfy.run(prepare_for_test_bed(prompt, UNET_NAME, comfy.base / "input"))
+    assert old.success, old.error_text()
+    assert "cross_attn_controlnet" in sampler_spy[1]["positive"][0][1]
+    assert torch.equal(sampler_spy[0]["latent"], sampler_spy[1]["latent"])
+
