@@ -15,6 +15,9 @@ from .instantid.apply import (ON_NO_FACE, apply_attention_only, apply_control_on
 from .instantid.face_crop import DEFAULT_FEATHER, DEFAULT_PADDING, DEFAULT_SIZE, crop_faces, paste_faces
 from .instantid.checks import NumberInput, float_inputs
 from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
+from .instantid.identity_files import (IDENTITY_FOLDER, describe, file_sha256, list_identity_files, load_identity,
+                                       resolve_identity_file, save_identity, save_path, saved_file)
+from .instantid.keypoints import FIT_MODES, CanvasFit
 from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
 from .instantid.regions import MASK_SCOPES, PROMPT_AND_IDENTITY
 from .instantid.similarity import face_similarity
@@ -51,11 +54,32 @@ def _schedule_inputs() -> list[io.Input]:
                            tooltip="Fraction of the sampling schedule where InstantID stops acting (1 = last step).")]
 
 
+def _insightface_input() -> io.Input:
+    return FaceAnalysisType.Input("insightface", optional=True,
+                                  tooltip="Face detection and recognition from 'InstantID Face Analysis'. May stay "
+                                          "unconnected when face_embeds replaces the photo and image_kps is not used.")
+
+
+def _face_index_input(what: str) -> io.Int.Input:
+    return io.Int.Input("face_index", default=0, min=0, max=64, step=1, optional=True,
+                        tooltip=f"Which face of {what} to use: 0 = the largest (the official rule), 1, 2, 3 … = the "
+                                "first, second, third face counted from the left.")
+
+
+def _face_embeds_input() -> io.Input:
+    return FaceEmbedsType.Input("face_embeds", optional=True,
+                                tooltip="A saved identity ('InstantID Load Face Embeds') used instead of image; without "
+                                        "image_kps its stored keypoints set the pose. The face tokens are made by this "
+                                        "node's adapter.")
+
+
 def _apply_head_inputs() -> list[io.Input]:
     return [InstantIDType.Input("instantid", tooltip="The InstantID adapter from 'Load InstantID Model'."),
-            FaceAnalysisType.Input("insightface", tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
+            _insightface_input(),
             io.ControlNet.Input("control_net", tooltip="The InstantID IdentityNet, loaded with 'Load ControlNet Model'."),
-            io.Image.Input("image", tooltip="Reference photo(s) of the person. Several images are combined into one identity."),
+            io.Image.Input("image", optional=True,
+                           tooltip="Reference photo(s) of the person. Several images are combined into one identity. "
+                                   "Not needed when face_embeds (a saved identity) is connected."),
             io.Model.Input("model", tooltip="An SDXL model. It is not modified: a patched copy is returned."),
             io.Conditioning.Input("positive", tooltip="Positive conditioning (your prompt)."),
             io.Conditioning.Input("negative", tooltip="Negative conditioning.")]
@@ -69,6 +93,10 @@ def _apply_tail_inputs() -> list[io.Input]:
                           tooltip="Optional mask: the identity (and, with mask_scope 'prompt and identity', this "
                                   "positive prompt) act only inside it; combine two masked Apply nodes for two people."),
             _on_no_face_input()]
+
+
+def _apply_identity_inputs() -> list[io.Input]:
+    return [_face_index_input("each reference photo (not of image_kps, which uses its largest)"), _face_embeds_input()]
 
 
 def _region_inputs() -> list[io.Input]:
@@ -129,16 +157,33 @@ class FaceKeypointsPreprocessor(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FaceKeypointsPreprocessor", display_name="Face Keypoints Preprocessor", category=CATEGORY,
-            description="Draws the five face keypoints (eyes, nose, mouth corners) of each image, as the IdentityNet "
-                        "expects them. Batch positions are kept.",
+            description="Draws the five face keypoints (eyes, nose, mouth corners) of the chosen face of each image, as "
+                        "the IdentityNet expects them, optionally fitted to another canvas size and mirrored. Batch "
+                        "positions are kept.",
             inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis'."),
                     io.Image.Input("image", tooltip="Image(s) whose face pose to extract."),
-                    _on_no_face_input()],
-            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The keypoint image(s), same size as the input.")])
+                    _on_no_face_input(),
+                    io.Int.Input("width", default=0, min=0, max=16384, step=8, optional=True,
+                                 tooltip="Width of the keypoint image, e.g. your latent's width; 0 = the input's width."),
+                    io.Int.Input("height", default=0, min=0, max=16384, step=8, optional=True,
+                                 tooltip="Height of the keypoint image; 0 = the input's height."),
+                    io.Combo.Input("fit", options=list(FIT_MODES), default="pad", optional=True,
+                                   tooltip="How the photo's frame goes onto another aspect: 'pad' keeps all of it "
+                                           "(black borders), 'crop' fills the canvas and cuts the overflow (what ComfyUI "
+                                           "does to a hint), 'stretch' scales each side on its own. The points are "
+                                           "moved, then drawn at the new size."),
+                    io.Boolean.Input("mirror", default=False, optional=True,
+                                     tooltip="Mirror the pose left-right; the eye and mouth-corner colours are swapped so "
+                                             "each colour still marks the image-left or image-right point."),
+                    _face_index_input("each image")],
+            outputs=[io.Image.Output(display_name="IMAGE",
+                                     tooltip="The keypoint image(s): the input's size, or width x height.")])
 
     @classmethod
-    def execute(cls, faceanalysis: Any, image: Any, on_no_face: str = "error") -> io.NodeOutput:
-        keypoints, notes = keypoints_image(faceanalysis, image, on_no_face)
+    def execute(cls, faceanalysis: Any, image: Any, on_no_face: str = "error", width: int = 0, height: int = 0,
+                fit: str = "pad", mirror: bool = False, face_index: int = 0) -> io.NodeOutput:
+        keypoints, notes = keypoints_image(faceanalysis, image, on_no_face, CanvasFit(width, height, fit, mirror),
+                                           face_index)
         return io.NodeOutput(keypoints, ui=_notes_ui(notes))
 
 
@@ -152,19 +197,19 @@ class ApplyInstantID(io.ComfyNode):
             inputs=[*_apply_head_inputs(),
                     io.Float.Input("weight", default=0.8, min=0.0, max=5.0, step=0.01,
                                    tooltip="Strength of both the face attention and the IdentityNet (0.8 recommended)."),
-                    *_schedule_inputs(), *_apply_tail_inputs(), *_region_inputs()],
+                    *_schedule_inputs(), *_apply_tail_inputs(), *_region_inputs(), *_apply_identity_inputs()],
             outputs=_apply_outputs())
 
     @classmethod
-    def execute(cls, instantid: Any, insightface: Any, control_net: Any, image: Any, model: Any, positive: Any,
-                negative: Any, weight: float, start_at: float, end_at: float, image_kps: Any = None, mask: Any = None,
-                on_no_face: str = "error", face_region: bool = False,
-                mask_scope: str = PROMPT_AND_IDENTITY) -> io.NodeOutput:
+    def execute(cls, instantid: Any, control_net: Any, model: Any, positive: Any, negative: Any, weight: float,
+                start_at: float, end_at: float, insightface: Any = None, image: Any = None, image_kps: Any = None,
+                mask: Any = None, on_no_face: str = "error", face_region: bool = False,
+                mask_scope: str = PROMPT_AND_IDENTITY, face_index: int = 0, face_embeds: Any = None) -> io.NodeOutput:
         outcome = apply_instantid(adapter=instantid, face_analysis=insightface, control_net=control_net, image=image,
                                   model=model, positive=positive, negative=negative, ip_weight=weight,
                                   cn_strength=weight, start_at=start_at, end_at=end_at, image_kps=image_kps,
                                   mask=mask, on_no_face=on_no_face, face_region=face_region, mask_scope=mask_scope,
-                                  numbers=_numbers(cls, locals()))
+                                  face_index=face_index, face_embeds=face_embeds, numbers=_numbers(cls, locals()))
         return io.NodeOutput(outcome.model, outcome.positive, outcome.negative, ui=_notes_ui(outcome.notes))
 
 
@@ -193,21 +238,24 @@ class ApplyInstantIDAdvanced(io.ComfyNode):
                                            "the face attention. -1 (default) follows start_at."),
                     io.Float.Input("cn_end_at", default=-1.0, min=-1.0, max=1.0, step=0.001, optional=True,
                                    tooltip="Fraction of the schedule where the IdentityNet stops acting, apart from "
-                                           "the face attention. -1 (default) follows end_at.")],
+                                           "the face attention. -1 (default) follows end_at."),
+                    *_apply_identity_inputs()],
             outputs=_apply_outputs())
 
     @classmethod
-    def execute(cls, instantid: Any, insightface: Any, control_net: Any, image: Any, model: Any, positive: Any,
-                negative: Any, ip_weight: float, cn_strength: float, start_at: float, end_at: float, noise: float,
-                combine_embeds: str, image_kps: Any = None, mask: Any = None, on_no_face: str = "error",
-                face_region: bool = False, mask_scope: str = PROMPT_AND_IDENTITY, cn_start_at: float = -1.0,
-                cn_end_at: float = -1.0) -> io.NodeOutput:
+    def execute(cls, instantid: Any, control_net: Any, model: Any, positive: Any, negative: Any, ip_weight: float,
+                cn_strength: float, start_at: float, end_at: float, noise: float, combine_embeds: str,
+                insightface: Any = None, image: Any = None, image_kps: Any = None, mask: Any = None,
+                on_no_face: str = "error", face_region: bool = False, mask_scope: str = PROMPT_AND_IDENTITY,
+                cn_start_at: float = -1.0, cn_end_at: float = -1.0, face_index: int = 0,
+                face_embeds: Any = None) -> io.NodeOutput:
         outcome = apply_instantid(adapter=instantid, face_analysis=insightface, control_net=control_net, image=image,
                                   model=model, positive=positive, negative=negative, ip_weight=ip_weight,
                                   cn_strength=cn_strength, start_at=start_at, end_at=end_at, noise=noise,
                                   combine=combine_embeds, image_kps=image_kps, mask=mask, on_no_face=on_no_face,
                                   face_region=face_region, mask_scope=mask_scope, cn_start_at=cn_start_at,
-                                  cn_end_at=cn_end_at, numbers=_numbers(cls, locals()))
+                                  cn_end_at=cn_end_at, face_index=face_index, face_embeds=face_embeds,
+                                  numbers=_numbers(cls, locals()))
         return io.NodeOutput(outcome.model, outcome.positive, outcome.negative, ui=_notes_ui(outcome.notes))
 
 
@@ -219,8 +267,10 @@ class InstantIDAttentionPatch(io.ComfyNode):
             description="Only the face attention part of InstantID (no IdentityNet). Its FACE_EMBEDS output feeds "
                         "'InstantID Apply ControlNet'.",
             inputs=[InstantIDType.Input("instantid", tooltip="The InstantID adapter from 'Load InstantID Model'."),
-                    FaceAnalysisType.Input("insightface", tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
-                    io.Image.Input("image", tooltip="Reference photo(s) of the person (averaged)."),
+                    _insightface_input(),
+                    io.Image.Input("image", optional=True,
+                                   tooltip="Reference photo(s) of the person (averaged). Not needed when face_embeds "
+                                           "is connected."),
                     io.Model.Input("model", tooltip="An SDXL model. It is not modified: a patched copy is returned."),
                     io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.01,
                                    tooltip="Strength of the face attention."),
@@ -228,17 +278,21 @@ class InstantIDAttentionPatch(io.ComfyNode):
                     io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
                                    tooltip="0 = official InstantID negative face tokens; above 0 seeded noise."),
                     io.Mask.Input("mask", optional=True, tooltip="Optional mask: the face attention acts only inside it."),
-                    _on_no_face_input()],
+                    _on_no_face_input(), _face_index_input("each reference photo"), _face_embeds_input()],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with InstantID face attention."),
-                     FaceEmbedsType.Output(display_name="FACE_EMBEDS", tooltip="The face tokens, for 'InstantID Apply ControlNet'.")])
+                     FaceEmbedsType.Output(display_name="FACE_EMBEDS",
+                                           tooltip="The identity and its face tokens, for 'InstantID Apply ControlNet' "
+                                                   "and 'InstantID Save Face Embeds'.")])
 
     @classmethod
-    def execute(cls, instantid: Any, insightface: Any, image: Any, model: Any, weight: float, start_at: float,
-                end_at: float, noise: float, mask: Any = None, on_no_face: str = "error") -> io.NodeOutput:
+    def execute(cls, instantid: Any, model: Any, weight: float, start_at: float, end_at: float, noise: float,
+                insightface: Any = None, image: Any = None, mask: Any = None, on_no_face: str = "error",
+                face_index: int = 0, face_embeds: Any = None) -> io.NodeOutput:
         outcome = apply_attention_only(adapter=instantid, face_analysis=insightface, image=image, model=model,
                                        weight=weight, start_at=start_at, end_at=end_at, noise=noise, mask=mask,
-                                       on_no_face=on_no_face, numbers=_numbers(cls, locals()))
-        return io.NodeOutput(outcome.model, outcome.face_tokens, ui=_notes_ui(outcome.notes))
+                                       on_no_face=on_no_face, face_index=face_index, face_embeds=face_embeds,
+                                       numbers=_numbers(cls, locals()))
+        return io.NodeOutput(outcome.model, outcome.face_embeds, ui=_notes_ui(outcome.notes))
 
 
 class ApplyInstantIDControlNet(io.ComfyNode):
@@ -248,7 +302,8 @@ class ApplyInstantIDControlNet(io.ComfyNode):
             node_id="ApplyInstantIDControlNet", display_name="InstantID Apply ControlNet", category=CATEGORY,
             description="Only the IdentityNet part of InstantID, driven by face tokens from 'InstantID Patch Attention' "
                         "and a keypoint image from 'Face Keypoints Preprocessor'.",
-            inputs=[FaceEmbedsType.Input("face_embeds", tooltip="Face tokens from 'InstantID Patch Attention'."),
+            inputs=[FaceEmbedsType.Input("face_embeds", tooltip="Face tokens from 'InstantID Patch Attention' (a loaded "
+                                                                "identity goes through it first: the tokens need an adapter)."),
                     io.ControlNet.Input("control_net", tooltip="The InstantID IdentityNet, loaded with 'Load ControlNet Model'."),
                     io.Image.Input("image_kps", tooltip="The keypoint image (output of 'Face Keypoints Preprocessor'), used as is."),
                     io.Conditioning.Input("positive", tooltip="Positive conditioning."),
@@ -272,7 +327,7 @@ class ApplyInstantIDControlNet(io.ComfyNode):
     def execute(cls, face_embeds: Any, control_net: Any, image_kps: Any, positive: Any, negative: Any,
                 strength: float, start_at: float, end_at: float, mask: Any = None, face_region: bool = False,
                 mask_scope: str = PROMPT_AND_IDENTITY) -> io.NodeOutput:
-        return io.NodeOutput(*apply_control_only(face_tokens=face_embeds, control_net=control_net, image_kps=image_kps,
+        return io.NodeOutput(*apply_control_only(face_embeds=face_embeds, control_net=control_net, image_kps=image_kps,
                                                  positive=positive, negative=negative, strength=strength,
                                                  start_at=start_at, end_at=end_at, mask=mask, face_region=face_region,
                                                  mask_scope=mask_scope, numbers=_numbers(cls, locals())))
@@ -288,8 +343,10 @@ class InstantIDFaceSimilarity(io.ComfyNode):
                         "people usually score below 0.3. Shown on the node and printed by `python -m instantid run`.",
             inputs=[FaceAnalysisType.Input("faceanalysis",
                                            tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
-                    io.Image.Input("reference", tooltip="Photo(s) of the person; with several, each image is compared "
-                                                        "with every reference and the scores are averaged."),
+                    io.MultiType.Input("reference", types=[io.Image, FaceEmbedsType],
+                                       tooltip="Photo(s) of the person, or a saved identity (FACE_EMBEDS); with several "
+                                               "faces, each image is compared with every reference and the scores "
+                                               "are averaged."),
                     io.Image.Input("image", tooltip="The generated image(s) to score, e.g. the VAE Decode output. "
                                                     "With a batch, the output is the mean of the per-image scores.")],
             outputs=[io.Float.Output(display_name="similarity", tooltip="Cosine similarity of the face embeddings, -1 to 1.")],
@@ -353,9 +410,69 @@ class InstantIDFacePaste(io.ComfyNode):
         return io.NodeOutput(pasted, ui=_notes_ui(notes))
 
 
+class InstantIDSaveFaceEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDSaveFaceEmbeds", display_name="InstantID Save Face Embeds", category=CATEGORY,
+            description=f"Saves an identity as a small .safetensors file in output/{IDENTITY_FOLDER}/: the raw face "
+                        "embedding(s), keypoints, face box and image size, with the pack version, the adapter's name "
+                        "and sha256 and a label. Load it with 'InstantID Load Face Embeds'; no face models needed then.",
+            inputs=[FaceEmbedsType.Input("face_embeds", tooltip="The identity, e.g. the FACE_EMBEDS output of "
+                                                                "'InstantID Patch Attention'."),
+                    io.String.Input("filename_prefix", default="identity",
+                                    tooltip=f"File name start inside output/{IDENTITY_FOLDER}/ (subfolders allowed); a "
+                                            "number is added as Save Image does."),
+                    io.String.Input("label", default="", optional=True,
+                                    tooltip="A human label stored in the file (who this is, which photos).")],
+            outputs=[], is_output_node=True)
+
+    @classmethod
+    def execute(cls, face_embeds: Any, filename_prefix: str, label: str = "") -> io.NodeOutput:
+        path = save_identity(face_embeds, save_path(folder_paths, filename_prefix), label)
+        saved = saved_file(path, folder_paths.get_output_directory())
+        return io.NodeOutput(ui={"text": [f"saved {saved['subfolder']}/{saved['filename']}; load it as "
+                                          f"'{saved['choice']}'"], "face_embeds": [saved]})
+
+
+def _identity_file(name: str) -> Any:
+    return resolve_identity_file(name, folder_paths.get_input_directory(), folder_paths.get_output_directory())
+
+
+class InstantIDLoadFaceEmbeds(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstantIDLoadFaceEmbeds", display_name="InstantID Load Face Embeds", category=CATEGORY,
+            description=f"Loads a saved identity from input/{IDENTITY_FOLDER}/ or output/{IDENTITY_FOLDER}/ (upload "
+                        f"with POST /upload/image, subfolder={IDENTITY_FOLDER}). Connect it to face_embeds of an Apply "
+                        "node: no photo and no face models are needed. Reads safetensors only.",
+            inputs=[io.Combo.Input("face_embeds_file",
+                                   options=list_identity_files(folder_paths.get_input_directory(),
+                                                               folder_paths.get_output_directory()),
+                                   tooltip=f"A file saved by 'InstantID Save Face Embeds' ('[output]': in "
+                                           f"output/{IDENTITY_FOLDER}/, else in input/{IDENTITY_FOLDER}/).")],
+            outputs=[FaceEmbedsType.Output(display_name="FACE_EMBEDS",
+                                           tooltip="The saved identity; the Apply node's adapter makes its face tokens.")])
+
+    @classmethod
+    def fingerprint_inputs(cls, face_embeds_file: str) -> Any:
+        # Runs again when the file's content changes under the same name.
+        try:
+            return file_sha256(_identity_file(face_embeds_file))
+        except (ValueError, OSError):
+            return face_embeds_file
+
+    @classmethod
+    def execute(cls, face_embeds_file: str) -> io.NodeOutput:
+        face_embeds = load_identity(_identity_file(face_embeds_file))
+        return io.NodeOutput(face_embeds, ui=_notes_ui([describe(face_embeds)]))
+
+
 NODES: list[type[io.ComfyNode]] = [InstantIDModelLoader, InstantIDFaceAnalysis, FaceKeypointsPreprocessor, ApplyInstantID,
                                    ApplyInstantIDAdvanced, InstantIDAttentionPatch, ApplyInstantIDControlNet,
-                                   InstantIDFaceSimilarity, InstantIDFaceCrop, InstantIDFacePaste]
+                                   InstantIDFaceSimilarity, InstantIDFaceCrop, InstantIDFacePaste, InstantIDSaveFaceEmbeds,
+                                   InstantIDLoadFaceEmbeds]
 
 
 class InstantIDExtension(ComfyExtension):

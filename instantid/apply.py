@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from .adapter import FaceTokens, InstantIDAdapter
@@ -16,8 +15,9 @@ from .attention import FaceAttentionSettings, install_face_attention
 from .checks import (NumberInput, as_mask_batch, check_finite, check_identitynet, check_schedule,
                      sdxl_attention_widths)
 from .control import Conditioning, attach_identitynet
-from .faces import DetectedFace, FaceAnalyzer, combine_embeddings, image_batch_to_bgr
-from .keypoints import keypoint_image_batch
+from .faces import DetectedFace, FaceAnalyzer, FaceIndexOutOfRange, image_batch_to_bgr
+from .identity import FaceEmbeds, FaceIdentity, as_face_embeds, identity_from_faces, tokens_of
+from .keypoints import CanvasFit, keypoint_image_batch
 from .regions import IDENTITY_ONLY, PROMPT_AND_IDENTITY, IdentityRegion, check_mask_scope, drawn_extent_boxes, face_box_canvas
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,14 @@ class NoFaceError(ValueError):
     """No usable face where one is needed; the message says which image and what to do."""
 
 
+class FaceIndexError(ValueError):
+    """face_index asks for more faces than an image has; the message names the image and the count."""
+
+
+class FaceAnalysisMissing(ValueError):
+    """The insightface input is not connected where face analysis is needed."""
+
+
 @dataclass
 class Outcome:
     """What an Apply produced, plus notes for the UI and log (ignored images, skips)."""
@@ -38,10 +46,17 @@ class Outcome:
     face_tokens: FaceTokens | None
     notes: list[str] = field(default_factory=list)
     skipped: bool = False
+    face_embeds: FaceEmbeds | None = None
 
 
-def as_face_analyzer(face_analysis: Any) -> FaceAnalyzer:
-    """Our FACEANALYSIS, or a raw insightface FaceAnalysis from another pack (same type name)."""
+def as_face_analyzer(face_analysis: Any, needed_for: str = "this node") -> FaceAnalyzer:
+    """Our FACEANALYSIS, or a raw insightface FaceAnalysis from another pack (same type name).
+    None (the optional insightface input left unconnected) stops with what needs it."""
+    if face_analysis is None:
+        raise FaceAnalysisMissing(
+            f"The insightface input is not connected, but {needed_for} needs face analysis. Connect 'InstantID Face "
+            "Analysis' to insightface; only a saved identity (face_embeds) without a pose photo (image_kps) runs "
+            "without it.")
     return face_analysis if isinstance(face_analysis, FaceAnalyzer) else FaceAnalyzer.wrap(face_analysis)
 
 
@@ -81,11 +96,24 @@ def _no_face(what: str, fix: str, on_no_face: str, notes: list[str]) -> None:
 
 
 def detect_faces(analyzer: FaceAnalyzer, images: torch.Tensor, notes: list[str] | None = None,
-                 name: str = "image") -> list[DetectedFace | None]:
-    """The largest face of each image in a ComfyUI IMAGE batch (None where there is none)."""
+                 name: str = "image", face_index: int = 0) -> list[DetectedFace | None]:
+    """The chosen face of each image in a ComfyUI IMAGE batch (None where there is none):
+    face_index 0 = the largest, k = the k-th from the left. Asking for more faces than an image
+    has stops with FaceIndexError naming the image and how many faces it has."""
     if notes is not None:
         _check_range(images, name, notes)
-    return [analyzer.detect(bgr) for bgr in image_batch_to_bgr(images)]
+    bgr_images = image_batch_to_bgr(images)
+    faces = []
+    for position, bgr in enumerate(bgr_images):
+        try:
+            faces.append(analyzer.detect(bgr, face_index))
+        except FaceIndexOutOfRange as error:
+            found = f"{error.found} face{'' if error.found == 1 else 's'}"
+            raise FaceIndexError(
+                f"face_index {face_index} asks for face {face_index} from the left, but only {found} "
+                f"{'was' if error.found == 1 else 'were'} found in {_images([position], len(bgr_images))} ({name}). "
+                f"Set face_index to 1..{error.found} (counted from the left) or 0 (the largest face).") from error
+    return faces
 
 
 def _check_range(images: torch.Tensor, name: str, notes: list[str]) -> None:
@@ -100,10 +128,24 @@ def _check_range(images: torch.Tensor, name: str, notes: list[str]) -> None:
         _note(notes, note)
 
 
-def reference_embedding(faces: list[DetectedFace | None], combine: str, on_no_face: str,
-                        notes: list[str]) -> torch.Tensor | None:
-    """The embedding fed to the Resampler from the reference faces that were found (images without a
-    face are left out and named in `notes`); None when skipping because no image has a face."""
+def reference_identity(face_analysis: Any, image: torch.Tensor | None, face_embeds: FaceEmbeds | None,
+                       combine: str | None, face_index: int, on_no_face: str, notes: list[str]) -> FaceIdentity | None:
+    """Who to draw: the saved identity in `face_embeds`, else the reference faces found in `image`
+    (images without a face are left out and named in `notes`); None when skipping because no
+    image has a face. combine None keeps a saved identity's mode ('average' for photos)."""
+    if face_embeds is not None:
+        identity = as_face_embeds(face_embeds).identity
+        if image is not None:
+            _note(notes, "face_embeds is connected, so the identity comes from it and the image input is ignored")
+        if combine is not None and combine != identity.combine and identity.embeddings.shape[0] > 1:
+            _note(notes, f"the saved identity's {identity.embeddings.shape[0]} faces were combined with "
+                         f"'{identity.combine}' when saved; here combine_embeds '{combine}' combines them")
+        return identity
+    if image is None:
+        raise ValueError("No reference: connect a photo of the person to image, or a saved identity "
+                         "('InstantID Load Face Embeds') to face_embeds.")
+    faces = detect_faces(as_face_analyzer(face_analysis, "the reference image"), image, notes, "reference image",
+                         face_index)
     missing = [i for i, face in enumerate(faces) if face is None]
     if len(missing) == len(faces):
         _no_face(f"the reference {_images(missing, len(faces))} (image input)", _FACE_ADVICE, on_no_face, notes)
@@ -112,20 +154,18 @@ def reference_embedding(faces: list[DetectedFace | None], combine: str, on_no_fa
         _note(notes, f"reference {_images(missing, len(faces))} had no face and "
                      f"{'were' if len(missing) > 1 else 'was'} ignored; the identity comes from the other "
                      f"{len(faces) - len(missing)}")
-    embeddings = np.stack([face.embedding for face in faces if face is not None])
-    return combine_embeddings(embeddings, combine)
+    return identity_from_faces(faces, (image.shape[2], image.shape[1]), combine or "average", face_index)
 
 
-def keypoints_from(analyzer: FaceAnalyzer, image_kps: torch.Tensor | None, references: torch.Tensor,
-                   reference_faces: list[DetectedFace | None], on_no_face: str,
+def keypoints_from(face_analysis: Any, image_kps: torch.Tensor | None, identity: FaceIdentity, on_no_face: str,
                    notes: list[str]) -> tuple[torch.Tensor, list[np.ndarray | None]] | None:
     """The five-point image for the IdentityNet and the face box of each frame (None for a black
     frame): drawn from each pose image (positions kept: an image without a face gets a black frame
-    in 'skip' mode), or from the first reference face. Never the pose photo itself. None when
-    skipping because no pose image has a face."""
+    in 'skip' mode), or from the identity's first reference face at its image's size. Never the pose
+    photo itself. None when skipping because no pose image has a face."""
     if image_kps is None:
-        face = next(f for f in reference_faces if f is not None)
-        return keypoint_image_batch([face.kps], references.shape[2], references.shape[1]), [face.bbox]
+        return keypoint_image_batch([identity.kps], *identity.image_size), [identity.bbox]
+    analyzer = as_face_analyzer(face_analysis, "the pose image (image_kps)")
     faces = detect_faces(analyzer, image_kps, notes, "keypoint image (image_kps)")
     missing = [i for i, face in enumerate(faces) if face is None]
     fix = f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference"
@@ -137,9 +177,11 @@ def keypoints_from(analyzer: FaceAnalyzer, image_kps: torch.Tensor | None, refer
 
 
 def _keypoint_frames(faces: list[DetectedFace | None], images: torch.Tensor, where: str, subject: str, fix: str,
-                     on_no_face: str, notes: list[str]) -> tuple[torch.Tensor, list[np.ndarray | None]]:
-    """One keypoint frame per image, positions kept. An image without a face stops with an error,
-    or ('skip') gets a black frame: no pose constraint, never the photo itself."""
+                     on_no_face: str, notes: list[str],
+                     fitting: CanvasFit | None = None) -> tuple[torch.Tensor, list[np.ndarray | None]]:
+    """One keypoint frame per image and its face box (None for a black frame), positions kept, on
+    the canvas `fitting` describes (default: the image's own size). An image without a face stops
+    with an error, or ('skip') gets a black frame: no pose constraint, never the photo itself."""
     missing = [i for i, face in enumerate(faces) if face is None]
     if missing and on_no_face == "error":
         raise NoFaceError(f"No face found in {where}. {fix}, or set on_no_face to 'skip' to get black frames "
@@ -147,16 +189,17 @@ def _keypoint_frames(faces: list[DetectedFace | None], images: torch.Tensor, whe
     if missing:
         _note(notes, f"{subject} had no face: black keypoint frames (no pose constraint) at those positions, "
                      "the others keep theirs")
-    return (keypoint_image_batch([None if f is None else f.kps for f in faces], images.shape[2], images.shape[1]),
+    fitting = fitting or CanvasFit()
+    source = (images.shape[2], images.shape[1])
+    return (keypoint_image_batch([None if f is None else fitting.points(f.kps, *source) for f in faces],
+                                 *fitting.size(*source)),
             [None if f is None else f.bbox for f in faces])
 
 
-def face_tokens_for(adapter: InstantIDAdapter, analyzer: FaceAnalyzer, image: torch.Tensor, combine: str,
-                    noise: float, on_no_face: str, notes: list[str]) -> tuple[FaceTokens | None, list[DetectedFace | None]]:
-    """Detect the reference faces and turn them into face tokens (None when skipping)."""
-    faces = detect_faces(analyzer, image, notes, "reference image")
-    embedding = reference_embedding(faces, combine, on_no_face, notes)
-    return (None if embedding is None else adapter.face_tokens(embedding, noise)), faces
+def face_tokens_for(adapter: InstantIDAdapter, identity: FaceIdentity | None, combine: str | None,
+                    noise: float) -> FaceTokens | None:
+    """The identity's face tokens from this adapter (None when skipping)."""
+    return None if identity is None else adapter.face_tokens(identity.embedding(combine), noise)
 
 
 def patched_model(model: Any, adapter: InstantIDAdapter, tokens: FaceTokens, weight: float, start_at: float,
@@ -202,16 +245,18 @@ def _attach(positive: Conditioning, negative: Conditioning, control_net: Any, ke
                               tokens.uncond, None if identity_only else conditioning_mask(mask), region=region)
 
 
-def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_net: Any, image: torch.Tensor, model: Any,
-                    positive: Conditioning, negative: Conditioning, ip_weight: float, cn_strength: float,
-                    start_at: float, end_at: float, noise: float = 0.0, combine: str = "average",
+def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_net: Any, image: torch.Tensor | None,
+                    model: Any, positive: Conditioning, negative: Conditioning, ip_weight: float, cn_strength: float,
+                    start_at: float, end_at: float, noise: float = 0.0, combine: str | None = None,
                     image_kps: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                     on_no_face: str = "error", face_region: bool = False, mask_scope: str = PROMPT_AND_IDENTITY,
-                    cn_start_at: float = -1.0, cn_end_at: float = -1.0, numbers: Sequence[NumberInput] = ()) -> Outcome:
+                    cn_start_at: float = -1.0, cn_end_at: float = -1.0, face_index: int = 0,
+                    face_embeds: FaceEmbeds | None = None, numbers: Sequence[NumberInput] = ()) -> Outcome:
     """ApplyInstantID / ApplyInstantIDAdvanced: face attention on the model and the IdentityNet on the
     conditioning. With on_no_face='skip' and no usable face, everything passes through unchanged.
     face_region confines both to the face box of the keypoint image; cn_start_at / cn_end_at (-1:
-    follow start_at / end_at) time the IdentityNet apart from the face attention."""
+    follow start_at / end_at) time the IdentityNet apart from the face attention. face_embeds (a
+    saved identity) replaces image; then face analysis is needed only for image_kps."""
     check_numbers(numbers, start_at, end_at, ip_weight=ip_weight, cn_strength=cn_strength, noise=noise,
                   cn_start_at=cn_start_at, cn_end_at=cn_end_at)
     cn_start, cn_end = follow(cn_start_at, start_at), follow(cn_end_at, end_at)
@@ -224,9 +269,9 @@ def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_ne
     check_identitynet(control_net)
     mask = as_mask_batch(mask)
     notes: list[str] = []
-    analyzer = as_face_analyzer(face_analysis)
-    tokens, faces = face_tokens_for(adapter, analyzer, image, combine, noise, on_no_face, notes)
-    posed = None if tokens is None else keypoints_from(analyzer, image_kps, image, faces, on_no_face, notes)
+    identity = reference_identity(face_analysis, image, face_embeds, combine, face_index, on_no_face, notes)
+    tokens = face_tokens_for(adapter, identity, combine, noise)
+    posed = None if tokens is None else keypoints_from(face_analysis, image_kps, identity, on_no_face, notes)
     if tokens is None or posed is None:
         return Outcome(model, positive, negative, None, notes, skipped=True)
     keypoints, boxes = posed
@@ -236,27 +281,29 @@ def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_ne
     if cn_strength != 0:
         positive, negative = _attach(positive, negative, control_net, keypoints, cn_strength, cn_start, cn_end, tokens,
                                      mask, mask_scope, face_box)
-    return Outcome(work_model, positive, negative, tokens, notes)
+    return Outcome(work_model, positive, negative, tokens, notes, face_embeds=FaceEmbeds(identity, tokens, adapter.path))
 
 
-def apply_attention_only(*, adapter: InstantIDAdapter, face_analysis: Any, image: torch.Tensor, model: Any,
+def apply_attention_only(*, adapter: InstantIDAdapter, face_analysis: Any, image: torch.Tensor | None, model: Any,
                          weight: float, start_at: float, end_at: float, noise: float = 0.0,
-                         mask: torch.Tensor | None = None, on_no_face: str = "error",
-                         numbers: Sequence[NumberInput] = ()) -> Outcome:
-    """InstantIDAttentionPatch: face attention only; the face tokens go out for the ControlNet node."""
+                         mask: torch.Tensor | None = None, on_no_face: str = "error", face_index: int = 0,
+                         face_embeds: FaceEmbeds | None = None, numbers: Sequence[NumberInput] = ()) -> Outcome:
+    """InstantIDAttentionPatch: face attention only; the identity and its face tokens go out as
+    FACE_EMBEDS for the ControlNet node and Save Face Embeds."""
     check_numbers(numbers, start_at, end_at, weight=weight, noise=noise)
     check_on_no_face(on_no_face)
     adapter.check_fits(sdxl_attention_widths(model))
     mask = as_mask_batch(mask)
     notes: list[str] = []
-    tokens, _ = face_tokens_for(adapter, as_face_analyzer(face_analysis), image, "average", noise, on_no_face, notes)
+    identity = reference_identity(face_analysis, image, face_embeds, None, face_index, on_no_face, notes)
+    tokens = face_tokens_for(adapter, identity, None, noise)
     if tokens is None:
         return Outcome(model, None, None, None, notes, skipped=True)
     work_model = model if weight == 0 else patched_model(model, adapter, tokens, weight, start_at, end_at, mask)
-    return Outcome(work_model, None, None, tokens, notes)
+    return Outcome(work_model, None, None, tokens, notes, face_embeds=FaceEmbeds(identity, tokens, adapter.path))
 
 
-def apply_control_only(*, face_tokens: FaceTokens | None, control_net: Any, image_kps: torch.Tensor,
+def apply_control_only(*, face_embeds: FaceEmbeds | None, control_net: Any, image_kps: torch.Tensor,
                        positive: Conditioning, negative: Conditioning, strength: float, start_at: float,
                        end_at: float, mask: torch.Tensor | None = None, face_region: bool = False,
                        mask_scope: str = PROMPT_AND_IDENTITY,
@@ -265,23 +312,26 @@ def apply_control_only(*, face_tokens: FaceTokens | None, control_net: Any, imag
     region is the extent of the drawn keypoints (no face detection here)."""
     check_numbers(numbers, start_at, end_at, strength=strength)
     check_mask_scope(mask_scope)
-    if face_tokens is None or strength == 0:
+    if face_embeds is None or strength == 0:
         return positive, negative
+    face_tokens = tokens_of(face_embeds)
     check_identitynet(control_net)
     face_box = face_box_canvas(drawn_extent_boxes(image_kps), image_kps.shape[2], image_kps.shape[1]) if face_region else None
     return _attach(positive, negative, control_net, image_kps, strength, start_at, end_at, face_tokens,
                    as_mask_batch(mask), mask_scope, face_box)
 
 
-def keypoints_image(face_analysis: Any, image: torch.Tensor, on_no_face: str = "error") -> tuple[torch.Tensor, list[str]]:
-    """FaceKeypointsPreprocessor: the five-point image of each image, positions kept. With 'skip',
-    an image without a face gets a black frame (no pose constraint), never the photo itself."""
+def keypoints_image(face_analysis: Any, image: torch.Tensor, on_no_face: str = "error", fitting: CanvasFit | None = None,
+                    face_index: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """FaceKeypointsPreprocessor: the five-point image of the chosen face of each image, positions
+    kept, on the canvas `fitting` describes. With 'skip', an image without a face gets a black frame
+    (no pose constraint), never the photo itself."""
     check_on_no_face(on_no_face)
     notes: list[str] = []
-    faces = detect_faces(as_face_analyzer(face_analysis), image, notes)
+    faces = detect_faces(as_face_analyzer(face_analysis), image, notes, face_index=face_index)
     missing = [i for i, face in enumerate(faces) if face is None]
     frames, _ = _keypoint_frames(faces, image, f"{_images(missing, len(faces))} given to Face Keypoints Preprocessor",
-                                 _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes)
+                                 _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes, fitting)
     return frames, notes
 
 

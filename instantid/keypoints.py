@@ -82,3 +82,56 @@ def keypoint_image_batch(kps_list: Sequence[np.ndarray | None], width: int, heig
         for kps in kps_list
     ]
     return torch.from_numpy(np.stack(images)).to(torch.float32) / 255.0
+
+
+# ------------------------------------------------------------------------- fitting the canvas --
+
+FIT_MODES = ("pad", "crop", "stretch")
+# insightface's order after a horizontal flip: the image-left eye is the former right eye, and so
+# on, so index 0 (red) stays on the image-left eye and every colour keeps its meaning.
+MIRRORED_ORDER = (1, 0, NOSE, 4, 3)
+
+
+class CanvasFit:
+    """Where five points from a `source` sized image go on a `width` x `height` canvas.
+
+    pad: one scale so the whole source fits, centred, the rest black. crop: one scale so the source
+    fills the canvas, centred, the overflow cut (what ComfyUI does to a hint of another aspect).
+    stretch: each axis scaled on its own. A width or height of 0 keeps that side of the source, so
+    CanvasFit() leaves the points and the size as they are. Coordinates scale as insightface maps
+    detector points back to the image (a plain multiplication, no half-pixel shift)."""
+
+    def __init__(self, width: int = 0, height: int = 0, fit: str = "pad", mirror: bool = False) -> None:
+        if fit not in FIT_MODES:
+            raise ValueError(f"fit is {fit!r}; choose one of {', '.join(FIT_MODES)}.")
+        if int(width) != width or int(height) != height or width < 0 or height < 0:
+            raise ValueError(f"width and height must be whole numbers >= 0 (0 = the source size); got {width}x{height}")
+        self.width, self.height, self.fit, self.mirror = int(width), int(height), fit, bool(mirror)
+
+    def size(self, source_width: int, source_height: int) -> tuple[int, int]:
+        """The canvas (width, height) for a source of this size."""
+        return self.width or int(source_width), self.height or int(source_height)
+
+    def scale_and_offset(self, source_width: int, source_height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-axis scale and offset (x, y) that map source pixels onto the canvas."""
+        _check_canvas(source_width, source_height)
+        width, height = self.size(source_width, source_height)
+        scale = np.array([width / source_width, height / source_height], dtype=np.float64)
+        if self.fit != "stretch":
+            scale[:] = scale.min() if self.fit == "pad" else scale.max()
+        offset = (np.array([width, height], dtype=np.float64) - scale * [source_width, source_height]) / 2
+        return scale, offset
+
+    def points(self, kps: np.ndarray, source_width: int, source_height: int) -> np.ndarray:
+        """The five points on the canvas, in the keypoints' own dtype (see draw_keypoints)."""
+        points = _checked_keypoints(kps)
+        if self.size(source_width, source_height) == (source_width, source_height) and not self.mirror:
+            return points
+        scale, offset = self.scale_and_offset(source_width, source_height)
+        placed = np.asarray(points, dtype=np.float64) * scale + offset
+        if self.mirror:
+            # The canvas spans [0, width]: x -> width - x flips it, and draw_keypoints' int() then
+            # lands each circle on the mirrored pixel column.
+            placed[:, 0] = self.size(source_width, source_height)[0] - placed[:, 0]
+            placed = placed[list(MIRRORED_ORDER)]
+        return placed.astype(points.dtype if np.issubdtype(points.dtype, np.floating) else np.float64)

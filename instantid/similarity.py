@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .faces import FaceAnalyzer, image_batch_to_bgr
+from .identity import FaceEmbeds
 
 if TYPE_CHECKING:
     import torch
@@ -67,12 +68,19 @@ def _embeddings(analyzer: FaceAnalyzer, images: torch.Tensor, role: str, hint: s
     return [face.embedding for face in faces]
 
 
-def face_similarity(analyzer: FaceAnalyzer, reference: torch.Tensor, image: torch.Tensor) -> Similarity:
-    """Compare every image of the `image` batch with the `reference` batch (ComfyUI IMAGE tensors).
+def reference_embeddings(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds) -> list[np.ndarray]:
+    """The reference faces' raw embeddings: those of a saved identity (FACE_EMBEDS), one per face it
+    was made from, or those of the largest face in each image of an IMAGE batch."""
+    if isinstance(reference, FaceEmbeds):
+        return list(reference.identity.embeddings.numpy())
+    return _embeddings(analyzer, reference, "reference", "use a photo where one face is clearly visible, frontal and not tiny")
+
+
+def face_similarity(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds, image: torch.Tensor) -> Similarity:
+    """Compare every image of the `image` batch with the `reference` (an IMAGE batch or FACE_EMBEDS).
 
     Raises FaceNotFound when an image of either batch has no detectable face."""
-    references = _embeddings(analyzer, reference, "reference",
-                             "use a photo where one face is clearly visible, frontal and not tiny")
+    references = reference_embeddings(analyzer, reference)
     generated = _embeddings(analyzer, image, "image",
                             "the generated image has no recognisable face, so there is nothing to compare; "
                             "check the prompt, the InstantID weight and the keypoint image")

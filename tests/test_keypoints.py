@@ -147,3 +147,93 @@ def test_bad_keypoints_are_refused_clearly(bad, message):
 def test_bad_canvas_is_refused(width, height):
     with pytest.raises(ValueError, match="canvas size"):
         draw_keypoints(FRONTAL, width, height)
+
+
+# ------------------------------------------------------------------------- fitting and mirror --
+
+from instantid.keypoints import FIT_MODES, MIRRORED_ORDER, CanvasFit  # noqa: E402
+
+SQUARE_FACE = np.array([[250.3, 280.7], [390.1, 278.2], [320.5, 350.9], [262.8, 420.4], [380.6, 418.3]], dtype=np.float32)
+
+
+def relative_geometry(kps):
+    """The ten pairwise distances divided by the inter-eye distance."""
+    points = np.asarray(kps, dtype=np.float64)
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(5, 1)]
+    return distances / np.linalg.norm(points[0] - points[1])
+
+
+@pytest.mark.parametrize("width, height", [(896, 1152), (1152, 896)])
+def test_pad_keeps_the_face_geometry_inside_the_canvas_and_draws_officially(width, height):
+    fitting = CanvasFit(width, height, "pad")
+    placed = fitting.points(SQUARE_FACE, 640, 640)
+    assert placed.dtype == np.float32  # drawn in insightface's dtype, as upstream draws
+    np.testing.assert_allclose(relative_geometry(placed), relative_geometry(SQUARE_FACE), rtol=0, atol=1e-6)
+    assert (placed >= 0).all() and (placed[:, 0] < width).all() and (placed[:, 1] < height).all()
+    # Independently: 640 -> the shorter side, centred along the longer one.
+    side = min(width, height)
+    expected = SQUARE_FACE.astype(np.float64) * side / 640 + [(width - side) / 2, (height - side) / 2]
+    np.testing.assert_allclose(placed, expected, rtol=0, atol=1e-4)
+    batch = keypoint_image_batch([placed], *fitting.size(640, 640))
+    assert batch.shape == (1, height, width, 3)
+    assert np.array_equal((batch[0].numpy() * 255).round().astype(np.uint8), official_steps(placed, width, height))
+
+
+def test_crop_fills_the_canvas_as_comfyui_crops_a_hint():
+    # A 640x480 source on a 300x300 canvas: scale to the height (300/480), cut (400 - 300) / 2 at each side.
+    kps = SQUARE_FACE * np.float32(0.75)
+    placed = CanvasFit(300, 300, "crop").points(kps, 640, 480)
+    scale = 300 / 480
+    np.testing.assert_allclose(placed, kps.astype(np.float64) * scale - [(640 * scale - 300) / 2, 0], rtol=0, atol=1e-4)
+    # A point at the source's centre stays at the canvas centre, in every mode.
+    for fit in FIT_MODES:
+        centre = CanvasFit(300, 200, fit).points(np.tile(np.float32([320, 240]), (5, 1)), 640, 480)
+        np.testing.assert_allclose(centre, np.tile([150, 100], (5, 1)), rtol=0, atol=1e-4)
+
+
+def test_stretch_scales_each_axis_on_its_own():
+    placed = CanvasFit(1152, 896, "stretch").points(SQUARE_FACE, 640, 640)
+    np.testing.assert_allclose(placed, SQUARE_FACE.astype(np.float64) * [1152 / 640, 896 / 640], rtol=0, atol=1e-4)
+
+
+def test_zero_size_and_no_mirror_change_nothing():
+    fitting = CanvasFit()
+    assert fitting.size(640, 480) == (640, 480)
+    assert fitting.points(SQUARE_FACE, 640, 480) is SQUARE_FACE
+    assert CanvasFit(0, 240, "stretch").size(640, 480) == (640, 240)
+
+
+def test_mirror_is_the_flipped_drawing_with_swapped_colours():
+    """Each keypoint colour: the mirrored drawing's circles are the flipped original's circles of the
+    swapped point, pixel for pixel. Limbs are the official rasterisation of a mirrored ellipse, whose
+    angle is truncated by int() and whose polygon is not mirror-symmetric, so they agree to 1 px."""
+    rng = np.random.default_rng(7)
+    template = np.array([[-1.0, -0.6], [1.0, -0.6], [0.0, 0.2], [-0.8, 1.0], [0.8, 1.0]])
+    for _ in range(25):
+        width, height = (int(v) for v in rng.integers(200, 700, size=2))
+        kps = (rng.uniform([60, 60], [width - 60, height - 60]) + rng.uniform(16, 40) * template
+               + rng.normal(0, 1, (5, 2))).astype(np.float32)  # circles never overlap: no draw-order effects
+        mirrored = draw_keypoints(CanvasFit(mirror=True).points(kps, width, height), width, height)
+        flipped = official_steps(kps, width, height)[:, ::-1]
+        for index, colour in enumerate(KEYPOINT_COLORS):
+            swapped = KEYPOINT_COLORS[MIRRORED_ORDER[index]]
+            assert np.array_equal((mirrored == colour).all(-1), (flipped == swapped).all(-1)), index
+            limb = (mirrored == tuple(int(0.6 * c) for c in colour)).all(-1).astype(np.uint8)
+            limb_flipped = (flipped == tuple(int(0.6 * c) for c in swapped)).all(-1).astype(np.uint8)
+            near = np.ones((3, 3), np.uint8)
+            assert not (limb & ~cv2.dilate(limb_flipped, near).astype(bool)).any()
+            assert not (limb_flipped & ~cv2.dilate(limb, near).astype(bool)).any()
+    # The colours keep their meaning: red is still the image-left eye after mirroring.
+    placed = CanvasFit(mirror=True).points(SQUARE_FACE, 640, 640)
+    assert placed[0, 0] < placed[1, 0] and placed[3, 0] < placed[4, 0]
+    np.testing.assert_allclose(placed[0], [640 - SQUARE_FACE[1, 0], SQUARE_FACE[1, 1]], rtol=0, atol=1e-4)
+
+
+def test_mirror_after_fitting_and_bad_settings():
+    placed = CanvasFit(1152, 896, "pad", mirror=True).points(SQUARE_FACE, 640, 640)
+    unmirrored = CanvasFit(1152, 896, "pad").points(SQUARE_FACE, 640, 640)
+    np.testing.assert_allclose(placed[:, 0], 1152 - unmirrored[list(MIRRORED_ORDER), 0], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="fit is 'zoom'"):
+        CanvasFit(64, 64, "zoom")
+    with pytest.raises(ValueError, match="0 = the source size"):
+        CanvasFit(-8, 64)

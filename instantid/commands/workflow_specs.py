@@ -228,14 +228,17 @@ TWO_PEOPLE = WorkflowSpec(
     note="Two identities in one picture: two Apply InstantID nodes in a chain, one shared prompt. 'Two-person pose "
          "photo' gives both poses (Face Keypoints with face_index 1 = the left face, 2 = the right one); each "
          "identity acts only in its half of the image (mask_scope 'identity only': the masks limit the identity, "
-         "the prompt stays global). Use masks that match where the faces are.\n" + MODELS_TEXT,
+         "the prompt stays global). The keypoints are drawn on a 1152x896 canvas (fit 'pad'), the output's size, so "
+         "they line up with the masks. Move the masks if the faces are elsewhere.\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts("photo of two friends sitting at a cafe table, city street at dusk, 35mm"),
            adapter(), face_analysis(), identitynet(),
            image("reference", "First person (left)", "face_left.png"),
            image("reference_right", "Second person (right)", "face_right.png"),
            image("pose", "Two-person pose photo", "two_people.png"),
-           _node("kps_left", "FaceKeypointsPreprocessor", "identity", title="Keypoints, left face", face_index=1),
-           _node("kps_right", "FaceKeypointsPreprocessor", "identity", title="Keypoints, right face", face_index=2),
+           _node("kps_left", "FaceKeypointsPreprocessor", "identity", title="Keypoints, left face", width=1152,
+                 height=896, face_index=1),
+           _node("kps_right", "FaceKeypointsPreprocessor", "identity", title="Keypoints, right face", width=1152,
+                 height=896, face_index=2),
            _node("empty_mask", "SolidMask", "identity", title="Empty mask", value=0.0, width=1152, height=896),
            _node("half_mask", "SolidMask", "identity", title="Half mask", value=1.0, width=576, height=896),
            _node("mask_left", "MaskComposite", "identity", title="Left half", x=0, y=0, operation="add"),
@@ -289,6 +292,6 @@ FACE_REPAIR = WorkflowSpec(
            "checkpoint.VAE -> decode_face.vae", "decode.IMAGE -> paste.image", "decode_face.IMAGE -> paste.processed",
            "crop.CROP -> paste.crop", "paste.IMAGE -> save.images"))
 
-WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, FACE_REPAIR)
+WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, SAVED_IDENTITY, FACE_REPAIR)
 BASIC_WORKFLOW_FILE = f"{BASIC.name}.json"
 POSED_WORKFLOW_FILE = f"{POSED.name}.json"

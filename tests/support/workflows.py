@@ -114,8 +114,30 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
             inputs["steps"] = steps
         elif kind == "LoadImage":
             write_face_photo(input_dir / inputs["image"])
+        elif kind == "InstantIDLoadFaceEmbeds":
+            write_identity_file(input_dir / "instantid_faces" / inputs["face_embeds_file"].removesuffix(" [output]"))
     _stand_in_images(prompt, input_dir)
     return prompt
+
+
+def write_identity_file(path: Path, cell: tuple[int, int] = (4, 3), g: int = 128, size: int = 320) -> Path:
+    """A saved identity of the synthetic face write_face_photo draws, written from the documented file
+    format (instantid/identity_files.py) with the synthetic recogniser's known output, not by the pack."""
+    import safetensors.torch
+    import torch
+
+    scale = antelope.det_scale_for(size, size, 640)
+    pixels = antelope.draw_face(np.zeros((size, size, 3), np.uint8), cell, g, scale)
+    bbox, kps = antelope.expected_face(cell, g, scale)
+    embedding = antelope.expected_embedding(np.ascontiguousarray(pixels[..., ::-1]), kps)
+    tensors = {"embeddings": torch.tensor(embedding, dtype=torch.float32)[None],
+               "kps": torch.tensor(kps, dtype=torch.float32), "bbox": torch.tensor(bbox, dtype=torch.float32),
+               "image_size": torch.tensor([size, size], dtype=torch.int64)}
+    metadata = {"format": "instantid-face-embeds", "format_version": "1", "combine": "average", "face_index": "0",
+                "label": "synthetic test face", "pack_version": "test", "adapter_name": "", "adapter_sha256": ""}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return path
 
 
 def load_ui_workflow(path: Path) -> dict[str, Any]:
