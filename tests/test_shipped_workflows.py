@@ -183,3 +183,53 @@ def test_the_note_names_every_model_file_the_workflow_loads(path):
     for entry in workflow["models"]:
         assert entry["name"] in note["widgets_values"][0], entry["name"]
     assert "antelopev2" in note["widgets_values"][0]
+
+
+# The builder on its own, with node definitions written here (no ComfyUI needed).
+SOURCE = {"name": "Src", "display_name": "Source", "python_module": "nodes", "output": ["IMAGE"], "output_name": ["IMAGE"],
+          "input": {"required": {"seed": ["INT", {"default": 3, "control_after_generate": True}],
+                                 "mode": [["a", "b"], {}]}},
+          "input_order": {"required": ["seed", "mode"]}}
+SINK = {"name": "Sink", "display_name": "Sink", "python_module": "custom_nodes.instantid-nodes", "output": [],
+        "output_name": [], "input": {"required": {"images": ["IMAGE", {}], "text": ["STRING", {"multiline": True}]},
+                                     "optional": {"mask": ["MASK", {}]}},
+        "input_order": {"required": ["images", "text"], "optional": ["mask"]}}
+INFO = {"Src": SOURCE, "Sink": SINK}
+
+
+def tiny_spec(links=("src.IMAGE -> sink.images",), **values):
+    from instantid.commands.workflow_builder import NodeSpec, WorkflowSpec
+    return WorkflowSpec("99 Test", "a note", (NodeSpec("src", "Src", "", "models", values),
+                                               NodeSpec("sink", "Sink", "My sink", "sampling")), tuple(links))
+
+
+def test_builder_writes_every_widget_in_schema_order_with_the_seed_control():
+    from instantid.commands.workflow_builder import build
+    workflow = build(tiny_spec(mode="b"), INFO, "1.2.3", "0.8.0")
+    src, sink, note = workflow["nodes"]
+    assert src["widgets_values"] == [3, "fixed", "b"]
+    assert sink["widgets_values"] == [""]
+    assert [i["name"] for i in sink["inputs"]] == ["images", "mask", "text"]  # sockets first, as the frontend
+    assert sink["inputs"][0]["link"] == 1 and src["outputs"][0]["links"] == [1]
+    assert workflow["links"] == [[1, 1, 0, 2, 0, "IMAGE"]]
+    assert "title" not in src and sink["title"] == "My sink"
+    assert (src["properties"]["cnr_id"], src["properties"]["ver"]) == ("comfy-core", "0.8.0")
+    assert (sink["properties"]["cnr_id"], sink["properties"]["ver"]) == ("instantid-nodes", "1.2.3")
+    assert note["type"] == "Note" and note["widgets_values"] == ["a note"]
+    assert src["pos"][0] + src["size"][0] < sink["pos"][0]
+
+
+@pytest.mark.parametrize("spec_args, message", [
+    ({"links": ()}, "99 Test: sink (Sink) has unlinked required inputs ['images']"),
+    ({"links": ("src.IMAGE -> sink.mask",)}, "99 Test: link 'src.IMAGE -> sink.mask' joins IMAGE to MASK"),
+    ({"links": ("src.IMAGE -> sink.text",)}, "99 Test: link 'src.IMAGE -> sink.text': the input is a widget or already linked"),
+    ({"links": ("src.LATENT -> sink.images",)}, "99 Test: link 'src.LATENT -> sink.images': no such output or input"),
+    ({"links": ("nowhere.IMAGE -> sink.images",)},
+     "99 Test: link 'nowhere.IMAGE -> sink.images' does not read 'node.OUTPUT -> node.input' with known node keys"),
+    ({"steps": 3}, "99 Test: src (Src) has no widget ['steps']"),
+])
+def test_builder_says_what_is_wrong_with_a_spec(spec_args, message):
+    from instantid.commands.workflow_builder import SpecError, build
+    with pytest.raises(SpecError) as error:
+        build(tiny_spec(**spec_args), INFO, "1.2.3", "0.8.0")
+    assert str(error.value) == message

@@ -8,6 +8,7 @@ per group, node sizes as the frontend's LGraphNode.computeSize gives them, no tw
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -205,6 +206,12 @@ def note_size(text: str) -> list[int]:
     return [NOTE_WIDTH, 30 + lines * 18]
 
 
+def provenance(core: bool, versions: Mapping[str, str]) -> dict[str, str]:
+    """The node properties ComfyUI-Manager resolves a missing node by, as the frontend writes them."""
+    return ({"cnr_id": CORE_CNR_ID, "ver": versions["comfyui"]} if core
+            else {"cnr_id": PACK_CNR_ID, "ver": versions["pack"]})
+
+
 class _Graph:
     """The UI graph under construction: nodes in spec order, ids from 1."""
 
@@ -253,7 +260,7 @@ class _Graph:
                 inputs.append({"localized_name": "choose file to upload", "name": "upload", "type": "IMAGEUPLOAD",
                                "widget": {"name": "upload"}, "link": None})
         properties: dict[str, Any] = {"Node name for S&R": node.class_type}
-        properties.update(self._provenance(schema.core))
+        properties.update(provenance(schema.core, self.versions))
         models = [model_link(model.folder, node.values[model.name]) for model in MODEL_LOADERS.get(node.class_type, ())]
         if models:
             properties["models"] = models
@@ -268,10 +275,6 @@ class _Graph:
             # As the frontend saves it: a title only where it differs from the display name.
             ui["title"] = title
         return ui
-
-    def _provenance(self, core: bool) -> dict[str, str]:
-        return ({"cnr_id": CORE_CNR_ID, "ver": self.versions["comfyui"]} if core
-                else {"cnr_id": PACK_CNR_ID, "ver": self.versions["pack"]})
 
     def _link(self, text: str) -> None:
         try:
@@ -329,7 +332,7 @@ def build(spec: WorkflowSpec, node_info: Mapping[str, Mapping[str, Any]], pack_v
     note_id = len(graph.nodes) + 1
     note = {"id": note_id, "type": NOTE_TYPE, "pos": [-NOTE_WIDTH - COLUMN_GAP, 0], "size": note_size(spec.note),
             "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": "About this workflow",
-            "properties": {"text": "", **graph._provenance(True)}, "widgets_values": [spec.note],
+            "properties": {"text": "", **provenance(True, graph.versions)}, "widgets_values": [spec.note],
             "color": "#432", "bgcolor": "#653"}
     nodes = [*graph.nodes, note]
     _set_execution_order(nodes, graph.depths())
@@ -347,7 +350,6 @@ def build(spec: WorkflowSpec, node_info: Mapping[str, Mapping[str, Any]], pack_v
 
 def _stable_id(name: str) -> str:
     """A UUID-shaped id derived from the name, so a rebuild writes the same file."""
-    import hashlib
     digest = hashlib.sha256(name.encode()).hexdigest()
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
 
