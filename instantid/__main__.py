@@ -1,5 +1,5 @@
 """`python -m instantid <command>`: see instantid.commands.cli."""
-from .commands.cli import main
+from .commands.bootstrap import launch
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(launch())

@@ -7,14 +7,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import UNET_NAME
 from instantid.commands import cli, runner
 from instantid.commands.workflow_specs import BASIC_WORKFLOW_FILE
-from instantid.similarity import cosine_similarity
 from support import antelope
 from support.headless import (SIMILARITY_NODE_ID, FakeComfyUI, bed_workflow, finishes_within, png_bytes, serve,
                               silent_server)
@@ -32,14 +30,7 @@ def no_proxy(monkeypatch):
 
 
 def expected_similarity(reference: Path, photo: Path) -> float:
-    """The score from the synthetic recogniser's known output, not from the pack's code path."""
-    embeddings = []
-    for path, face in ((reference, REFERENCE), (photo, PHOTO)):
-        bgr = np.asarray(Image.open(path).convert("RGB"))[..., ::-1]
-        scale = antelope.det_scale_for(bgr.shape[0], bgr.shape[1], 640)
-        _, kps = antelope.expected_face(face["cell"], face["g"], scale)
-        embeddings.append(antelope.expected_embedding(bgr, kps))
-    return cosine_similarity(*embeddings)
+    return antelope.expected_photo_similarity(((reference, REFERENCE), (photo, PHOTO)))
 
 
 @pytest.fixture

@@ -359,6 +359,7 @@ NOT_DECLARED = {
     "torch": "comes from ComfyUI",
     "onnxruntime": "insightface>=2.1 brings it; onnxruntime-gpu users swap it",
     "comfy_cli": "optional: the 'cli' extra, imported only to convert UI-format workflows",
+    "packaging": "optional: checks installed versions before pip runs (without it pip decides)",
 }
 
 

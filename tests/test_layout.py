@@ -14,8 +14,8 @@ DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid
                   "instantid.similarity", "instantid.identity", "instantid.identity_files", "instantid.face_crop", "instantid.paths",
                   "instantid.commands.catalog", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
-                  "instantid.commands.cli", "instantid.commands.workflow_builder",
-                  "instantid.commands.workflow_specs"]
+                  "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",
+                  "instantid.commands.batch", "instantid.commands.workflow_builder", "instantid.commands.workflow_specs"]
 
 
 def test_domain_modules_import_without_comfyui():

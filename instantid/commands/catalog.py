@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INSTANTID_REPO = "InstantX/InstantID"
+DEFAULT_CHECKPOINT = "sdxl-base-1.0"
 # insightface's own download URL for antelopev2 is dead; this public mirror holds the same pack
 # as loose files at the repository root.
 ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
@@ -19,12 +20,17 @@ INSTANTID_LICENSE = (
 INSTANTID_LICENSE_URL = "https://huggingface.co/InstantX/InstantID"
 ANTELOPEV2_LICENSE = "InsightFace pretrained models: non-commercial research purposes only"
 ANTELOPEV2_LICENSE_URL = "https://github.com/deepinsight/insightface#license"
+SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_LICENSE = "CreativeML Open RAIL++-M (use-based restrictions; read it before use)"
+SDXL_LICENSE_URL = "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/LICENSE.md"
 
 
 @dataclass(frozen=True)
 class ModelFile:
     """One file: `folder` is the ComfyUI folder key (models/<folder>/ or extra_model_paths.yaml),
-    `path` the location inside it; `repo`/`file`/`revision` the Hugging Face source."""
+    `path` the location inside it; `repo`/`file`/`revision` the Hugging Face source. `sha256`,
+    when set, pins the content: huggingface.co must publish that digest (a mirror given with
+    --endpoint/HF_ENDPOINT is trusted with its own listing)."""
 
     id: str
     description: str
@@ -37,6 +43,7 @@ class ModelFile:
     license_url: str
     required: bool
     revision: str = "main"
+    sha256: str | None = None
 
     @property
     def approx_size(self) -> str:
@@ -102,28 +109,30 @@ CATALOG: tuple[ModelFile, ...] = (
         license_url=ANTELOPEV2_LICENSE_URL,
         required=True,
     ),
+    ModelFile(
+        id=DEFAULT_CHECKPOINT,
+        description="SDXL base 1.0 checkpoint (UNet, both text encoders, VAE): the model `portrait` draws with",
+        folder="checkpoints",
+        path="sd_xl_base_1.0.safetensors",
+        repo=SDXL_BASE_REPO,
+        file="sd_xl_base_1.0.safetensors",
+        approx_bytes=6_938_078_334,  # the exact size huggingface.co publishes
+        license=SDXL_LICENSE,
+        license_url=SDXL_LICENSE_URL,
+        required=False,  # fetch-models serves the pack; portrait asks for a checkpoint by id
+        sha256="31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
+    ),
 )
 
+CHECKPOINTS: tuple[ModelFile, ...] = tuple(entry for entry in CATALOG if entry.folder == "checkpoints")
 
 OPENRAIL_PLUS = "CreativeML Open RAIL++-M (use restrictions in the licence)"
 OPENRAIL_M = "CreativeML Open RAIL-M (use restrictions in the licence)"
 
-# Files the shipped workflows load besides the pack's own: the SDXL checkpoint, the canny ControlNet
-# of the ControlNet example, and the style LoRA of the LoRA example. `fetch-models` does not fetch
-# them; the workflows carry their links for ComfyUI's missing-models dialog.
+# Files the shipped workflows load besides the catalog's: the canny ControlNet of the ControlNet
+# example and the style LoRA of the LoRA example. `fetch-models` does not fetch them; the workflows
+# carry their links for ComfyUI's missing-models dialog.
 WORKFLOW_MODELS: tuple[ModelFile, ...] = (
-    ModelFile(
-        id="sdxl-base",
-        description="Stable Diffusion XL base 1.0 checkpoint (any SDXL checkpoint works)",
-        folder="checkpoints",
-        path="sd_xl_base_1.0.safetensors",
-        repo="stabilityai/stable-diffusion-xl-base-1.0",
-        file="sd_xl_base_1.0.safetensors",
-        approx_bytes=6_940_000_000,
-        license=OPENRAIL_PLUS,
-        license_url="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0",
-        required=False,
-    ),
     ModelFile(
         id="controlnet-canny-sdxl",
         description="SDXL canny-edge ControlNet (diffusers' controlnet-canny-sdxl-1.0, fp16)",

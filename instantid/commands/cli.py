@@ -143,6 +143,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more: {text!r}")
+    return int(text)
+
+
 def _non_negative_int(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more: {text!r}")
@@ -315,7 +321,135 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_doctor, _add_fetch_models, _add_run)
+def _add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bootstrap import HARDWARE, REPOSITORY_VARIABLE
+
+    parser.add_argument("--workspace", type=Path, metavar="DIR",
+                        help="where to install ComfyUI when none is found (default: comfy-cli's default workspace, "
+                             f"~/comfy/ComfyUI); the repository is ${REPOSITORY_VARIABLE} or GitHub's")
+    parser.add_argument("--hardware", choices=HARDWARE,
+                        help="the torch build to install with ComfyUI (default: what this machine has)")
+
+
+def _add_install_comfyui(commands: argparse._SubParsersAction) -> None:
+    from .bootstrap import COMFYUI_VERSION
+
+    parser = commands.add_parser(
+        "install-comfyui", help=f"find ComfyUI, or install ComfyUI {COMFYUI_VERSION} with comfy-cli, ready for this pack",
+        description=f"Find ComfyUI (COMFYUI_PATH, the folder above custom_nodes/, ~/comfy/ComfyUI); when there is none, "
+                    f"install ComfyUI {COMFYUI_VERSION} (the tested version) with comfy-cli for this machine's hardware. "
+                    "Then link this checkout into its custom_nodes and install the Python packages ComfyUI and the pack "
+                    "need into this Python. Steps already done are skipped. Prints the ComfyUI folder last.")
+    _add_setup_arguments(parser)
+    parser.add_argument("--no-link", action="store_true", help="do not link this checkout into custom_nodes")
+    parser.set_defaults(handler=_install_comfyui)
+
+
+def _install_comfyui(args: argparse.Namespace) -> int:
+    from .bootstrap import StepFailed, Steps, prepare_comfyui
+
+    try:
+        comfyui = prepare_comfyui(workspace=args.workspace, hardware=args.hardware, link=not args.no_link,
+                                  steps=Steps(3 if args.no_link else 4))
+    except StepFailed as error:
+        raise CommandError(str(error)) from None
+    sys.stdout.write(f"{comfyui}\n")
+    return 0
+
+
+def _add_portrait(commands: argparse._SubParsersAction) -> None:
+    from .catalog import CHECKPOINTS, DEFAULT_CHECKPOINT
+
+    parser = commands.add_parser(
+        "portrait", help="one face photo and a prompt to an image: installs what is missing, then draws",
+        description="Draw a portrait of the person in FACE: finds or installs ComfyUI (with comfy-cli), links this pack "
+                    "into it, fetches the missing models (the pack's and an SDXL checkpoint), runs the basic workflow "
+                    "(the posed one with --pose) with ComfyUI in this process, and prints the image path and the face "
+                    "similarity. Running it again skips every step already done.")
+    parser.add_argument("face", metavar="FACE", help="a photo with the face to draw")
+    parser.add_argument("prompt", metavar="PROMPT", help="what to draw, e.g. \"analog film photo of a man, city street\"")
+    parser.add_argument("--pose", metavar="POSE", help="a photo whose face position and angle the portrait takes")
+    parser.add_argument("--seed", type=_non_negative_int, metavar="N", help="the sampler's seed (default: the workflow's)")
+    parser.add_argument("--checkpoint", metavar="FILE_OR_NAME",
+                        help="the SDXL checkpoint: a file, a name in models/checkpoints, or a catalog name "
+                             f"({', '.join(entry.id for entry in CHECKPOINTS)}; default {DEFAULT_CHECKPOINT}, fetched "
+                             "when missing)")
+    parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                        help="folder for the image (default: the current folder)")
+    parser.add_argument("--workflow", type=Path, metavar="WORKFLOW.json",
+                        help="run this workflow instead of the shipped one; it needs one Apply InstantID node with a "
+                             "Load Image on its face input")
+    _add_setup_arguments(parser)
+    parser.add_argument("--endpoint", metavar="URL",
+                        help="Hugging Face endpoint or mirror for the models (default: $HF_ENDPOINT, else huggingface.co)")
+    parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (automatic without a GPU)")
+    parser.set_defaults(handler=_portrait)
+
+
+def _portrait(args: argparse.Namespace) -> int:
+    from .bootstrap import StepFailed
+    from .portrait import PortraitInputs, PortraitOptions, make_portrait
+
+    inputs = PortraitInputs(face=args.face, prompt=args.prompt, pose=args.pose, seed=args.seed, checkpoint=args.checkpoint)
+    options = PortraitOptions(inputs, args.out, workflow=args.workflow, workspace=args.workspace,
+                              hardware=args.hardware, endpoint=args.endpoint, cpu=args.cpu)
+    try:
+        report = make_portrait(options)
+    except StepFailed as error:
+        raise CommandError(str(error)) from None
+    lines = [f"wrote {path}" for path in report.images] + report.similarity_lines()
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    return 0
+
+
+def _add_batch(commands: argparse._SubParsersAction) -> None:
+    from .batch import DEFAULT_PER_SERVER, DEFAULT_RETRIES, RESULTS_NAME
+    from .runner import DEFAULT_MAX_WAIT, DEFAULT_TIMEOUT as SERVER_TIMEOUT
+
+    parser = commands.add_parser(
+        "batch", help="many portraits over one or more running ComfyUI servers",
+        description="Run the jobs of JOBS.jsonl (one JSON object a line: face, and optionally prompt, pose, seed, "
+                    "workflow, checkpoint, set, id) on running ComfyUI servers. Images are uploaded to the server "
+                    "that runs the job; a job whose server stops answering is retried on another. Finished jobs go "
+                    f"to DIR/{RESULTS_NAME}, one line each, and a re-run skips them.")
+    parser.add_argument("jobs", type=Path, metavar="JOBS.jsonl", help="the jobs, one JSON object per line")
+    parser.add_argument("--comfyui", action="append", required=True, metavar="URL",
+                        help="a running ComfyUI (e.g. http://127.0.0.1:8188); repeat for several servers")
+    parser.add_argument("--out", type=Path, default=Path("batch-out"), metavar="DIR",
+                        help=f"folder for {RESULTS_NAME} and one subfolder of images per job (default: %(default)s)")
+    parser.add_argument("--per-server", type=_positive_int, default=DEFAULT_PER_SERVER, metavar="N",
+                        help="jobs each server holds at once, queued or running (default: %(default)s)")
+    parser.add_argument("--retries", type=_non_negative_int, default=DEFAULT_RETRIES, metavar="N",
+                        help="other servers to try when a job's server stops answering (default: %(default)s)")
+    parser.add_argument("--timeout", type=_positive_float, default=SERVER_TIMEOUT, metavar="SECONDS",
+                        help="timeout of each HTTP request (default: %(default)s)")
+    parser.add_argument("--max-wait", type=_positive_float, default=DEFAULT_MAX_WAIT, metavar="SECONDS",
+                        help="longest wait for one job (default: %(default)s)")
+    parser.set_defaults(handler=_batch)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import BatchOptions, JobsError, read_jobs, run_batch
+    from .runner import RunError
+
+    try:
+        jobs = read_jobs(args.jobs)
+        summary = run_batch(jobs, BatchOptions(tuple(args.comfyui), args.out, per_server=args.per_server,
+                                               retries=args.retries, timeout=args.timeout, max_wait=args.max_wait))
+    except (JobsError, RunError) as error:
+        raise CommandError(str(error)) from None
+    spread = ", ".join(f"{url}: {count}" for url, count in summary.per_server.items())
+    lines = [f"{summary.done} done ({spread}), {summary.skipped} already done, {len(summary.failed)} failed, "
+             f"{len(summary.not_run)} not run; results in {args.out / 'results.jsonl'}"]
+    lines += [f"failed: {text}" for text in summary.failed]
+    if summary.not_run:
+        lines.append(f"not run, no server left: {', '.join(summary.not_run)}; start a server and run the command again")
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    return 0 if not summary.failed and not summary.not_run else 1
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_portrait, _add_batch, _add_install_comfyui, _add_doctor, _add_fetch_models, _add_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 HOW_TO_FIX = ("set COMFYUI_PATH to a ComfyUI checkout, install this pack under ComfyUI/custom_nodes/, "
-              "or check ComfyUI out at ~/comfy/ComfyUI (comfy-cli's default workspace)")
+              "or install ComfyUI into ~/comfy/ComfyUI (comfy-cli's default workspace) with "
+              "`python -m instantid install-comfyui`")
 DESKTOP_SETTINGS = Path("user") / "default" / "comfy.settings.json"
 DESKTOP_MODELS_CONFIG = "extra_models_config.yaml"
 
@@ -99,8 +100,14 @@ def comfyui_candidates(base_directory: Path | None = None) -> list[tuple[str, Pa
     if _above_custom_nodes() is not None:
         found.append(("the folder above custom_nodes/", _above_custom_nodes()))
     found += [("ComfyUI Desktop's bundled ComfyUI", folder) for folder in desktop_bundled_comfyui()]
-    found.append(("comfy-cli's default workspace", Path("~/comfy/ComfyUI").expanduser()))
+    found.append(("comfy-cli's default workspace", default_workspace()))
     return found
+
+
+def default_workspace() -> Path:
+    """comfy-cli's default workspace: ~/comfy/ComfyUI, under ~/Documents on macOS and Windows."""
+    documents = ("Documents",) if sys.platform in ("darwin", "win32") else ()
+    return Path.home().joinpath(*documents, "comfy", "ComfyUI")
 
 
 def find_comfyui(base_directory: Path | None = None) -> Path | None:

@@ -235,6 +235,20 @@ def _verify(part: Path, destination: Path, expected: Published, url: str) -> Non
                              "the download was deleted and nothing was installed")
 
 
+def _pinned(entry: ModelFile, expected: Published, endpoint: str) -> Published:
+    """The published size/sha256 checked against the catalog's pin. huggingface.co must agree with
+    the pin; a mirror is the user's explicit choice, so its own listing is trusted (with a note)."""
+    if entry.sha256 is None or expected.sha256 == entry.sha256:
+        return expected
+    if endpoint == DEFAULT_ENDPOINT:
+        raise FetchError(f"{entry.repo}/{entry.file}: {endpoint} publishes sha256 {expected.sha256}, the catalog pins "
+                         f"{entry.sha256}; nothing was downloaded. The file changed at the source: report it, or "
+                         "pick another checkpoint")
+    log.warning("%s: %s publishes sha256 %s, not the catalog's %s; verifying against the mirror's listing",
+                entry.id, endpoint, expected.sha256, entry.sha256)
+    return expected
+
+
 def fetch_models(entries: Iterable[ModelFile], folders: Mapping[str, Path], *, endpoint: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
                  retry_delay: float = DEFAULT_RETRY_DELAY) -> list[FetchResult]:
@@ -247,7 +261,7 @@ def fetch_models(entries: Iterable[ModelFile], folders: Mapping[str, Path], *, e
     results = []
     for entry in entries:
         destination = folders[entry.folder] / entry.path
-        expected = published(entry, base, timeout, retries, retry_delay, listings)
+        expected = _pinned(entry, published(entry, base, timeout, retries, retry_delay, listings), base)
         if expected.sha256 is None:
             log.warning("%s: %s publishes no sha256 for %s; checking the size only", entry.id, entry.repo, entry.file)
         if destination.is_file():

@@ -8,6 +8,8 @@ outputs into the output folder, and read the InstantIDFaceSimilarity results.
 from __future__ import annotations
 
 import copy
+import hashlib
+import http.client
 import json
 import logging
 import shutil
@@ -40,6 +42,13 @@ SchemaInputs = Callable[[str], Collection[str]]
 
 class RunError(RuntimeError):
     """An expected failure; the message says what is wrong and what to do."""
+
+
+class ServerUnreachable(RunError):
+    """The server did not answer (refused, dropped, timed out): another server may run the job."""
+
+
+Prepare = Callable[[dict], dict]
 
 
 @dataclass(frozen=True)
@@ -291,10 +300,11 @@ def _has_gpu() -> bool:
 
 def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *, comfyui: Path,
                  base_directory: Path | None = None, extra_model_paths_configs: Sequence[Path] = (),
-                 cpu: bool = False, progress_stream: Any = None) -> RunReport:
+                 cpu: bool = False, progress_stream: Any = None, prepare: Prepare | None = None) -> RunReport:
     """Run the workflow with ComfyUI in this process (started here, or the one already running:
     ComfyUI's modules are global, so the boot options of the first start stay in force). The
-    user's other custom node packs load; this pack loads from its own folder if not installed."""
+    user's other custom node packs load; this pack loads from its own folder if not installed.
+    `prepare` edits the API-format prompt last (after the overrides)."""
     from .comfy_home import PACK_ROOT
 
     if base_directory is not None and not (base_directory / "custom_nodes").is_dir():
@@ -315,6 +325,7 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     node_info = lambda kind: comfy.node_info(kind) if kind in types else {}  # noqa: E731
     prompt = apply_overrides(prompt, overrides, lambda kind: schema_input_names(node_info(kind)))
     check_override_numbers(prompt, overrides, node_info)
+    prompt = prepare(prompt) if prepare else prompt
     import comfy.utils as comfy_utils  # importable once ComfyUI is booted
 
     labels = {i: (n.get("_meta") or {}).get("title") or n["class_type"] for i, n in prompt.items()}
@@ -377,11 +388,13 @@ class ComfyServer:
             return self.timeout
         return max(0.1, min(self.timeout, self.deadline - time.monotonic()))
 
-    def request(self, path: str, body: dict | None = None) -> bytes:
-        data = None if body is None else json.dumps(body).encode()
+    def request(self, path: str, body: dict | None = None, *, data: bytes | None = None,
+                content_type: str = "application/json") -> bytes:
+        """GET, or POST of `body` as JSON (or of raw `data` with its `content_type`)."""
+        data = data if data is not None else None if body is None else json.dumps(body).encode()
         headers = {"User-Agent": f"instantid-nodes/{__version__}"}
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         request = urllib.request.Request(self.url + path, data=data, headers=headers)
         timeout = self._timeout()
         try:
@@ -390,15 +403,39 @@ class ComfyServer:
         except urllib.error.HTTPError as error:
             raise _http_error(self.url + path, error) from None
         except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
-            raise RunError(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within {timeout:.1f} s; it may "
-                           "be busy or stuck: check its console, or raise --timeout") from None
-        except (urllib.error.URLError, OSError) as error:
+            raise ServerUnreachable(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within {timeout:.1f} s; "
+                                    "it may be busy or stuck: check its console, or raise --timeout") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
             if isinstance(reason, TimeoutError):
-                raise RunError(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within {timeout:.1f} s; "
-                               "it may be busy or stuck: check its console, or raise --timeout") from None
-            raise RunError(f"cannot reach ComfyUI at {self.url} ({reason}); start it (python main.py --listen) or fix "
-                           "--comfyui") from None
+                raise ServerUnreachable(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within "
+                                        f"{timeout:.1f} s; it may be busy or stuck: check its console, or raise "
+                                        "--timeout") from None
+            raise ServerUnreachable(f"cannot reach ComfyUI at {self.url} ({reason}); start it (python main.py --listen) "
+                                    "or fix --comfyui") from None
+
+    def upload_image(self, path: Path) -> str:
+        """Put a local image into the server's input folder (POST /upload/image) under a name made
+        from its content, so equal files share one upload and different ones never collide. Returns
+        the value a LoadImage node takes."""
+        try:
+            content = Path(path).read_bytes()
+        except OSError as error:
+            raise RunError(f"cannot read the image {path}: {error.strerror or error}") from None
+        name = f"instantid-{hashlib.sha256(content).hexdigest()[:20]}{Path(path).suffix.lower() or '.png'}"
+        boundary = uuid.uuid4().hex
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="overwrite"\r\n\r\ntrue\r\n'.encode(),
+                 (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                  "Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n",
+                 f"--{boundary}--\r\n".encode()]
+        raw = self.request("/upload/image", data=b"".join(parts), content_type=f"multipart/form-data; boundary={boundary}")
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or not answer.get("name"):
+            raise RunError(f"{self.url}/upload/image did not confirm the upload of {path}; is it ComfyUI?")
+        return "/".join(part for part in (answer.get("subfolder"), answer["name"]) if part)
 
     def json(self, path: str, body: dict | None = None) -> Any:
         raw = self.request(path, body)
@@ -433,9 +470,11 @@ def _execution_error(entry: Mapping) -> str:
 
 def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, *, url: str,
                   timeout: float = DEFAULT_TIMEOUT, max_wait: float = DEFAULT_MAX_WAIT,
-                  poll_interval: float = DEFAULT_POLL_INTERVAL) -> RunReport:
+                  poll_interval: float = DEFAULT_POLL_INTERVAL, prepare: Prepare | None = None) -> RunReport:
     """Submit the API-format graph to a running ComfyUI (POST /prompt), poll /history/<id> until it
-    finishes or `max_wait` seconds pass, and download the output images with /view."""
+    finishes or `max_wait` seconds pass, and download the output images with /view. `prepare`
+    edits the API-format prompt last (after the overrides). A server that stops answering raises
+    ServerUnreachable."""
     server = ComfyServer(url, timeout)
     schema: SchemaInputs | None = None
     object_info: dict = {}
@@ -453,6 +492,7 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
         prompt = workflow
     prompt = apply_overrides(prompt, overrides, schema)
     check_override_numbers(prompt, overrides, lambda kind: object_info.get(kind) or {})
+    prompt = prepare(prompt) if prepare else prompt
     answer = server.json("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
     prompt_id = answer.get("prompt_id") if isinstance(answer, dict) else None
     if not prompt_id:

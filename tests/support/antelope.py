@@ -32,7 +32,7 @@ What the fake recogniser returns
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +237,18 @@ def write_antelopev2(folder: Path) -> Path:
     _save(_detector_graph(), folder / DETECTOR_FILE)
     _save(_recognizer_graph(), folder / RECOGNIZER_FILE)
     return folder
+
+
+def expected_photo_similarity(photos: Sequence[tuple[Path, Mapping[str, object]]]) -> float:
+    """The face similarity of two photo files drawn with `draw_face(cell, g)` (as written by
+    support.workflows.write_face_photo), from the synthetic recogniser's known output rather than
+    the pack's code path. `photos` is ((path, {"cell": ..., "g": ...}), (path, {...}))."""
+    from PIL import Image
+
+    from instantid.similarity import cosine_similarity
+    embeddings = []
+    for path, face in photos:
+        bgr = np.asarray(Image.open(path).convert("RGB"))[..., ::-1]
+        _, kps = expected_face(face["cell"], face["g"], det_scale_for(bgr.shape[0], bgr.shape[1], 640))
+        embeddings.append(expected_embedding(bgr, kps))
+    return cosine_similarity(*embeddings)

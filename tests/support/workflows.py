@@ -142,3 +142,16 @@ def write_identity_file(path: Path, cell: tuple[int, int] = (4, 3), g: int = 128
 
 def load_ui_workflow(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def score_face_against(prompt: dict, image: str) -> dict:
+    """The API prompt plus a face similarity between the Apply InstantID node's face image and
+    `image` (a Load Image value): the tiny UNet draws no face, so the output cannot be scored."""
+    from instantid.commands.portrait import apply_node
+    _, apply = apply_node(prompt)
+    prompt = dict(prompt)
+    prompt["90"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    prompt["91"] = {"class_type": "InstantIDFaceSimilarity",
+                    "inputs": {"faceanalysis": apply["inputs"]["insightface"], "reference": apply["inputs"]["image"],
+                               "image": ["90", 0]}}
+    return prompt

@@ -1,0 +1,239 @@
+"""`python -m instantid portrait FACE "PROMPT"`: from a clone to an image in one command.
+
+ComfyUI is found or installed (bootstrap), the missing models are fetched (the pack's files and
+an SDXL checkpoint from the catalog, or the user's own checkpoint), and the shipped basic workflow
+(the posed one with --pose) runs with ComfyUI embedded. The face, pose, prompt and seed go into
+the workflow through its graph (what feeds the Apply InstantID node), so any workflow built around
+one Apply InstantID node works; `batch` fills its jobs the same way.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from .bootstrap import Steps, StepFailed, prepare_comfyui
+from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
+from .comfy_home import PACK_ROOT
+from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
+from .runner import SIMILARITY_NODE, RunError, RunReport, load_workflow, run_embedded
+from .workflow_specs import BASIC_WORKFLOW_FILE, POSED_WORKFLOW_FILE
+
+log = logging.getLogger(__name__)
+
+APPLY_TYPES = ("ApplyInstantID", "ApplyInstantIDAdvanced")
+CHECKPOINT_LOADER = "CheckpointLoaderSimple"
+SEED_INPUTS = ("seed", "noise_seed")
+
+
+def shipped_workflow(posed: bool) -> Path:
+    """The workflow portrait and batch run when none is given: the one place that names them."""
+    return PACK_ROOT / "workflows" / (POSED_WORKFLOW_FILE if posed else BASIC_WORKFLOW_FILE)
+
+
+@dataclass(frozen=True)
+class PortraitInputs:
+    """What a portrait (or a batch job) puts into a workflow; None leaves the workflow's value."""
+    face: str
+    prompt: str | None = None
+    pose: str | None = None
+    seed: int | None = None
+    checkpoint: str | None = None
+
+
+# --------------------------------------------------------------------------- the workflow graph --
+
+
+def _describe(node_id: str, node: Mapping) -> str:
+    return f"node {node_id} ({node.get('class_type')})"
+
+
+def _source(prompt: Mapping[str, dict], node: Mapping, name: str) -> tuple[str, dict] | None:
+    """The node whose output feeds input `name` of `node`, if that input is a link."""
+    value = (node.get("inputs") or {}).get(name)
+    if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt:
+        return str(value[0]), prompt[str(value[0])]
+    return None
+
+
+def apply_node(prompt: Mapping[str, dict]) -> tuple[str, dict]:
+    found = [(i, n) for i, n in prompt.items() if n.get("class_type") in APPLY_TYPES]
+    if len(found) != 1:
+        raise RunError(f"the workflow has {len(found)} Apply InstantID nodes ({', '.join(APPLY_TYPES)}); a portrait "
+                       "needs exactly one to know where the face goes. Use a workflow from workflows/, or run yours "
+                       "with `python -m instantid run WORKFLOW --set ...`")
+    return found[0]
+
+
+def _load_image_feeding(prompt: Mapping[str, dict], apply: tuple[str, dict], name: str, what: str) -> dict | None:
+    source = _source(prompt, apply[1], name)
+    if source is None:
+        return None
+    if source[1].get("class_type") != "LoadImage":
+        raise RunError(f"the {what} of {_describe(*apply)} comes from {_describe(*source)}, not a Load Image node, so "
+                       f"there is no file to replace; connect a Load Image node to its '{name}' input")
+    return source[1]
+
+
+def fill_portrait(prompt: Mapping[str, dict], inputs: PortraitInputs) -> dict:
+    """A copy of the API-format prompt with the face and pose images (Load Image values), the prompt
+    text (the encoder feeding Apply InstantID's 'positive'), the seed and the checkpoint set."""
+    prompt = {node_id: {**node, "inputs": dict(node.get("inputs") or {})} for node_id, node in prompt.items()}
+    apply = apply_node(prompt)
+    face = _load_image_feeding(prompt, apply, "image", "face image")
+    if face is None:
+        raise RunError(f"the face image input of {_describe(*apply)} is not connected; connect a Load Image node")
+    face["inputs"]["image"] = inputs.face
+    if inputs.pose is not None:
+        pose = _load_image_feeding(prompt, apply, "image_kps", "pose image")
+        if pose is None:
+            raise RunError(f"a pose was given but {_describe(*apply)} has no keypoint image (image_kps) connected; use "
+                           f"the posed workflow ({shipped_workflow(True).name}) or connect a Load Image node to it")
+        pose["inputs"]["image"] = inputs.pose
+    if inputs.prompt is not None:
+        encoder = _source(prompt, apply[1], "positive")
+        if encoder is None or not isinstance(encoder[1]["inputs"].get("text"), str):
+            raise RunError(f"the 'positive' input of {_describe(*apply)} does not come from a text encoder with a "
+                           "text widget, so the prompt has nowhere to go")
+        encoder[1]["inputs"]["text"] = inputs.prompt
+    if inputs.seed is not None:
+        seeded = [node for node in prompt.values() for name in SEED_INPUTS if isinstance(node["inputs"].get(name), int)]
+        if not seeded:
+            raise RunError("the workflow has no seed widget (seed or noise_seed) for --seed to set")
+        for node in seeded:
+            node["inputs"].update({name: inputs.seed for name in SEED_INPUTS if isinstance(node["inputs"].get(name), int)})
+    if inputs.checkpoint is not None:
+        loaders = [node for node in prompt.values() if node.get("class_type") == CHECKPOINT_LOADER]
+        for node in loaders:
+            node["inputs"]["ckpt_name"] = inputs.checkpoint
+        if not loaders:
+            log.info("the workflow has no Load Checkpoint node; it draws with the models it loads itself")
+    return prompt
+
+
+def with_similarity(prompt: Mapping[str, dict]) -> dict:
+    """The prompt with an InstantID Face Similarity node comparing the face image with the saved
+    image, unless it has one already (then that one reports)."""
+    prompt = dict(prompt)
+    if any(node.get("class_type") == SIMILARITY_NODE for node in prompt.values()):
+        return prompt
+    apply = apply_node(prompt)
+    analysis = (apply[1].get("inputs") or {}).get("insightface")
+    face = (apply[1].get("inputs") or {}).get("image")
+    saved = next(((node.get("inputs") or {}).get("images") for node in prompt.values()
+                  if node.get("class_type") == "SaveImage"), None)
+    if not (isinstance(analysis, list) and isinstance(face, list) and isinstance(saved, list)):
+        log.info("no face similarity: the workflow has no Save Image node or no face analysis connected")
+        return prompt
+    new_id = str(max((int(i) for i in prompt if i.isdigit()), default=0) + 1)
+    prompt[new_id] = {"class_type": SIMILARITY_NODE, "inputs": {"faceanalysis": analysis, "reference": face, "image": saved},
+                      "_meta": {"title": "Face similarity (added by portrait)"}}
+    return prompt
+
+
+# ------------------------------------------------------------------------------------- models --
+
+
+def checkpoint_entry(name: str) -> ModelFile | None:
+    return next((entry for entry in CHECKPOINTS if entry.id == name), None)
+
+
+def resolve_checkpoint(choice: str | None, checkpoints: Path, steps: Steps) -> tuple[str, ModelFile | None]:
+    """The ckpt_name for the workflow and the catalog entry to fetch (None: nothing to fetch).
+    `choice` is a catalog id, a file name already in models/checkpoints, or a path to a file
+    (linked into models/checkpoints so ComfyUI lists it)."""
+    entry = checkpoint_entry(choice or DEFAULT_CHECKPOINT)
+    if entry is not None:
+        return entry.path, entry
+    assert choice is not None
+    if not Path(choice).is_absolute() and (checkpoints / choice).is_file():
+        return choice, None
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        ids = ", ".join(entry.id for entry in CHECKPOINTS)
+        raise StepFailed("choose the checkpoint", f"--checkpoint {choice!r} is not a file, not in {checkpoints} and "
+                                                  f"not a catalog name ({ids})",
+                         f"pass a .safetensors file, a file name from {checkpoints}, or one of: {ids}")
+    link = checkpoints / path.name
+    if link.exists() and not link.samefile(path):
+        raise StepFailed("choose the checkpoint", f"{link} exists and is another file",
+                         f"rename {path} or pass --checkpoint {path.name} to use the one in {checkpoints}")
+    if not link.exists():
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path.resolve())
+        steps.say(f"    linked {link} -> {path.resolve()}")
+    return path.name, None
+
+
+def model_folders(comfyui: Path) -> dict[str, Path]:
+    """Where each catalog folder key lives in this ComfyUI: models/<key>."""
+    return {key: comfyui / "models" / key for key in {entry.folder for entry in CATALOG}}
+
+
+def fetch_missing(entries: list[ModelFile], comfyui: Path, steps: Steps, *, endpoint: str | None,
+                  timeout: float) -> None:
+    """Fetch the entries whose file is not in place; present files are left alone (doctor checks them)."""
+    folders = model_folders(comfyui)
+    missing = [entry for entry in entries if not (folders[entry.folder] / entry.path).is_file()]
+    if not missing:
+        steps.say("    all present")
+        return
+    for entry in missing:
+        steps.say(f"    {entry.id} ({entry.approx_size}) -> {folders[entry.folder] / entry.path}; licence: {entry.license}")
+    try:
+        fetch_models(missing, folders, endpoint=endpoint, timeout=timeout)
+    except FetchError as error:
+        only = "".join(f" --only {entry.id}" for entry in missing)
+        raise StepFailed("fetch the models", str(error),
+                         f"run again to resume, or fetch them alone: python -m instantid fetch-models --base-directory "
+                         f"{shlex.quote(str(comfyui))}{only}") from None
+
+
+# ------------------------------------------------------------------------------------ command --
+
+
+@dataclass(frozen=True)
+class PortraitOptions:
+    inputs: PortraitInputs
+    out: Path
+    workflow: Path | None = None
+    workspace: Path | None = None
+    hardware: str | None = None
+    endpoint: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    cpu: bool = False
+
+
+def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> RunReport:
+    """Every step of the portrait command; StepFailed or RunError on a failure."""
+    inputs = options.inputs
+    steps = Steps(7, stream)
+    steps.start("check the inputs")
+    for label, value in (("face image", inputs.face), ("pose image", inputs.pose)):
+        if value is not None and not Path(value).is_file():
+            raise StepFailed("check the inputs", f"the {label} {value} does not exist", "pass the path of a photo")
+    workflow_path = options.workflow or shipped_workflow(posed=inputs.pose is not None)
+    try:
+        workflow = load_workflow(workflow_path)
+    except RunError as error:
+        raise StepFailed("check the inputs", str(error), "pass a workflow saved from ComfyUI with --workflow") from None
+    comfyui = prepare_comfyui(workspace=options.workspace, hardware=options.hardware, steps=steps)
+    steps.start("fetch the models")
+    ckpt_name, checkpoint = resolve_checkpoint(inputs.checkpoint, model_folders(comfyui)["checkpoints"], steps)
+    wanted = [entry for entry in CATALOG if entry.required] + ([checkpoint] if checkpoint else [])
+    fetch_missing(wanted, comfyui, steps, endpoint=options.endpoint, timeout=options.timeout)
+    steps.start(f"draw the portrait with {workflow_path.name} (ComfyUI embedded)")
+    absolute = PortraitInputs(face=str(Path(inputs.face).resolve()), prompt=inputs.prompt,
+                              pose=str(Path(inputs.pose).resolve()) if inputs.pose else None, seed=inputs.seed,
+                              checkpoint=ckpt_name)
+    try:
+        return run_embedded(workflow, [], options.out, comfyui=comfyui, cpu=options.cpu,
+                            prepare=lambda prompt: with_similarity(fill_portrait(prompt, absolute)))
+    except RunError as error:
+        raise StepFailed("draw the portrait", str(error),
+                         f"act on the cause; {shlex.quote(sys.executable)} -m instantid doctor checks ComfyUI, the "
+                         "packages and the models") from None

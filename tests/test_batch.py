@@ -1,0 +1,206 @@
+"""`python -m instantid batch` against two real ComfyUI servers on 127.0.0.1 (the test bed's models):
+jobs spread over both, images uploaded through /upload/image, one results line per job, a re-run
+does nothing, a server stopped mid-run loses no job, and an interrupted results file stays whole."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from instantid.commands import batch, cli, portrait
+from support import antelope
+from support.server import UNET_NAME, copy_models, start_server
+from support.workflows import load_ui_workflow, prepare_for_test_bed, score_face_against, write_face_photo
+from test_cli_run import PHOTO
+
+JOBS = 6
+PHOTO_NAME = "batch_photo.png"
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def servers(comfy, tmp_path_factory):
+    """Two ComfyUI servers over the test bed's models, started side by side."""
+    from conftest import COMFYUI
+    bases = [tmp_path_factory.mktemp(f"server{n}") for n in range(2)]
+    for base in bases:
+        copy_models(comfy.base, base)
+        write_face_photo(base / "input" / PHOTO_NAME, **PHOTO)
+    started: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda n=n: started.__setitem__(n, start_server(COMFYUI, bases[n])))
+               for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    running = [started[n] for n in sorted(started)]
+    try:
+        assert len(running) == 2, "a ComfyUI server did not start; see the log above"
+        yield running
+    finally:
+        for server in running:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def jobs_file(comfy, tmp_path_factory) -> Path:
+    """Six jobs with their own faces and seeds on the shipped basic workflow, made for the test bed
+    (tiny loader, 64 x 64, one step) with a similarity between the job's face and a second photo
+    (the tiny UNet draws no face to score)."""
+    folder = tmp_path_factory.mktemp("jobs")
+    prompt = comfy.embedded.to_api(load_ui_workflow(portrait.shipped_workflow(posed=False)))
+    prompt = score_face_against(prepare_for_test_bed(prompt, UNET_NAME, folder, steps=1), PHOTO_NAME)
+    (folder / "bed.json").write_text(json.dumps(prompt))
+    lines = []
+    for n in range(JOBS):
+        write_face_photo(folder / "faces" / f"face{n}.png", **face_of(n))
+        lines.append(json.dumps({"id": f"job{n}", "face": f"faces/face{n}.png", "prompt": f"portrait number {n}",
+                                 "seed": 100 + n, "workflow": "bed.json"}))
+    path = folder / "jobs.jsonl"
+    path.write_text("# six portraits\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def face_of(n: int) -> dict:
+    return {"cell": (2 + n % 4, 3), "g": 90 + 20 * n}
+
+
+def read_results(out: Path) -> list[dict]:
+    text = (out / batch.RESULTS_NAME).read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def check_results(records: list[dict], jobs_file: Path, out: Path, servers: list[str], count: int = JOBS) -> None:
+    assert sorted(record["job"] for record in records) == [f"job{n}" for n in range(count)]  # each once
+    photo = Path(jobs_file).parent / "photo_for_check.png"
+    write_face_photo(photo, **PHOTO)
+    for record in records:
+        n = int(record["job"].removeprefix("job"))
+        assert record["status"] == "done" and record["seed"] == 100 + n and record["server"] in servers
+        [image] = record["outputs"]
+        assert Path(image).parent == out / record["job"] and Image.open(image).size == (64, 64)
+        face = jobs_file.parent / "faces" / f"face{n}.png"
+        expected = antelope.expected_photo_similarity(((face, face_of(n)), (photo, PHOTO)))
+        assert record["similarity"] == pytest.approx(expected, abs=1e-6)
+        assert record["seconds"] > 0
+
+
+def test_jobs_spread_over_two_servers_and_a_rerun_does_nothing(servers, jobs_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    urls = [server.url for server in servers]
+    code = cli.main(["batch", str(jobs_file), "--comfyui", urls[0], "--comfyui", urls[1], "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    records = read_results(out)
+    check_results(records, jobs_file, out, urls)
+    counts = {url: sum(record["server"] == url for record in records) for url in urls}
+    assert all(count >= 1 for count in counts.values()), counts
+    assert captured.out.startswith(f"6 done ({urls[0]}: {counts[urls[0]]}, {urls[1]}: {counts[urls[1]]}), "
+                                   "0 already done, 0 failed, 0 not run")
+    assert "jobs: 100%" in captured.err
+    uploads = [server.log().count("POST /upload/image") for server in servers]
+
+    before = (out / batch.RESULTS_NAME).read_bytes()
+    assert cli.main(["batch", str(jobs_file), "--comfyui", urls[0], "--comfyui", urls[1], "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"0 done ({urls[0]}: 0, {urls[1]}: 0), 6 already done, 0 failed, 0 not run")
+    assert (out / batch.RESULTS_NAME).read_bytes() == before
+    assert [server.log().count("POST /upload/image") for server in servers] == uploads
+
+
+def test_a_server_stopped_mid_run_loses_no_job(servers, jobs_file, tmp_path, caplog):
+    """The second server is stopped once it has finished a job and started its next one: that job
+    moves to the first server, and every job is in the results once."""
+    out = tmp_path / "out"
+    urls = tuple(server.url for server in servers)
+    jobs = batch.read_jobs(jobs_file)[:4]
+    started = servers[1].log().count("got prompt")
+    outcome: dict[str, object] = {}
+    caplog.set_level(logging.WARNING, logger="instantid")
+    runner = threading.Thread(target=lambda: outcome.update(summary=batch.run_batch(jobs, batch.BatchOptions(urls, out))))
+    runner.start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and servers[1].log().count("got prompt") < started + 2:
+        time.sleep(0.1)
+    servers[1].stop()
+    runner.join(600)
+    summary = outcome["summary"]
+    assert summary.failed == [] and summary.not_run == [] and summary.done == 4
+    assert summary.per_server == {urls[0]: 3, urls[1]: 1}
+    records = read_results(out)
+    check_results(records, jobs_file, out, list(urls), count=4)
+    [moved] = [record.message for record in caplog.records if "trying another server" in record.message]
+    assert urls[1] in moved
+
+
+def test_results_file_drops_a_torn_line_and_failed_jobs_and_appends_whole_lines(tmp_path):
+    path = tmp_path / batch.RESULTS_NAME
+    done = {"job": "a", "status": "done", "seed": 1}
+    path.write_text(json.dumps(done) + "\n" + json.dumps({"job": "b", "status": "failed"}) + "\n" + '{"job": "c", "sta')
+    results = batch.ResultsFile(path)
+    assert set(results.done) == {"a"}
+    assert path.read_text() == json.dumps(done) + "\n"  # rewritten whole, by rename
+    results.append({"job": "b", "status": "done", "seed": 2})
+    assert [json.loads(line)["job"] for line in path.read_text().splitlines()] == ["a", "b"]
+    assert not path.with_name(path.name + ".tmp").exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x"}', "jobs.jsonl:1: no 'face'; every job needs a face photo"),
+    ('{"face": "missing.png"}', "jobs.jsonl:1: face 'missing.png' is not a file (paths are relative to the jobs"),
+    ('{"face": "f.png", "colour": 1}', "jobs.jsonl:1: unknown field(s) colour; a job has"),
+    ('{"face": "f.png", "seed": -1}', "jobs.jsonl:1: seed must be a whole number, 0 or more"),
+    ('{"face": "f.png", "set": ["nodot"]}', "jobs.jsonl:1: --set 'nodot': expected NODE.INPUT=VALUE"),
+    ("not json", "jobs.jsonl:1: not JSON"),
+])
+def test_bad_jobs_are_refused_naming_the_line(tmp_path, line, message, capsys):
+    write_face_photo(tmp_path / "f.png")
+    (tmp_path / "jobs.jsonl").write_text(line + "\n")
+    assert cli.main(["batch", str(tmp_path / "jobs.jsonl"), "--comfyui", "http://127.0.0.1:1"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_leaves_whole_lines_and_the_rerun_finishes_the_rest(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt in the main thread) while jobs are running: results.jsonl holds only
+    whole lines of finished jobs, and a re-run runs exactly the others."""
+    import _thread
+    write_face_photo(tmp_path / "face.png")
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps({"face": "face.png", "seed": n}) + "\n" for n in range(12)))
+    jobs = batch.read_jobs(tmp_path / "jobs.jsonl")
+    ran: list[str] = []
+
+    def slow_job(job, server_url, options, workflows):  # the work of a server, without one: 0.2 s a job
+        time.sleep(0.2)
+        ran.append(job.id)
+        return {"job": job.id, "status": "done", "server": server_url, "seed": job.inputs.seed, "seconds": 0.1,
+                "similarity": None, "outputs": [], "prompt_id": f"p{job.id}"}
+    monkeypatch.setattr(batch, "run_job", slow_job)
+    options = batch.BatchOptions(("http://127.0.0.1:1", "http://127.0.0.1:2"), tmp_path / "out")
+
+    def interrupt_after_three_lines() -> None:
+        path = options.out / batch.RESULTS_NAME
+        while not path.is_file() or len(path.read_text().splitlines()) < 3:
+            time.sleep(0.01)
+        _thread.interrupt_main()
+    threading.Thread(target=interrupt_after_three_lines, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_batch(jobs, options)
+    time.sleep(0.5)  # the two workers finish the job they hold, and take no other
+    first = read_results(options.out)
+    assert 3 <= len(first) < 12
+    assert {record["job"] for record in first} == set(ran)
+    ran.clear()
+    summary = batch.run_batch(jobs, options)
+    assert summary.skipped == len(first) and summary.done == 12 - len(first)
+    assert sorted(ran) == sorted({job.id for job in jobs} - {record["job"] for record in first})
+    assert sorted(int(record["job"]) for record in read_results(options.out)) == list(range(1, 13))
