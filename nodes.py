@@ -20,7 +20,7 @@ from .instantid.identity_files import (IDENTITY_FOLDER, describe, file_sha256, l
 from .instantid.keypoints import FIT_MODES, CanvasFit
 from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
 from .instantid.regions import MASK_SCOPES, PROMPT_AND_IDENTITY
-from .instantid.similarity import face_similarity
+from .instantid.similarity import face_similarity, ranked_images
 
 register_model_folders(folder_paths)
 
@@ -41,10 +41,18 @@ def _numbers(cls: type[io.ComfyNode], arguments: dict[str, Any]) -> list[NumberI
     return float_inputs(cls.define_schema().inputs, arguments)
 
 
-def _on_no_face_input() -> io.Combo.Input:
+def _on_no_face_input(skip: str = "passes the model and conditioning through unchanged and says so on the node"
+                      ) -> io.Combo.Input:
     return io.Combo.Input("on_no_face", options=list(ON_NO_FACE), default="error", optional=True,
-                          tooltip="What to do when an image has no detectable face: 'error' stops with a message "
-                                  "naming the image; 'skip' passes the inputs through unchanged and reports it.")
+                          tooltip=f"What to do when an image has no detectable face: 'error' stops with a message "
+                                  f"naming the image; 'skip' {skip}.")
+
+
+def _noise_input() -> io.Float.Input:
+    return io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
+                          tooltip="0 = official InstantID: the negative prompt's face tokens come from an empty face. "
+                                  "Above 0 they come from seeded noise of this strength, which can reduce burn "
+                                  "(0.35 gives the earlier pack's look).")
 
 
 def _schedule_inputs() -> list[io.Input]:
@@ -56,7 +64,7 @@ def _schedule_inputs() -> list[io.Input]:
 
 def _insightface_input() -> io.Input:
     return FaceAnalysisType.Input("insightface", optional=True,
-                                  tooltip="Face detection and recognition from 'InstantID Face Analysis'. May stay "
+                                  tooltip="Face detection and recognition from 'InstantID Face Analysis (InsightFace)'. May stay "
                                           "unconnected when face_embeds replaces the photo and image_kps is not used.")
 
 
@@ -87,8 +95,9 @@ def _apply_head_inputs() -> list[io.Input]:
 
 def _apply_tail_inputs() -> list[io.Input]:
     return [io.Image.Input("image_kps", optional=True,
-                           tooltip="Optional pose image: its face keypoints set the face position and angle. "
-                                   "Without it the pose of the reference photo is used."),
+                           tooltip="Optional pose: a photo (its face keypoints set the face position and angle) "
+                                   "or a keypoint drawing, used as is. Without it the pose of the reference photo "
+                                   "is used."),
             io.Mask.Input("mask", optional=True,
                           tooltip="Optional mask: the identity (and, with mask_scope 'prompt and identity', this "
                                   "positive prompt) act only inside it; combine two masked Apply nodes for two people."),
@@ -138,7 +147,7 @@ class InstantIDFaceAnalysis(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDFaceAnalysis", display_name="InstantID Face Analysis", category=CATEGORY,
+            node_id="InstantIDFaceAnalysis", display_name="InstantID Face Analysis (InsightFace)", category=CATEGORY,
             description="Loads the antelopev2 face detector and recognizer (models/insightface/models/antelopev2). "
                         "Never downloads anything.",
             inputs=[io.Combo.Input("provider", options=PROVIDER_CHOICES, default="auto",
@@ -156,13 +165,14 @@ class FaceKeypointsPreprocessor(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="FaceKeypointsPreprocessor", display_name="Face Keypoints Preprocessor", category=CATEGORY,
+            node_id="FaceKeypointsPreprocessor", display_name="InstantID Face Keypoints (Pose)", category=CATEGORY,
             description="Draws the five face keypoints (eyes, nose, mouth corners) of the chosen face of each image, as "
                         "the IdentityNet expects them, optionally fitted to another canvas size and mirrored. Batch "
                         "positions are kept.",
-            inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis'."),
+            inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis (InsightFace)'."),
                     io.Image.Input("image", tooltip="Image(s) whose face pose to extract."),
-                    _on_no_face_input(),
+                    _on_no_face_input("gives a black frame (no pose constraint) for each image without a face and "
+                                      "says so on the node"),
                     io.Int.Input("width", default=0, min=0, max=16384, step=8, optional=True,
                                  tooltip="Width of the keypoint image, e.g. your latent's width; 0 = the input's width."),
                     io.Int.Input("height", default=0, min=0, max=16384, step=8, optional=True,
@@ -219,16 +229,14 @@ class ApplyInstantIDAdvanced(io.ComfyNode):
         return io.Schema(
             node_id="ApplyInstantIDAdvanced", display_name="Apply InstantID Advanced", category=CATEGORY,
             description="Apply InstantID with separate strengths for the face attention and the IdentityNet, "
-                        "uncond noise, and the way several reference photos are combined.",
+                        "noise for the negative face tokens, and the way several reference photos are combined.",
             inputs=[*_apply_head_inputs(),
                     io.Float.Input("ip_weight", default=0.8, min=0.0, max=3.0, step=0.01,
                                    tooltip="Strength of the face attention (identity detail)."),
                     io.Float.Input("cn_strength", default=0.8, min=0.0, max=10.0, step=0.01,
                                    tooltip="Strength of the IdentityNet (identity and pose)."),
                     *_schedule_inputs(),
-                    io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
-                                   tooltip="0 = official InstantID (negative uses Resampler(0)). Above 0 the negative "
-                                           "face tokens come from seeded noise, which can reduce burn."),
+                    _noise_input(),
                     io.Combo.Input("combine_embeds", options=list(COMBINE_MODES), default="average",
                                    tooltip="How several reference photos combine: average of the embeddings, "
                                            "average of their directions ('norm average'), or all faces' tokens ('concat')."),
@@ -275,8 +283,7 @@ class InstantIDAttentionPatch(io.ComfyNode):
                     io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.01,
                                    tooltip="Strength of the face attention."),
                     *_schedule_inputs(),
-                    io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
-                                   tooltip="0 = official InstantID negative face tokens; above 0 seeded noise."),
+                    _noise_input(),
                     io.Mask.Input("mask", optional=True, tooltip="Optional mask: the face attention acts only inside it."),
                     _on_no_face_input(), _face_index_input("each reference photo"), _face_embeds_input()],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with InstantID face attention."),
@@ -301,11 +308,11 @@ class ApplyInstantIDControlNet(io.ComfyNode):
         return io.Schema(
             node_id="ApplyInstantIDControlNet", display_name="InstantID Apply ControlNet", category=CATEGORY,
             description="Only the IdentityNet part of InstantID, driven by face tokens from 'InstantID Patch Attention' "
-                        "and a keypoint image from 'Face Keypoints Preprocessor'.",
+                        "and a keypoint image from 'InstantID Face Keypoints (Pose)'.",
             inputs=[FaceEmbedsType.Input("face_embeds", tooltip="Face tokens from 'InstantID Patch Attention' (a loaded "
                                                                 "identity goes through it first: the tokens need an adapter)."),
                     io.ControlNet.Input("control_net", tooltip="The InstantID IdentityNet, loaded with 'Load ControlNet Model'."),
-                    io.Image.Input("image_kps", tooltip="The keypoint image (output of 'Face Keypoints Preprocessor'), used as is."),
+                    io.Image.Input("image_kps", tooltip="The keypoint image (output of 'InstantID Face Keypoints (Pose)'), used as is."),
                     io.Conditioning.Input("positive", tooltip="Positive conditioning."),
                     io.Conditioning.Input("negative", tooltip="Negative conditioning."),
                     io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
@@ -340,22 +347,32 @@ class InstantIDFaceSimilarity(io.ComfyNode):
             node_id="InstantIDFaceSimilarity", display_name="InstantID Face Similarity", category=CATEGORY,
             description="How much the face in 'image' looks like the face in 'reference': cosine similarity of their "
                         "ArcFace (antelopev2) embeddings, largest face of each image. 1.0 is identical; different "
-                        "people usually score below 0.3. Shown on the node and printed by `python -m instantid run`.",
+                        "people usually score below 0.3. Shown on the node and printed by `python -m instantid run`. "
+                        "A batch is also ranked (best image, all images best first); an image without a face "
+                        "scores 0 and ranks last.",
             inputs=[FaceAnalysisType.Input("faceanalysis",
-                                           tooltip="Face detection and recognition from 'InstantID Face Analysis'."),
+                                           tooltip="Face detection and recognition from 'InstantID Face Analysis (InsightFace)'."),
                     io.MultiType.Input("reference", types=[io.Image, FaceEmbedsType],
                                        tooltip="Photo(s) of the person, or a saved identity (FACE_EMBEDS); with several "
                                                "faces, each image is compared with every reference and the scores "
                                                "are averaged."),
                     io.Image.Input("image", tooltip="The generated image(s) to score, e.g. the VAE Decode output. "
-                                                    "With a batch, the output is the mean of the per-image scores.")],
-            outputs=[io.Float.Output(display_name="similarity", tooltip="Cosine similarity of the face embeddings, -1 to 1.")],
+                                                    "With a batch, the output is the mean of the per-image scores; an "
+                                                    "image without a face scores 0.")],
+            outputs=[io.Float.Output(display_name="similarity", tooltip="Cosine similarity of the face embeddings, -1 to 1."),
+                     io.String.Output(display_name="scores", tooltip="The text shown on the node: the mean and, for a "
+                                                                    "batch, each image's score, best first."),
+                     io.Image.Output(display_name="best_image", tooltip="The image with the highest score."),
+                     io.Image.Output(display_name="ranked", tooltip="The batch sorted by score, best first (ties keep "
+                                                                   "their order; images without a face last).")],
             is_output_node=True)
 
     @classmethod
     def execute(cls, faceanalysis: Any, reference: Any, image: Any) -> io.NodeOutput:
         result = face_similarity(as_face_analyzer(faceanalysis), reference, image)
-        return io.NodeOutput(result.mean, ui={"text": [result.text()], "face_similarity": list(result.per_image)})
+        best, ranked = ranked_images(image, result)
+        return io.NodeOutput(result.mean, result.text(), best, ranked,
+                             ui={"text": [result.text()], "face_similarity": list(result.per_image)})
 
 
 class InstantIDFaceCrop(io.ComfyNode):
@@ -368,7 +385,7 @@ class InstantIDFaceCrop(io.ComfyNode):
                         "The face stays centred: near the border the crop is padded with the edge pixels. Batch "
                         "positions are kept; an image without a face passes through unchanged.",
             inputs=[io.Image.Input("image", tooltip="The image(s) with a face to repair."),
-                    FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis'."),
+                    FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis (InsightFace)'."),
                     io.Int.Input("face_index", default=0, min=0, max=64,
                                  tooltip="Which face: 0 = the largest, 1 = the first from the left, 2 = the second…"),
                     io.Float.Input("padding", default=DEFAULT_PADDING, min=0.0, max=4.0, step=0.05,

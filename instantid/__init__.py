@@ -2,10 +2,10 @@
 
 Modules, one job each:
 - `sdxl` (the SDXL cross-attention layout), `adapter` (the adapter file, face tokens, face K/V),
-  `faces` (InsightFace), `keypoints` (the five-point image), `regions` (face region and identity
-  mask), `attention` (the cross-attention patch), `control` (the IdentityNet with its own face-token
-  context), `checks` (input checks), `apply` (what every Apply node calls), `similarity` (face
-  similarity);
+  `faces` (InsightFace), `keypoints` (the five-point image), `drawn_keypoints` (recognising an
+  image that already is one), `regions` (face region and identity mask), `attention` (the
+  cross-attention patch), `control` (the IdentityNet with its own face-token context), `checks`
+  (input checks), `apply` (what every Apply node calls), `similarity` (face similarity);
 - `paths` (the model folders ComfyUI knows);
 - `commands/`: the command line and what only it needs (cli, runner, embedded ComfyUI, doctor,
   fetch, catalog, ComfyUI discovery). It imports the domain; nothing here imports it.

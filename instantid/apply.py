@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .adapter import FaceTokens, InstantIDAdapter
@@ -15,6 +16,7 @@ from .attention import FaceAttentionSettings, install_face_attention
 from .checks import (NumberInput, as_mask_batch, check_finite, check_identitynet, check_schedule,
                      sdxl_attention_widths)
 from .control import Conditioning, attach_identitynet
+from .drawn_keypoints import keypoint_drawings
 from .faces import DetectedFace, FaceAnalyzer, FaceIndexOutOfRange, image_batch_to_bgr
 from .identity import FaceEmbeds, FaceIdentity, as_face_embeds, identity_from_faces, tokens_of
 from .keypoints import CanvasFit, keypoint_image_batch
@@ -160,29 +162,45 @@ def reference_identity(face_analysis: Any, image: torch.Tensor | None, face_embe
 def keypoints_from(face_analysis: Any, image_kps: torch.Tensor | None, identity: FaceIdentity, on_no_face: str,
                    notes: list[str]) -> tuple[torch.Tensor, list[np.ndarray | None]] | None:
     """The five-point image for the IdentityNet and the face box of each frame (None for a black
-    frame): drawn from each pose image (positions kept: an image without a face gets a black frame
-    in 'skip' mode), or from the identity's first reference face at its image's size. Never the pose
-    photo itself. None when skipping because no pose image has a face."""
+    frame): a pose image that is already a keypoint drawing as is (its box: the drawn points'
+    extent), else drawn from each pose photo (positions kept: a photo without a face gets a black
+    frame in 'skip' mode), or from the identity's first reference face at its image's size. Never a
+    pose photo itself. None when skipping because no pose image has a face or a drawing."""
     if image_kps is None:
         return keypoint_image_batch([identity.kps], *identity.image_size), [identity.bbox]
-    analyzer = as_face_analyzer(face_analysis, "the pose image (image_kps)")
-    faces = detect_faces(analyzer, image_kps, notes, "keypoint image (image_kps)")
-    missing = [i for i, face in enumerate(faces) if face is None]
-    fix = f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference"
+    drawn = [i for i, is_drawing in enumerate(keypoint_drawings(image_kps)) if is_drawing]
+    if drawn:
+        _note(notes, f"keypoint {_images(drawn, len(image_kps))} (image_kps) "
+                     f"{'are keypoint drawings' if len(drawn) > 1 else 'is a keypoint drawing'}, used as the hint as is")
+    photos = [i for i in range(len(image_kps)) if i not in drawn]
+    faces: list[DetectedFace | None] = [None] * len(image_kps)
+    if photos:
+        analyzer = as_face_analyzer(face_analysis, "the pose image (image_kps)")
+        for i, face in zip(photos, detect_faces(analyzer, image_kps[photos], notes, "keypoint image (image_kps)")):
+            faces[i] = face
+    missing = [i for i in photos if faces[i] is None]
+    fix = (f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference (a keypoint drawing, "
+           "black with the five coloured points as InstantID Face Keypoints (Pose) draws them, is used as is)")
     if len(missing) == len(faces):
         _no_face(f"the keypoint {_images(missing, len(faces))} (image_kps)", fix, on_no_face, notes)
         return None
-    return _keypoint_frames(faces, image_kps, f"the keypoint {_images(missing, len(faces))} (image_kps)",
-                            f"keypoint {_images(missing, len(faces))}", fix, on_no_face, notes)
+    frames, boxes = _keypoint_frames(faces, image_kps, f"the keypoint {_images(missing, len(faces))} (image_kps)",
+                                     f"keypoint {_images(missing, len(faces))}", fix, on_no_face, notes, missing)
+    if drawn:
+        frames[drawn] = image_kps[drawn, ..., :3].detach().to("cpu", torch.float32)
+        for i, box in zip(drawn, drawn_extent_boxes(image_kps[drawn])):
+            boxes[i] = None if box is None else np.float32(box)
+    return frames, boxes
 
 
 def _keypoint_frames(faces: list[DetectedFace | None], images: torch.Tensor, where: str, subject: str, fix: str,
-                     on_no_face: str, notes: list[str],
+                     on_no_face: str, notes: list[str], missing: list[int] | None = None,
                      fitting: CanvasFit | None = None) -> tuple[torch.Tensor, list[np.ndarray | None]]:
     """One keypoint frame per image and its face box (None for a black frame), positions kept, on
-    the canvas `fitting` describes (default: the image's own size). An image without a face stops
-    with an error, or ('skip') gets a black frame: no pose constraint, never the photo itself."""
-    missing = [i for i, face in enumerate(faces) if face is None]
+    the canvas `fitting` describes (default: the image's own size). An image without a face
+    (`missing`, by default every None) stops with an error, or ('skip') gets a black frame: no pose
+    constraint, never the photo itself."""
+    missing = [i for i, face in enumerate(faces) if face is None] if missing is None else missing
     if missing and on_no_face == "error":
         raise NoFaceError(f"No face found in {where}. {fix}, or set on_no_face to 'skip' to get black frames "
                           "(no pose constraint) at those positions.")
@@ -331,7 +349,7 @@ def keypoints_image(face_analysis: Any, image: torch.Tensor, on_no_face: str = "
     faces = detect_faces(as_face_analyzer(face_analysis), image, notes, face_index=face_index)
     missing = [i for i, face in enumerate(faces) if face is None]
     frames, _ = _keypoint_frames(faces, image, f"{_images(missing, len(faces))} given to Face Keypoints Preprocessor",
-                                 _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes, fitting)
+                                 _images(missing, len(faces)), _FACE_ADVICE, on_no_face, notes, fitting=fitting)
     return frames, notes
 
 

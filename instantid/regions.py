@@ -47,11 +47,15 @@ def face_box_canvas(boxes: Sequence[Sequence[float] | None], width: int, height:
     return canvas
 
 
+DRAWN_THRESHOLD = 0.1
+
+
 def drawn_extent_boxes(keypoint_image: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
     """The bounding box of the drawn (non-black) pixels of each keypoint image [B, H, W, C], as
     (x1, y1, x2, y2) with exclusive ends; None for an all-black frame. It spans the five keypoints'
-    dots and sticks, so it is tighter than the detected face box (eyes to mouth, not brow to chin)."""
-    drawn = (keypoint_image.detach().float().cpu().amax(dim=-1) > 0).numpy()
+    dots and sticks, so it is tighter than the detected face box (eyes to mouth, not brow to chin).
+    Pixels up to DRAWN_THRESHOLD count as black: a JPEG-compressed drawing's background is not 0."""
+    drawn = (keypoint_image.detach().float().cpu().amax(dim=-1) > DRAWN_THRESHOLD).numpy()
     boxes: list[tuple[int, int, int, int] | None] = []
     for frame in drawn:
         rows, cols = np.flatnonzero(frame.any(axis=1)), np.flatnonzero(frame.any(axis=0))

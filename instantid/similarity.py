@@ -5,10 +5,12 @@ each image: the raw 512-d embeddings, L2-normalised, then dotted. 1.0 is the sam
 different people usually score below about 0.3, and a good InstantID result 0.5 to 0.8.
 
 Several reference photos: each generated image is compared with every reference face and the
-scores are averaged. Several generated images: one score each; the node outputs their mean.
+scores are averaged. Several generated images: one score each (0 for an image without a face,
+which never stops the job); the node outputs their mean, the best image and the batch ranked.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +22,9 @@ from .identity import FaceEmbeds
 
 if TYPE_CHECKING:
     import torch
+
+
+log = logging.getLogger(__name__)
 
 
 class FaceNotFound(ValueError):
@@ -42,30 +47,42 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Similarity:
-    """Per generated image: its mean similarity to the reference faces; `mean` over all images."""
+    """Per generated image: its mean similarity to the reference faces (0 for an image without a
+    face, listed in `faceless`); `mean` over all images; `order` ranks them best first."""
 
     per_image: tuple[float, ...]
+    faceless: tuple[int, ...] = ()
 
     @property
     def mean(self) -> float:
         return float(np.mean(self.per_image))
 
+    @property
+    def order(self) -> tuple[int, ...]:
+        """Image indices best first; ties keep batch order; images without a face come last."""
+        return tuple(sorted(range(len(self.per_image)), key=lambda i: (i in self.faceless, -self.per_image[i])))
+
+    @property
+    def notes(self) -> list[str]:
+        if not self.faceless:
+            return []
+        return [f"generated image{'s' if len(self.faceless) > 1 else ''} "
+                f"{', '.join(str(i + 1) for i in self.faceless)} of {len(self.per_image)} had no face: "
+                "scored 0 and ranked last"]
+
     def text(self) -> str:
-        """What the node shows, e.g. 'face similarity: 0.734' or with one value per image."""
+        """What the node shows: 'face similarity: 0.734', and for a batch one line per image, best first."""
         if len(self.per_image) == 1:
-            return f"face similarity: {self.mean:.3f}"
-        values = ", ".join(f"{value:.3f}" for value in self.per_image)
-        return f"face similarity: {self.mean:.3f} (mean of {len(self.per_image)} images: {values})"
+            return "\n".join([f"face similarity: {self.mean:.3f}", *self.notes])
+        lines = [f"face similarity: {self.mean:.3f} (mean of {len(self.per_image)} images)"]
+        for rank, index in enumerate(self.order, start=1):
+            lines.append(f"#{rank}: image {index + 1}: {self.per_image[index]:.3f}"
+                         + (" (no face)" if index in self.faceless else ""))
+        return "\n".join(lines + self.notes)
 
 
-def _embeddings(analyzer: FaceAnalyzer, images: torch.Tensor, role: str, hint: str) -> list[np.ndarray]:
-    bgr = image_batch_to_bgr(images)
-    faces = [analyzer.detect(image) for image in bgr]
-    missing = [index + 1 for index, face in enumerate(faces) if face is None]
-    if missing:
-        which = ", ".join(str(i) for i in missing)
-        raise FaceNotFound(f"no face found in the {role} input (image {which} of {len(bgr)}): {hint}")
-    return [face.embedding for face in faces]
+def _faces(analyzer: FaceAnalyzer, images: torch.Tensor) -> list[np.ndarray | None]:
+    return [None if face is None else face.embedding for face in map(analyzer.detect, image_batch_to_bgr(images))]
 
 
 def reference_embeddings(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds) -> list[np.ndarray]:
@@ -73,18 +90,33 @@ def reference_embeddings(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceE
     was made from, or those of the largest face in each image of an IMAGE batch."""
     if isinstance(reference, FaceEmbeds):
         return list(reference.identity.embeddings.numpy())
-    return _embeddings(analyzer, reference, "reference", "use a photo where one face is clearly visible, frontal and not tiny")
+    faces = _faces(analyzer, reference)
+    missing = [index + 1 for index, face in enumerate(faces) if face is None]
+    if missing:
+        which = ", ".join(str(i) for i in missing)
+        raise FaceNotFound(f"no face found in the reference input (image {which} of {len(faces)}): use a photo "
+                           "where one face is clearly visible, frontal and not tiny")
+    return faces
 
 
 def face_similarity(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds, image: torch.Tensor) -> Similarity:
     """Compare every image of the `image` batch with the `reference` (an IMAGE batch or FACE_EMBEDS).
 
-    Raises FaceNotFound when an image of either batch has no detectable face."""
+    Raises FaceNotFound when a reference image has no detectable face. A generated image without a
+    face scores 0 and is named in the result's notes (logged here too)."""
     references = reference_embeddings(analyzer, reference)
-    generated = _embeddings(analyzer, image, "image",
-                            "the generated image has no recognisable face, so there is nothing to compare; "
-                            "check the prompt, the InstantID weight and the keypoint image")
-    return Similarity(tuple(_mean_similarity(vector, references) for vector in generated))
+    generated = _faces(analyzer, image)
+    result = Similarity(tuple(0.0 if vector is None else _mean_similarity(vector, references) for vector in generated),
+                        tuple(i for i, vector in enumerate(generated) if vector is None))
+    for note in result.notes:
+        log.warning("InstantID Face Similarity: %s", note)
+    return result
+
+
+def ranked_images(images: torch.Tensor, result: Similarity) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the best image [1, H, W, C], the batch sorted best first)."""
+    order = list(result.order)
+    return images[order[:1]], images[order]
 
 
 def _mean_similarity(vector: np.ndarray, references: Sequence[np.ndarray]) -> float:

@@ -119,7 +119,7 @@ def test_set_keeps_text_inputs_as_text_and_parses_json_otherwise():
     assert prompt["5"]["inputs"]["cfg"] == 2.0  # the original is not modified
 
 
-def test_similarity_node_says_which_image_has_no_face(comfy):
+def test_similarity_node_scores_an_image_without_a_face_0_and_says_so(comfy):
     faceless = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
                 "2": {"class_type": "InstantIDFaceAnalysis", "inputs": {"provider": "CPU"}},
                 "3": {"class_type": "LoadImage", "inputs": {"image": "cli_face.png"}},
@@ -127,9 +127,10 @@ def test_similarity_node_says_which_image_has_no_face(comfy):
                       "inputs": {"faceanalysis": ["2", 0], "reference": ["3", 0], "image": ["1", 0]}}}
     write_face_photo(comfy.base / "input" / "cli_face.png")
     result = comfy.run(faceless)
-    assert not result.success
-    assert result.error["exception_message"].startswith(
-        "no face found in the image input (image 1 of 1): the generated image has no recognisable face")
+    assert result.success, result.error_text()
+    assert result.outputs["4"]["face_similarity"] == [0.0]
+    assert result.outputs["4"]["text"] == ["face similarity: 0.000\n"
+                                           "generated image 1 of 1 had no face: scored 0 and ranked last"]
 
 
 def test_comfyui_url_posts_the_api_graph_and_fetches_the_images(tmp_path, capsys):

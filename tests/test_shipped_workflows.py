@@ -9,9 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import UNET_NAME
-from support.workflows import REPO_ROOT, load_ui_workflow, prepare_for_test_bed
+from support.workflows import REPO_ROOT, load_ui_workflow, loaded_image, prepare_for_test_bed
 from test_workflows import sampler_spy  # noqa: F401  (the fixture)
 
 from instantid import __version__
@@ -47,9 +48,9 @@ def executed_kinds(prompt: dict) -> list[str]:
 
 
 def read_image(comfy, image: dict):
-    from PIL import Image
-    folder = Path(comfy.embedded.folder_paths.get_directory_by_type(image["type"]))
-    return Image.open(folder / image["subfolder"] / image["filename"]).convert("RGB")
+    """An image a node wrote (output or temp), as ComfyUI's LoadImage gives it."""
+    return loaded_image(Path(comfy.embedded.folder_paths.get_directory_by_type(image["type"])) / image["subfolder"]
+                        / image["filename"])
 
 
 def controls(entry: dict) -> int:
@@ -94,12 +95,12 @@ def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
     assert lora_patched == ({"diffusion_model.out.2.weight"} if "LoraLoaderModelOnly" in kinds else set())
     if "InstantIDFacePaste" in kinds:
         # The repaired face is pasted back into the full-size image (the test bed's 320×320 photo).
-        assert all(read_image(comfy, image).size == (320, 320) for image in saved)
+        assert all(read_image(comfy, image).shape == (1, 320, 320, 3) for image in saved)
     if "InstantIDFaceSimilarity" in kinds:
         # One batch of four, ranked: the saved best image is the first of the ranked preview.
         ranked = [image for image in images if image["type"] == "temp"]
         assert len(ranked) == 4 and len(saved) == 1
-        assert read_image(comfy, saved[0]).tobytes() == read_image(comfy, ranked[0]).tobytes()
+        assert torch.equal(read_image(comfy, saved[0]), read_image(comfy, ranked[0]))
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=IDS)

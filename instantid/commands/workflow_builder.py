@@ -293,7 +293,8 @@ class _Graph:
         output, slot = source_node["outputs"][out_slot], target_node["inputs"][in_slot]
         if "widget" in slot or slot["link"] is not None:
             raise SpecError(f"{self.spec.name}: link {text!r}: the input is a widget or already linked")
-        if output["type"] != slot["type"] and "*" not in (output["type"], slot["type"]):
+        # An input may accept several types, comma-separated (as the frontend matches them).
+        if not {output["type"], "*"} & set(slot["type"].split(",")) and output["type"] != "*":
             raise SpecError(f"{self.spec.name}: link {text!r} joins {output['type']} to {slot['type']}")
         link_id = len(self.links) + 1
         output["links"].append(link_id)

@@ -292,6 +292,7 @@ FACE_REPAIR = WorkflowSpec(
            "checkpoint.VAE -> decode_face.vae", "decode.IMAGE -> paste.image", "decode_face.IMAGE -> paste.processed",
            "crop.CROP -> paste.crop", "paste.IMAGE -> save.images"))
 
-WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, SAVED_IDENTITY, FACE_REPAIR)
+WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, BEST_OF_FOUR, SAVED_IDENTITY,
+                                        TWO_PEOPLE, FACE_REPAIR)
 BASIC_WORKFLOW_FILE = f"{BASIC.name}.json"
 POSED_WORKFLOW_FILE = f"{POSED.name}.json"

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from support import antelope
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OLD_PACK_WORKFLOWS = REPO_ROOT.parent / "shared" / "compat" / "old-pack-workflows"
@@ -23,6 +26,20 @@ def write_face_photo(path: Path, cell: tuple[int, int] = (4, 3), g: int = 128, s
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format="PNG")
     return path
+
+
+def loaded_image(path: Path) -> torch.Tensor:
+    """An image file as ComfyUI's LoadImage gives it: [1, H, W, 3] float32 in 0..1."""
+    import torch
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255.0)[None]
+
+
+def preview_images(outputs: dict, node_id: str) -> torch.Tensor:
+    """The images a PreviewImage node wrote (PNG: exact for 8-bit values), as one IMAGE batch."""
+    import folder_paths
+    import torch
+    return torch.cat([loaded_image(Path(folder_paths.get_temp_directory()) / image["subfolder"] / image["filename"])
+                      for image in outputs[node_id]["images"]])
 
 
 def write_people_photo(path: Path, count: int, size: int = 320) -> Path:
