@@ -10,10 +10,10 @@ from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
 from .instantid.adapter import load_adapter
-from .instantid.apply import (ON_NO_FACE, apply_attention_only, apply_control_only, apply_instantid,
-                              as_face_analyzer, keypoints_image)
-from .instantid.face_crop import DEFAULT_FEATHER, DEFAULT_PADDING, DEFAULT_SIZE, crop_faces, paste_faces
+from .instantid.apply import apply_attention_only, apply_control_only, apply_instantid
 from .instantid.checks import NumberInput, float_inputs
+from .instantid.face_crop import DEFAULT_FEATHER, DEFAULT_PADDING, DEFAULT_SIZE, crop_faces, paste_faces
+from .instantid.face_inputs import ON_NO_FACE, as_face_analyzer, keypoints_image
 from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
 from .instantid.identity_files import (IDENTITY_FOLDER, describe, file_sha256, list_identity_files, load_identity,
                                        resolve_identity_file, save_identity, save_path, saved_file)
@@ -36,7 +36,7 @@ def _notes_ui(notes: list[str]) -> dict | None:
 
 
 def _numbers(cls: type[io.ComfyNode], arguments: dict[str, Any]) -> list[NumberInput]:
-    """The node's FLOAT inputs with their widget ranges, for the checks in instantid/apply.py; given
+    """The node's FLOAT inputs with their widget ranges, for the checks in instantid/checks.py; given
     execute()'s locals() so that a FLOAT input added later is checked without being listed."""
     return float_inputs(cls.define_schema().inputs, arguments)
 

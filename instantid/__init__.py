@@ -5,7 +5,10 @@ Modules, one job each:
   `faces` (InsightFace), `keypoints` (the five-point image), `drawn_keypoints` (recognising an
   image that already is one), `regions` (face region and identity mask), `attention` (the
   cross-attention patch), `control` (the IdentityNet with its own face-token context), `checks`
-  (input checks), `apply` (what every Apply node calls), `similarity` (face similarity);
+  (input checks), `face_inputs` (the faces and keypoint frames a node's inputs give, the no-face
+  policy), `apply` (what every Apply node calls), `similarity` (face similarity and ranking),
+  `identity` and `identity_files` (FACE_EMBEDS and saved identities), `face_crop` (face crop and
+  paste);
 - `paths` (the model folders ComfyUI knows);
 - `commands/`: the command line and what only it needs (cli, runner, embedded ComfyUI, doctor,
   fetch, catalog, ComfyUI discovery). It imports the domain; nothing here imports it.

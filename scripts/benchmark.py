@@ -180,7 +180,8 @@ def main() -> int:
         return 2
     boot_comfy(comfyui, options.device)
     import torch
-    from instantid.apply import apply_attention_only, apply_instantid, detect_faces
+    from instantid.apply import apply_attention_only, apply_instantid
+    from instantid.face_inputs import detect_faces
     from instantid.control import attach_identitynet
     from instantid.faces import FaceAnalyzer
     from instantid.keypoints import keypoint_image_batch

@@ -16,7 +16,7 @@ def schemas(comfy) -> dict:
 
 def test_display_names_carry_what_users_type_and_ids_stay(comfy):
     names = {node_id: schema.display_name for node_id, schema in schemas(comfy).items()}
-    assert list(names) == ORIGINAL_IDS
+    assert list(names)[:len(ORIGINAL_IDS)] == ORIGINAL_IDS  # new nodes come after the earlier pack's
     assert all("InstantID" in name for name in names.values()), names
     assert {"Keypoints", "Pose"} <= set(re.findall(r"\w+", names["FaceKeypointsPreprocessor"]))
     assert "InsightFace" in names["InstantIDFaceAnalysis"]
@@ -34,3 +34,5 @@ def test_tooltips_say_what_happens_without_internals(comfy):
     assert "passes the inputs through" not in on_no_face["FaceKeypointsPreprocessor"]
     assert all("passes the model and conditioning through unchanged" in tip
                for node_id, tip in on_no_face.items() if node_id != "FaceKeypointsPreprocessor")
+    assert set(on_no_face) == {"FaceKeypointsPreprocessor", "ApplyInstantID", "ApplyInstantIDAdvanced",
+                               "InstantIDAttentionPatch"}

@@ -250,7 +250,7 @@ def kit(comfy) -> RecordingKit:
 def errors(comfy) -> Any:
     """The pack's exception classes as ComfyUI loaded them."""
     class Errors:
-        NoFace = comfy.pack_module("instantid.apply").NoFaceError
+        NoFace = comfy.pack_module("instantid.face_inputs").NoFaceError
         Unsupported = comfy.pack_module("instantid.checks").UnsupportedModelError
         Missing = comfy.pack_module("instantid.faces").FaceModelsMissing
         Invalid = comfy.pack_module("instantid.faces").FaceModelInvalid
