@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import UNET_NAME
 from instantid.commands import cli, runner
+from instantid.commands.workflow_specs import BASIC_WORKFLOW_FILE
 from support import antelope
 from support.headless import (SIMILARITY_NODE_ID, FakeComfyUI, bed_workflow, finishes_within, png_bytes, serve,
                               silent_server)
@@ -96,7 +97,7 @@ def test_invalid_workflow_is_refused_with_the_node_and_the_reason(comfy, bed_run
 
 
 def test_ui_workflow_with_a_node_type_that_is_not_installed(comfy, tmp_path, capsys):
-    workflow = load_ui_workflow(REPO_ROOT / "workflows" / "instantid_basic.json")
+    workflow = load_ui_workflow(REPO_ROOT / "workflows" / BASIC_WORKFLOW_FILE)
     workflow["nodes"][0]["type"] = "SomePackLoader"
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps(workflow))
@@ -156,8 +157,9 @@ def test_comfyui_url_posts_the_api_graph_and_fetches_the_images(tmp_path, capsys
 
 
 def test_comfyui_url_converts_a_ui_workflow_with_the_servers_object_info(comfy, tmp_path):
-    workflow = load_ui_workflow(REPO_ROOT / "workflows" / "instantid_basic.json")
-    kinds = {node["type"] for node in workflow["nodes"]}
+    workflow = load_ui_workflow(REPO_ROOT / "workflows" / BASIC_WORKFLOW_FILE)
+    # What a server's /object_info holds: no frontend-only types such as the workflow's Note.
+    kinds = {node["type"] for node in workflow["nodes"]} & set(comfy.embedded.nodes.NODE_CLASS_MAPPINGS)
     fake = FakeComfyUI(object_info={kind: comfy.embedded.node_info(kind) for kind in kinds})
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps(workflow))

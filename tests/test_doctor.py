@@ -418,13 +418,13 @@ def test_registry_zip_holds_what_comfyui_loads_and_no_tests(tmp_path, monkeypatc
     import subprocess
     import zipfile
     from comfy_cli.file_utils import zip_files
-    tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files"], capture_output=True, text=True, timeout=60)
+    tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-z"], capture_output=True, text=True, timeout=60)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout: comfy node pack would zip the folder as it is")
     monkeypatch.chdir(REPO_ROOT)
     zip_files(str(tmp_path / "node.zip"))
     names = set(zipfile.ZipFile(tmp_path / "node.zip").namelist())
-    files = set(tracked.stdout.split())
+    files = set(tracked.stdout.split("\0")) - {""}  # NUL-separated: workflow file names hold spaces
     runtime = {f for f in files if f.startswith(("instantid/", "workflows/"))}
     assert runtime | {"__init__.py", "nodes.py", "resampler.py", "requirements.txt", "pyproject.toml", "LICENSE",
                       "README.md"} <= names

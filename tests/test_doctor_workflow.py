@@ -10,13 +10,14 @@ import torch
 from instantid.commands import cli, doctor
 from instantid.commands.catalog import CATALOG, format_size
 from instantid.commands.workflow_models import ModelReference, workflow_models
+from instantid.commands.workflow_specs import BASIC_WORKFLOW_FILE
 from support.antelope import write_antelopev2
 from support.workflows import REPO_ROOT
 from test_doctor import fake_comfyui, run_doctor
 from test_robustness import cheap_adapter_state
 
 MARK = doctor.MARKERS
-BASIC = REPO_ROOT / "workflows" / "instantid_basic.json"
+BASIC = REPO_ROOT / "workflows" / BASIC_WORKFLOW_FILE
 IDENTITYNET = next(entry for entry in CATALOG if entry.id == "identitynet")
 
 
@@ -25,7 +26,7 @@ def size_of(path: Path) -> str:
 
 
 def write_models_without_identitynet(base: Path) -> dict[str, Path]:
-    """Every file instantid_basic.json loads except the IdentityNet (the checkpoint only needs to exist)."""
+    """Every file the basic workflow loads except the IdentityNet (the checkpoint only needs to exist)."""
     files = {"checkpoint": base / "models/checkpoints/sd_xl_base_1.0.safetensors",
              "adapter": base / "models/instantid/ip-adapter.bin",
              "faces": base / "models/insightface/models/antelopev2"}

@@ -15,7 +15,7 @@ DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid
                   "instantid.commands.catalog", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
                   "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",
-                  "instantid.commands.batch"]
+                  "instantid.commands.batch", "instantid.commands.workflow_builder", "instantid.commands.workflow_specs"]
 
 
 def test_domain_modules_import_without_comfyui():
@@ -59,13 +59,17 @@ def test_the_folder_above_custom_nodes_is_searched(tmp_path, monkeypatch):
     assert comfy_home.comfyui_candidates()[0][1] == comfyui
 
 
-def test_shipped_workflows_are_ui_format():
+def test_shipped_workflows_are_ui_format_and_their_api_twins_api_format():
     import json
+
+    from instantid.commands.workflow_specs import WORKFLOWS
     files = sorted((REPO_ROOT / "workflows").glob("*.json"))
-    assert len(files) == 3
+    assert [p.name for p in files] == sorted(f"{spec.name}.json" for spec in WORKFLOWS)
     for path in files:
         workflow = json.loads(path.read_text())
         assert isinstance(workflow["nodes"], list) and isinstance(workflow["links"], list), path.name
+        twin = json.loads((path.parent / "api" / path.name).read_text())
+        assert all(set(node) >= {"class_type", "inputs"} for node in twin.values()), path.name
 
 
 def test_the_domain_and_the_nodes_never_import_the_commands():

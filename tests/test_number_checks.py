@@ -14,6 +14,7 @@ import torch
 
 from conftest import UNET_NAME
 from instantid.commands import cli
+from instantid.commands.workflow_specs import BASIC_WORKFLOW_FILE
 from support.headless import FakeComfyUI, finishes_within, serve
 from support.workflows import REPO_ROOT, load_ui_workflow, prepare_for_test_bed
 from test_apply import Kit, load_kit, seeded_conditioning
@@ -149,7 +150,7 @@ def test_domain_call_without_a_node_names_its_own_arguments(comfy, kit, setting_
 @pytest.fixture
 def apply_workflow(comfy, tmp_path) -> Any:
     """The shipped basic workflow in API format on the test bed (tiny models, 64 px, 1 step)."""
-    prompt = comfy.embedded.to_api(load_ui_workflow(REPO_ROOT / "workflows" / "instantid_basic.json"))
+    prompt = comfy.embedded.to_api(load_ui_workflow(REPO_ROOT / "workflows" / BASIC_WORKFLOW_FILE))
     prompt = prepare_for_test_bed(prompt, UNET_NAME, comfy.base / "input", steps=1)
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps(prompt))
@@ -177,8 +178,9 @@ def test_run_set_refuses_bad_numbers_before_comfyui_samples(comfy, apply_workflo
 def test_run_set_nan_on_a_server_is_refused_before_anything_is_queued(comfy, tmp_path, capsys, monkeypatch):
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    workflow = load_ui_workflow(REPO_ROOT / "workflows" / "instantid_basic.json")
-    fake = FakeComfyUI(object_info={kind: comfy.embedded.node_info(kind) for kind in {n["type"] for n in workflow["nodes"]}})
+    workflow = load_ui_workflow(REPO_ROOT / "workflows" / BASIC_WORKFLOW_FILE)
+    kinds = {n["type"] for n in workflow["nodes"]} & set(comfy.embedded.nodes.NODE_CLASS_MAPPINGS)  # no Note
+    fake = FakeComfyUI(object_info={kind: comfy.embedded.node_info(kind) for kind in kinds})
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps(workflow))
     with serve(fake) as url:

@@ -1,5 +1,6 @@
-"""Workflows people already share for the old ComfyUI_InstantID pack load and run with this pack,
-and so do the pack's own workflows/ (UI format, converted like `python -m instantid run` does)."""
+"""Workflows people already share for the old ComfyUI_InstantID pack load and run with this pack
+(UI format, converted like `python -m instantid run` does). The pack's own workflows/ are tested in
+test_shipped_workflows.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from conftest import UNET_NAME
-from support.workflows import OLD_PACK_WORKFLOWS, REPO_ROOT, load_ui_workflow, prepare_for_test_bed
+from support.workflows import OLD_PACK_WORKFLOWS, load_ui_workflow, prepare_for_test_bed
 
 
 @pytest.fixture
@@ -86,8 +87,3 @@ def test_multi_id_workflow_stacks_two_identities(comfy, sampler_spy, monkeypatch
     assert "cross_attn_controlnet" in sampler_spy[1]["positive"][0][1]
     assert torch.equal(sampler_spy[0]["latent"], sampler_spy[1]["latent"])
 
-
-@pytest.mark.parametrize("path", sorted((REPO_ROOT / "workflows").glob("*.json")), ids=lambda p: p.name)
-def test_pack_workflows_run(comfy, sampler_spy, path):
-    run_ui_workflow(comfy, path)
-    assert_instantid_reached_sampler(sampler_spy)

@@ -125,3 +125,36 @@ CATALOG: tuple[ModelFile, ...] = (
 )
 
 CHECKPOINTS: tuple[ModelFile, ...] = tuple(entry for entry in CATALOG if entry.folder == "checkpoints")
+
+OPENRAIL_PLUS = "CreativeML Open RAIL++-M (use restrictions in the licence)"
+OPENRAIL_M = "CreativeML Open RAIL-M (use restrictions in the licence)"
+
+# Files the shipped workflows load besides the catalog's: the canny ControlNet of the ControlNet
+# example and the style LoRA of the LoRA example. `fetch-models` does not fetch them; the workflows
+# carry their links for ComfyUI's missing-models dialog.
+WORKFLOW_MODELS: tuple[ModelFile, ...] = (
+    ModelFile(
+        id="controlnet-canny-sdxl",
+        description="SDXL canny-edge ControlNet (diffusers' controlnet-canny-sdxl-1.0, fp16)",
+        folder="controlnet",
+        path="diffusers_xl_canny_full.safetensors",
+        repo="lllyasviel/sd_control_collection",
+        file="diffusers_xl_canny_full.safetensors",
+        approx_bytes=2_500_000_000,
+        license=OPENRAIL_PLUS,
+        license_url="https://huggingface.co/diffusers/controlnet-canny-sdxl-1.0",
+        required=False,
+    ),
+    ModelFile(
+        id="lora-pixel-art-xl",
+        description="Pixel Art XL, an SDXL style LoRA (any SDXL LoRA works)",
+        folder="loras",
+        path="pixel-art-xl.safetensors",
+        repo="nerijs/pixel-art-xl",
+        file="pixel-art-xl.safetensors",
+        approx_bytes=171_000_000,
+        license=OPENRAIL_M,
+        license_url="https://huggingface.co/nerijs/pixel-art-xl",
+        required=False,
+    ),
+)

@@ -21,6 +21,7 @@ from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
 from .comfy_home import PACK_ROOT
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
 from .runner import SIMILARITY_NODE, RunError, RunReport, load_workflow, run_embedded
+from .workflow_specs import BASIC_WORKFLOW_FILE, POSED_WORKFLOW_FILE
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ SEED_INPUTS = ("seed", "noise_seed")
 
 def shipped_workflow(posed: bool) -> Path:
     """The workflow portrait and batch run when none is given: the one place that names them."""
-    return PACK_ROOT / "workflows" / ("instantid_posed.json" if posed else "instantid_basic.json")
+    return PACK_ROOT / "workflows" / (POSED_WORKFLOW_FILE if posed else BASIC_WORKFLOW_FILE)
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,89 @@ def preview_images(outputs: dict, node_id: str) -> torch.Tensor:
                       for image in outputs[node_id]["images"]])
 
 
-def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: int = 64, steps: int = 2) -> dict:
-    """The API prompt with real-weight loaders replaced by fixtures and a CPU-sized run."""
+def write_people_photo(path: Path, count: int, size: int = 320) -> Path:
+    """An image file with `count` synthetic faces side by side, left to right (face_index 1, 2, …)."""
+    pixels = np.zeros((size, size, 3), np.uint8)
+    scale = antelope.det_scale_for(size, size, 640)
+    for index in range(count):
+        antelope.draw_face(pixels, (2 + 6 * index, 8), 128, scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path
+
+
+def write_tiny_lora(path: Path, rank: int = 2, seed: int = 5) -> Path:
+    """A LoRA in kohya's key format for one layer of the tiny SDXL UNet (its output conv)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from support.tiny_models import TINY_CHANNELS
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {"lora_unet_out_2.lora_down.weight": torch.randn(rank, TINY_CHANNELS, 3, 3, generator=generator),
+               "lora_unet_out_2.lora_up.weight": torch.randn(4, rank, 1, 1, generator=generator),
+               "lora_unet_out_2.alpha": torch.tensor(float(rank))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def _swap_lora_loader(prompt: dict, node_id: str) -> None:
+    """LoraLoader → LoraLoaderModelOnly: the test bed's stand-in text encoder takes no LoRA, so the
+    nodes that used the LoRA's CLIP get the CLIP that went into it."""
+    node = prompt[node_id]
+    clip_source = node["inputs"].pop("clip")
+    node["inputs"].pop("strength_clip", None)
+    node["class_type"] = "LoraLoaderModelOnly"
+    for other in prompt.values():
+        for name, value in other["inputs"].items():
+            if value == [node_id, 1]:
+                other["inputs"][name] = clip_source
+
+
+def _stand_in_images(prompt: dict, input_dir: Path) -> None:
+    """Photos the synthetic detector can read where one face per image would not do."""
+    for node_id, node in list(prompt.items()):
+        people = max([n["inputs"].get("face_index", 0) for n in prompt.values() if [node_id, 0] in n["inputs"].values()],
+                     default=0)
+        if node["class_type"] == "LoadImage" and people > 1:
+            write_people_photo(input_dir / node["inputs"]["image"], people)
+        kps = node["inputs"].get("image_kps")
+        if isinstance(kps, list) and prompt[kps[0]]["class_type"] == "InstantIDFaceCrop":
+            # The synthetic detector fires only on a marker filling one 32-px detector cell, which a crop centred
+            # on the face never holds (its centre is a cell corner): the pose comes from a synthetic face photo.
+            name = f"crop_pose_{node_id}.png"
+            prompt[f"{node_id}_pose"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+            node["inputs"]["image_kps"] = [f"{node_id}_pose", 0]
+            write_face_photo(input_dir / name)
+
+
+def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: int = 64, steps: int = 2,
+                         crop_size: int = 128) -> dict:
+    """The API prompt with real-weight loaders replaced by fixtures and a CPU-sized run: the
+    checkpoint by the tiny UNet, any ControlNet by the fixture IdentityNet (an SDXL-layout
+    ControlNet), a LoRA by a tiny one written under its name, images (and a generated image that a
+    face crop repairs) by synthetic faces (as many side by side as a face_index that reads them
+    asks for), face crops at crop_size."""
+    from support.server import IDENTITYNET_NAME
     prompt = json.loads(json.dumps(prompt))
-    for node in prompt.values():
+    models = input_dir.parent / "models"
+    for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "TestBedTinyCheckpoint", {"unet_name": unet_name}
+        elif kind == "ControlNetLoader":
+            inputs["control_net_name"] = IDENTITYNET_NAME
+        elif kind == "LoraLoader":
+            write_tiny_lora(models / "loras" / inputs["lora_name"])
+            _swap_lora_loader(prompt, node_id)
+        elif kind == "InstantIDFaceCrop":
+            inputs["size"] = crop_size
+            source = inputs["image"][0]
+            if prompt[source]["class_type"] == "VAEDecode":
+                # The tiny model draws no face: the generated image to repair becomes a synthetic face photo.
+                name = f"generated_{source}.png"
+                prompt[source] = {"class_type": "LoadImage", "inputs": {"image": name}}
+                write_face_photo(input_dir / name)
         elif kind == "EmptyLatentImage":
             inputs.update(width=size, height=size)
         elif kind == "KSampler":
@@ -57,6 +133,7 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
             write_face_photo(input_dir / inputs["image"])
         elif kind == "InstantIDLoadFaceEmbeds":
             write_identity_file(input_dir / "instantid_faces" / inputs["face_embeds_file"].removesuffix(" [output]"))
+    _stand_in_images(prompt, input_dir)
     return prompt
 
 

@@ -1,0 +1,298 @@
+"""The shipped workflows (workflows/*.json) as declarative specs; scripts/build_workflows.py writes
+them with workflow_builder. File names read as titles in ComfyUI's Templates browser and their
+two-digit prefix sorts them basic → advanced."""
+from __future__ import annotations
+
+from typing import Any
+
+from .catalog import CATALOG, WORKFLOW_MODELS
+from .workflow_builder import NodeSpec, WorkflowSpec
+
+_FILES = {entry.id: entry.path for entry in (*CATALOG, *WORKFLOW_MODELS)}
+SDXL_CHECKPOINT = next(entry.path for entry in (*CATALOG, *WORKFLOW_MODELS) if entry.folder == "checkpoints")
+ADAPTER = _FILES["adapter"]
+IDENTITYNET = _FILES["identitynet"]
+CANNY_CONTROLNET = _FILES["controlnet-canny-sdxl"]
+STYLE_LORA = _FILES["lora-pixel-art-xl"]
+SAVED_IDENTITY_FILE = "identity.safetensors"  # in input/instantid_faces/
+
+PROMPT = "analog film photo of a man in a denim jacket, city street at dusk, detailed skin, 35mm"
+NEGATIVE = "blurry, lowres, deformed, cartoon, watermark, text"
+SAMPLER = {"seed": 42, "steps": 30, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+MODELS_TEXT = (f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in "
+               f"models/instantid; {IDENTITYNET} in models/controlnet; antelopev2 (scrfd_10g_bnkps.onnx, "
+               "glintr100.onnx) in models/insightface/models/antelopev2. `python -m instantid fetch-models` fetches "
+               "the InstantID and antelopev2 files; ComfyUI offers downloads for the .safetensors ones.")
+
+
+def _node(key: str, class_type: str, group: str, title: str = "", **values: Any) -> NodeSpec:
+    return NodeSpec(key, class_type, title, group, values)
+
+
+def checkpoint() -> NodeSpec:
+    return _node("checkpoint", "CheckpointLoaderSimple", "models", ckpt_name=SDXL_CHECKPOINT)
+
+
+def prompts(text: str = PROMPT) -> tuple[NodeSpec, ...]:
+    return (_node("positive", "CLIPTextEncode", "sampling", title="Positive prompt", text=text),
+            _node("negative", "CLIPTextEncode", "sampling", title="Negative prompt", text=NEGATIVE))
+
+
+def adapter() -> NodeSpec:
+    return _node("adapter", "InstantIDModelLoader", "models", instantid_file=ADAPTER)
+
+
+def face_analysis() -> NodeSpec:
+    return _node("faces", "InstantIDFaceAnalysis", "models")
+
+
+def identitynet() -> NodeSpec:
+    return _node("identitynet", "ControlNetLoader", "models", title="Load IdentityNet", control_net_name=IDENTITYNET)
+
+
+def image(key: str, title: str, file_name: str) -> NodeSpec:
+    return _node(key, "LoadImage", "identity", title=title, image=file_name)
+
+
+def sampling(width: int, height: int, batch_size: int = 1, prefix: str = "instantid") -> tuple[NodeSpec, ...]:
+    return (_node("latent", "EmptyLatentImage", "sampling", width=width, height=height,
+                  batch_size=batch_size),
+            _node("sampler", "KSampler", "sampling", **SAMPLER),
+            _node("decode", "VAEDecode", "sampling"),
+            _node("save", "SaveImage", "sampling", filename_prefix=prefix))
+
+
+CLIP_LINKS = ("checkpoint.CLIP -> positive.clip", "checkpoint.CLIP -> negative.clip")
+SAMPLING_LINKS = ("latent.LATENT -> sampler.latent_image", "sampler.LATENT -> decode.samples",
+                  "checkpoint.VAE -> decode.vae", "decode.IMAGE -> save.images")
+
+
+def apply_links(apply: str, model: str = "checkpoint.MODEL") -> tuple[str, ...]:
+    """An Apply InstantID node fed by the shared loaders and prompts, feeding the sampler."""
+    return (f"adapter.INSTANTID -> {apply}.instantid", f"faces.FACEANALYSIS -> {apply}.insightface",
+            f"identitynet.CONTROL_NET -> {apply}.control_net", f"reference.IMAGE -> {apply}.image",
+            f"{model} -> {apply}.model", f"positive.CONDITIONING -> {apply}.positive",
+            f"negative.CONDITIONING -> {apply}.negative")
+
+
+def sampler_links(model: str, conditioning: str) -> tuple[str, ...]:
+    return (f"{model} -> sampler.model", f"{conditioning}.positive -> sampler.positive",
+            f"{conditioning}.negative -> sampler.negative")
+
+
+BASIC = WorkflowSpec(
+    name="01 Basic portrait",
+    tag="basic",
+    note="One face photo and a prompt: SDXL draws that person, posed as in the photo.\n"
+         "Put a face photo in 'Reference face', write the prompt, Run. Apply InstantID weight 0.8, "
+         "CFG 4-5, 1016x1016 (avoid exactly 1024x1024).\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"),
+           _node("apply", "ApplyInstantID", "identity"),
+           *sampling(1016, 1016)),
+    links=(*CLIP_LINKS, *apply_links("apply"), *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
+
+POSED = WorkflowSpec(
+    name="02 Pose from a second photo",
+    tag="posed",
+    note="The identity from 'Reference face', the head position and angle from 'Pose photo' (its five face "
+         "keypoints drive the IdentityNet). Use a pose photo of the output's aspect ratio (here 896x1152). "
+         "Apply InstantID Advanced sets the face attention (ip_weight) and the IdentityNet (cn_strength) "
+         "separately.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"), image("pose", "Pose photo", "pose.png"),
+           _node("apply", "ApplyInstantIDAdvanced", "identity"),
+           *sampling(896, 1152)),
+    links=(*CLIP_LINKS, *apply_links("apply"), "pose.IMAGE -> apply.image_kps",
+           *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
+
+POSE_FREE = WorkflowSpec(
+    name="03 Pose-free identity",
+    tag="pose-free",
+    note="Identity without the IdentityNet: only InstantID's face attention (InstantID Patch Attention), so "
+         "the prompt alone decides pose, framing and composition; the likeness is looser than with the "
+         "IdentityNet. Weight 0.8-1.0, CFG 4-5.\n"
+         f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in "
+         "models/instantid; antelopev2 in models/insightface/models/antelopev2. No IdentityNet needed.",
+    nodes=(checkpoint(), *prompts("photo of a man hiking on a mountain ridge, wide shot, golden hour"),
+           adapter(), face_analysis(), image("reference", "Reference face", "face.png"),
+           _node("patch", "InstantIDAttentionPatch", "identity", weight=0.8),
+           *sampling(1152, 896)),
+    links=(*CLIP_LINKS, "adapter.INSTANTID -> patch.instantid", "faces.FACEANALYSIS -> patch.insightface",
+           "reference.IMAGE -> patch.image", "checkpoint.MODEL -> patch.model",
+           "patch.MODEL -> sampler.model", "positive.CONDITIONING -> sampler.positive",
+           "negative.CONDITIONING -> sampler.negative", *SAMPLING_LINKS))
+
+SPLIT = WorkflowSpec(
+    name="04 Split nodes",
+    tag="split",
+    note="InstantID in its two parts: Patch Attention (face attention on the model) and Apply ControlNet "
+         "(the IdentityNet on the conditioning, with the keypoints of 'Pose photo' from Face Keypoints "
+         "Preprocessor). Useful to place other model patches or ControlNets between them.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"), image("pose", "Pose photo", "pose.png"),
+           _node("patch", "InstantIDAttentionPatch", "identity", weight=0.8),
+           _node("keypoints", "FaceKeypointsPreprocessor", "identity"),
+           _node("control", "ApplyInstantIDControlNet", "identity", strength=0.8),
+           *sampling(896, 1152)),
+    links=(*CLIP_LINKS, "adapter.INSTANTID -> patch.instantid", "faces.FACEANALYSIS -> patch.insightface",
+           "reference.IMAGE -> patch.image", "checkpoint.MODEL -> patch.model",
+           "faces.FACEANALYSIS -> keypoints.faceanalysis", "pose.IMAGE -> keypoints.image",
+           "patch.FACE_EMBEDS -> control.face_embeds", "identitynet.CONTROL_NET -> control.control_net",
+           "keypoints.IMAGE -> control.image_kps", "positive.CONDITIONING -> control.positive",
+           "negative.CONDITIONING -> control.negative",
+           *sampler_links("patch.MODEL", "control"), *SAMPLING_LINKS))
+
+STYLE_LORA_WORKFLOW = WorkflowSpec(
+    name="05 Style LoRA",
+    tag="lora",
+    note="A style LoRA on the checkpoint, then InstantID: the person in the LoRA's style. Any SDXL LoRA fits "
+         "the 'Style LoRA' slot; lower strength_model (0.6-0.8) if the face drifts, or raise Apply InstantID's "
+         "weight.\n" + MODELS_TEXT + f" LoRA: {STYLE_LORA} in models/loras.",
+    nodes=(checkpoint(),
+           _node("lora", "LoraLoader", "models", title="Style LoRA", lora_name=STYLE_LORA, strength_model=0.8,
+                 strength_clip=0.8),
+           *prompts("pixel art portrait of a man in a denim jacket, city street at dusk"),
+           adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"),
+           _node("apply", "ApplyInstantID", "identity"),
+           *sampling(1016, 1016)),
+    links=("checkpoint.MODEL -> lora.model", "checkpoint.CLIP -> lora.clip",
+           "lora.CLIP -> positive.clip", "lora.CLIP -> negative.clip", *apply_links("apply", "lora.MODEL"),
+           *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
+
+CANNY = WorkflowSpec(
+    name="06 InstantID with a canny ControlNet",
+    tag="canny",
+    note="InstantID for the identity, a canny-edge ControlNet chained after it for the composition of "
+         "'Composition photo' (its edges from the core Canny node). Keep the canny strength moderate "
+         "(0.4-0.6) and end it early (end_percent 0.6) so the face stays the reference's.\n" + MODELS_TEXT
+         + f" Canny ControlNet: {CANNY_CONTROLNET} in models/controlnet.",
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           _node("canny_net", "ControlNetLoader", "models", title="Load canny ControlNet",
+                 control_net_name=CANNY_CONTROLNET),
+           image("reference", "Reference face", "face.png"),
+           image("composition", "Composition photo", "composition.png"),
+           _node("apply", "ApplyInstantID", "identity"),
+           _node("edges", "Canny", "sampling", low_threshold=0.3, high_threshold=0.6),
+           _node("canny", "ControlNetApplyAdvanced", "sampling", title="Apply canny ControlNet", strength=0.5,
+                 end_percent=0.6),
+           *sampling(896, 1152)),
+    links=(*CLIP_LINKS, *apply_links("apply"), "composition.IMAGE -> edges.image",
+           "apply.positive -> canny.positive", "apply.negative -> canny.negative",
+           "canny_net.CONTROL_NET -> canny.control_net", "edges.IMAGE -> canny.image", "checkpoint.VAE -> canny.vae",
+           *sampler_links("apply.MODEL", "canny"), *SAMPLING_LINKS))
+
+BEST_OF_FOUR = WorkflowSpec(
+    name="07 Best of four seeds by likeness",
+    tag="best-of-four",
+    note="Likeness varies from seed to seed: this draws four images in one batch (four different noises), scores "
+         "each against 'Reference face' with InstantID Face Similarity (ArcFace cosine similarity, shown on the "
+         "node) and saves the best one; the preview shows all four, best first. An image without a face "
+         "scores 0 and ranks last.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"),
+           _node("apply", "ApplyInstantID", "identity"),
+           _node("similarity", "InstantIDFaceSimilarity", "identity"),
+           *sampling(1016, 1016, batch_size=4, prefix="instantid_best"),
+           _node("ranked", "PreviewImage", "sampling", title="All four, best first")),
+    links=(*CLIP_LINKS, *apply_links("apply"), *sampler_links("apply.MODEL", "apply"),
+           "latent.LATENT -> sampler.latent_image", "sampler.LATENT -> decode.samples", "checkpoint.VAE -> decode.vae",
+           "faces.FACEANALYSIS -> similarity.faceanalysis", "reference.IMAGE -> similarity.reference",
+           "decode.IMAGE -> similarity.image", "similarity.best_image -> save.images",
+           "similarity.ranked -> ranked.images"))
+
+SAVED_IDENTITY = WorkflowSpec(
+    name="08 Saved identity",
+    tag="saved-identity",
+    note="Generate from a saved identity instead of a photo: InstantID Load Face Embeds reads a small .safetensors "
+         "file (face embedding, keypoints) from input/instantid_faces or output/instantid_faces, and "
+         "Apply InstantID uses it through face_embeds: no reference photo and no face analysis. Save one with "
+         "InstantID Save Face Embeds after InstantID Patch Attention (its FACE_EMBEDS output) and pick "
+         "it in 'face_embeds_file' (saved files are listed with '[output]'), or put one at "
+         "input/instantid_faces/identity.safetensors.\n"
+         f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in models/instantid; "
+         f"{IDENTITYNET} in models/controlnet. No antelopev2 needed.",
+    nodes=(checkpoint(), *prompts(), adapter(), identitynet(),
+           _node("identity", "InstantIDLoadFaceEmbeds", "identity", face_embeds_file=SAVED_IDENTITY_FILE),
+           _node("apply", "ApplyInstantID", "identity"),
+           *sampling(1016, 1016)),
+    links=(*CLIP_LINKS, "adapter.INSTANTID -> apply.instantid", "identitynet.CONTROL_NET -> apply.control_net",
+           "identity.FACE_EMBEDS -> apply.face_embeds", "checkpoint.MODEL -> apply.model",
+           "positive.CONDITIONING -> apply.positive", "negative.CONDITIONING -> apply.negative",
+           *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
+
+TWO_PEOPLE = WorkflowSpec(
+    name="09 Two people in one image",
+    tag="two-people",
+    note="Two identities in one picture: two Apply InstantID nodes in a chain, one shared prompt. 'Two-person pose "
+         "photo' gives both poses (Face Keypoints with face_index 1 = the left face, 2 = the right one); each "
+         "identity acts only in its half of the image (mask_scope 'identity only': the masks limit the identity, "
+         "the prompt stays global). The keypoints are drawn on a 1152x896 canvas (fit 'pad'), the output's size, so "
+         "they line up with the masks. Move the masks if the faces are elsewhere.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts("photo of two friends sitting at a cafe table, city street at dusk, 35mm"),
+           adapter(), face_analysis(), identitynet(),
+           image("reference", "First person (left)", "face_left.png"),
+           image("reference_right", "Second person (right)", "face_right.png"),
+           image("pose", "Two-person pose photo", "two_people.png"),
+           _node("kps_left", "FaceKeypointsPreprocessor", "identity", title="Keypoints, left face", width=1152,
+                 height=896, face_index=1),
+           _node("kps_right", "FaceKeypointsPreprocessor", "identity", title="Keypoints, right face", width=1152,
+                 height=896, face_index=2),
+           _node("empty_mask", "SolidMask", "identity", title="Empty mask", value=0.0, width=1152, height=896),
+           _node("half_mask", "SolidMask", "identity", title="Half mask", value=1.0, width=576, height=896),
+           _node("mask_left", "MaskComposite", "identity", title="Left half", x=0, y=0, operation="add"),
+           _node("mask_right", "MaskComposite", "identity", title="Right half", x=576, y=0, operation="add"),
+           _node("apply", "ApplyInstantID", "identity", title="Apply InstantID (left)", mask_scope="identity only"),
+           _node("apply_right", "ApplyInstantID", "identity", title="Apply InstantID (right)",
+                 mask_scope="identity only"),
+           *sampling(1152, 896)),
+    links=(*CLIP_LINKS, *apply_links("apply"), "faces.FACEANALYSIS -> kps_left.faceanalysis",
+           "faces.FACEANALYSIS -> kps_right.faceanalysis", "pose.IMAGE -> kps_left.image",
+           "pose.IMAGE -> kps_right.image", "kps_left.IMAGE -> apply.image_kps", "kps_right.IMAGE -> apply_right.image_kps",
+           "empty_mask.MASK -> mask_left.destination", "half_mask.MASK -> mask_left.source",
+           "empty_mask.MASK -> mask_right.destination", "half_mask.MASK -> mask_right.source",
+           "mask_left.MASK -> apply.mask", "mask_right.MASK -> apply_right.mask",
+           "adapter.INSTANTID -> apply_right.instantid", "faces.FACEANALYSIS -> apply_right.insightface",
+           "identitynet.CONTROL_NET -> apply_right.control_net", "reference_right.IMAGE -> apply_right.image",
+           "apply.MODEL -> apply_right.model", "apply.positive -> apply_right.positive",
+           "apply.negative -> apply_right.negative",
+           *sampler_links("apply_right.MODEL", "apply_right"), *SAMPLING_LINKS))
+
+FACE_REPAIR = WorkflowSpec(
+    name="10 Full-body shot with face repair",
+    tag="face-repair",
+    note="Small faces lose the identity: this draws a full-body shot, then repairs the face at full resolution. "
+         "InstantID Face Crop cuts the face out with some context and upscales it to 1024 px; a second KSampler "
+         "redraws it as img2img (denoise 0.45) with Apply InstantID, the pose taken from the crop itself; "
+         "InstantID Face Paste blends the new face back (pixels outside the crop box are unchanged). Raise denoise "
+         "(0.5-0.6) for more likeness, lower it to keep more of the first face.\n" + MODELS_TEXT,
+    nodes=(checkpoint(), *prompts("full-body photo of a man in a denim jacket walking down a city street at dusk, "
+                                  "35mm"),
+           adapter(), face_analysis(), identitynet(),
+           image("reference", "Reference face", "face.png"),
+           _node("crop", "InstantIDFaceCrop", "identity"),
+           _node("apply", "ApplyInstantID", "identity"),
+           _node("paste", "InstantIDFacePaste", "identity"),
+           _node("latent", "EmptyLatentImage", "sampling", width=832, height=1216),
+           _node("sampler", "KSampler", "sampling", title="KSampler (full body)", **SAMPLER),
+           _node("decode", "VAEDecode", "sampling"),
+           _node("encode", "VAEEncode", "sampling", title="VAE Encode (face crop)"),
+           _node("repair", "KSampler", "sampling", title="KSampler (face, img2img)", **{**SAMPLER, "denoise": 0.45}),
+           _node("decode_face", "VAEDecode", "sampling", title="VAE Decode (face)"),
+           _node("save", "SaveImage", "sampling", filename_prefix="instantid_repaired")),
+    links=(*CLIP_LINKS, "latent.LATENT -> sampler.latent_image", "checkpoint.MODEL -> sampler.model",
+           "positive.CONDITIONING -> sampler.positive", "negative.CONDITIONING -> sampler.negative",
+           "sampler.LATENT -> decode.samples", "checkpoint.VAE -> decode.vae",
+           "decode.IMAGE -> crop.image", "faces.FACEANALYSIS -> crop.faceanalysis",
+           *apply_links("apply"), "crop.crop -> apply.image_kps",
+           "crop.crop -> encode.pixels", "checkpoint.VAE -> encode.vae",
+           "apply.MODEL -> repair.model", "apply.positive -> repair.positive", "apply.negative -> repair.negative",
+           "encode.LATENT -> repair.latent_image", "repair.LATENT -> decode_face.samples",
+           "checkpoint.VAE -> decode_face.vae", "decode.IMAGE -> paste.image", "decode_face.IMAGE -> paste.processed",
+           "crop.CROP -> paste.crop", "paste.IMAGE -> save.images"))
+
+WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, BEST_OF_FOUR, SAVED_IDENTITY,
+                                        TWO_PEOPLE, FACE_REPAIR)
+BASIC_WORKFLOW_FILE = f"{BASIC.name}.json"
+POSED_WORKFLOW_FILE = f"{POSED.name}.json"
