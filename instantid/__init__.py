@@ -13,4 +13,4 @@ Modules, one job each:
 - `commands/`: the command line and what only it needs (cli, runner, embedded ComfyUI, doctor,
   fetch, catalog, ComfyUI discovery). It imports the domain; nothing here imports it.
 """
-__version__ = "1.0.0"
+__version__ = "1.1.0"
