@@ -98,3 +98,19 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> ComfyBed:
     from support.server import write_fixture_models
     write_fixture_models(base)
     return ComfyBed(embedded, base, sys.modules[str(REPO_ROOT).replace(".", "_x_")])
+
+
+@pytest.fixture
+def sampler_spy(monkeypatch):
+    """Records the model, the conditioning and the sampled latent of each KSampler call."""
+    import nodes
+    seen = []
+    real = nodes.common_ksampler
+
+    def spy(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs):
+        seen.append({"model": model, "positive": positive, "negative": negative})
+        result = real(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs)
+        seen[-1]["latent"] = result[0]["samples"]
+        return result
+    monkeypatch.setattr(nodes, "common_ksampler", spy)
+    return seen

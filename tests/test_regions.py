@@ -415,19 +415,6 @@ def two_people_prompt(input_dir) -> dict:
     return prompt
 
 
-@pytest.fixture
-def sampler_spy(monkeypatch):
-    import nodes
-    seen = []
-    real = nodes.common_ksampler
-
-    def spy(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs):
-        seen.append({"model": model, "positive": positive, "negative": negative})
-        return real(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs)
-    monkeypatch.setattr(nodes, "common_ksampler", spy)
-    return seen
-
-
 def test_two_people_share_one_prompt_each_identity_in_its_own_half(comfy, kit, sampler_spy):
     result = comfy.run(two_people_prompt(comfy.base / "input"))
     assert result.success, result.error_text()

@@ -12,22 +12,6 @@ from conftest import UNET_NAME
 from support.workflows import OLD_PACK_WORKFLOWS, load_ui_workflow, prepare_for_test_bed
 
 
-@pytest.fixture
-def sampler_spy(monkeypatch):
-    """Records the model and conditioning that reach KSampler."""
-    import nodes
-    seen = []
-    real = nodes.common_ksampler
-
-    def spy(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs):
-        seen.append({"model": model, "positive": positive, "negative": negative})
-        result = real(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kwargs)
-        seen[-1]["latent"] = result[0]["samples"]
-        return result
-    monkeypatch.setattr(nodes, "common_ksampler", spy)
-    return seen
-
-
 def run_ui_workflow(comfy, path: Path):
     prompt = comfy.embedded.to_api(load_ui_workflow(path))
     result = comfy.run(prepare_for_test_bed(prompt, UNET_NAME, comfy.base / "input"))

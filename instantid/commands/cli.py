@@ -133,6 +133,16 @@ def model_search_paths(keys: Iterable[str], base_directory: Path | None,
     return found
 
 
+def _add_server_timing_arguments(parser: argparse.ArgumentParser, when: str, waited_for: str) -> None:
+    """--timeout and --max-wait for the commands that talk to a running ComfyUI."""
+    from .runner import DEFAULT_MAX_WAIT, DEFAULT_TIMEOUT
+
+    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"{when}timeout of each HTTP request (default: %(default)s)")
+    parser.add_argument("--max-wait", type=_positive_float, default=DEFAULT_MAX_WAIT, metavar="SECONDS",
+                        help=f"{when}longest wait for {waited_for} (default: %(default)s)")
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -265,7 +275,6 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
-    from .runner import DEFAULT_MAX_WAIT, DEFAULT_TIMEOUT as SERVER_TIMEOUT
 
     parser = commands.add_parser(
         "run", help="run a workflow without the UI (ComfyUI in this process, or on a running server)",
@@ -283,10 +292,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (automatic without a GPU)")
     parser.add_argument("--comfyui", metavar="URL",
                         help="send the workflow to this running ComfyUI (e.g. http://127.0.0.1:8188) instead")
-    parser.add_argument("--timeout", type=_positive_float, default=SERVER_TIMEOUT, metavar="SECONDS",
-                        help="with --comfyui: timeout of each HTTP request (default: %(default)s)")
-    parser.add_argument("--max-wait", type=_positive_float, default=DEFAULT_MAX_WAIT, metavar="SECONDS",
-                        help="with --comfyui: longest wait for the workflow to finish (default: %(default)s)")
+    _add_server_timing_arguments(parser, "with --comfyui: ", "the workflow to finish")
     parser.set_defaults(handler=_run)
 
 
@@ -404,7 +410,6 @@ def _portrait(args: argparse.Namespace) -> int:
 
 def _add_batch(commands: argparse._SubParsersAction) -> None:
     from .batch import DEFAULT_PER_SERVER, DEFAULT_RETRIES, RESULTS_NAME
-    from .runner import DEFAULT_MAX_WAIT, DEFAULT_TIMEOUT as SERVER_TIMEOUT
 
     parser = commands.add_parser(
         "batch", help="many portraits over one or more running ComfyUI servers",
@@ -421,10 +426,7 @@ def _add_batch(commands: argparse._SubParsersAction) -> None:
                         help="jobs each server holds at once, queued or running (default: %(default)s)")
     parser.add_argument("--retries", type=_non_negative_int, default=DEFAULT_RETRIES, metavar="N",
                         help="other servers to try when a job's server stops answering (default: %(default)s)")
-    parser.add_argument("--timeout", type=_positive_float, default=SERVER_TIMEOUT, metavar="SECONDS",
-                        help="timeout of each HTTP request (default: %(default)s)")
-    parser.add_argument("--max-wait", type=_positive_float, default=DEFAULT_MAX_WAIT, metavar="SECONDS",
-                        help="longest wait for one job (default: %(default)s)")
+    _add_server_timing_arguments(parser, "", "one job")
     parser.set_defaults(handler=_batch)
 
 
