@@ -1,4 +1,7 @@
 """The command line (`python -m instantid …`) and what only it needs: `cli` (the commands),
-`runner` (run a workflow in-process or on a server), `embedded` (ComfyUI in this process), `doctor`
-(setup checks), `fetch` and `catalog` (the model files and their download), `comfy_home` (finding
-ComfyUI). This side imports the domain (`instantid.*`); the domain and the nodes never import it."""
+`runner` (run a workflow in-process or on a server), `embedded` (ComfyUI in this process),
+`portrait` (one command from a photo to an image), `bootstrap` (find or install ComfyUI, link the
+pack), `batch` (many jobs over several servers), `doctor` (setup checks) with `workflow_models`
+(the models a workflow loads), `fetch` and `catalog` (the model files and their download),
+`comfy_home` (finding ComfyUI), `workflow_builder` and `workflow_specs` (the shipped workflows,
+generated). This side imports the domain (`instantid.*`); the domain and the nodes never import it."""
