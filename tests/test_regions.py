@@ -382,7 +382,8 @@ def write_face(path, cell: tuple[int, int], red: int = 255, size: int = 320) -> 
 
 def two_people_prompt(input_dir) -> dict:
     """One shared prompt, two chained Apply InstantID nodes, each with its own face, pose and
-    'identity only' half mask (the graph of "workflows/09 Two people in one image.json", which takes both poses from one photo)."""
+    'identity only' half mask (the graph of "workflows/09 Two people in one image.json", which takes
+    both poses from one photo)."""
     input_dir.mkdir(parents=True, exist_ok=True)
     def node(kind: str, **inputs: Any) -> dict:
         return {"class_type": kind, "inputs": inputs}
