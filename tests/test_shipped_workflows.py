@@ -13,7 +13,6 @@ import torch
 
 from conftest import UNET_NAME
 from support.workflows import REPO_ROOT, load_ui_workflow, loaded_image, prepare_for_test_bed
-from test_workflows import sampler_spy  # noqa: F401  (the fixture)
 
 from instantid import __version__
 from instantid.commands.workflow_builder import (NOTE_TYPE, dumps, model_entries, node_rectangles, overlapping_nodes,
