@@ -1,5 +1,5 @@
 """Write workflows/*.json (UI format) and workflows/api/*.json (their API twins) from the specs in
-instantid/commands/workflow_specs.py. Boots ComfyUI embedded with this pack to read the node
+workflow_tools/specs.py. Boots ComfyUI embedded with this pack to read the node
 definitions; run with ComfyUI's Python from the pack's folder:
 
     python scripts/build_workflows.py            # rewrite the files
@@ -19,8 +19,8 @@ sys.path.append(str(REPO_ROOT))
 from instantid import __version__  # noqa: E402
 from instantid.commands.comfy_home import comfyui_version, find_comfyui, why_not_found  # noqa: E402
 from instantid.commands.embedded import EmbeddedComfyUI  # noqa: E402
-from instantid.commands.workflow_builder import dumps, render  # noqa: E402
-from instantid.commands.workflow_specs import WORKFLOWS  # noqa: E402
+from workflow_tools.builder import dumps, render  # noqa: E402
+from workflow_tools.specs import WORKFLOWS  # noqa: E402
 
 log = logging.getLogger("build_workflows")
 WORKFLOWS_DIR = REPO_ROOT / "workflows"

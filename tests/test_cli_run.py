@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import UNET_NAME
 from instantid.commands import cli, runner
-from instantid.commands.workflow_specs import BASIC_WORKFLOW_FILE
+from instantid.commands.portrait import BASIC_WORKFLOW_FILE
 from support import antelope
 from support.headless import (SIMILARITY_NODE_ID, FakeComfyUI, bed_workflow, finishes_within, png_bytes, serve,
                               silent_server)

@@ -10,7 +10,7 @@ import torch
 from instantid.commands import cli, doctor
 from instantid.commands.catalog import CATALOG, format_size
 from instantid.commands.workflow_models import ModelReference, workflow_models
-from instantid.commands.workflow_specs import BASIC_WORKFLOW_FILE
+from instantid.commands.portrait import BASIC_WORKFLOW_FILE
 from support.antelope import write_antelopev2
 from support.workflows import REPO_ROOT
 from test_doctor import fake_comfyui, run_doctor

@@ -15,7 +15,7 @@ DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid
                   "instantid.commands.catalog", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
                   "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",
-                  "instantid.commands.batch", "instantid.commands.workflow_builder", "instantid.commands.workflow_specs"]
+                  "instantid.commands.batch", "workflow_tools.builder", "workflow_tools.specs"]
 
 
 def test_domain_modules_import_without_comfyui():
@@ -62,7 +62,7 @@ def test_the_folder_above_custom_nodes_is_searched(tmp_path, monkeypatch):
 def test_shipped_workflows_are_ui_format_and_their_api_twins_api_format():
     import json
 
-    from instantid.commands.workflow_specs import WORKFLOWS
+    from workflow_tools.specs import WORKFLOWS
     files = sorted((REPO_ROOT / "workflows").glob("*.json"))
     assert [p.name for p in files] == sorted(f"{spec.name}.json" for spec in WORKFLOWS)
     for path in files:

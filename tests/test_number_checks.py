@@ -14,7 +14,7 @@ import torch
 
 from conftest import UNET_NAME
 from instantid.commands import cli
-from instantid.commands.workflow_specs import BASIC_WORKFLOW_FILE
+from instantid.commands.portrait import BASIC_WORKFLOW_FILE
 from support.headless import FakeComfyUI, finishes_within, serve
 from support.workflows import REPO_ROOT, load_ui_workflow, prepare_for_test_bed
 from test_apply import Kit, load_kit, seeded_conditioning

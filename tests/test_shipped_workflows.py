@@ -15,10 +15,10 @@ from conftest import UNET_NAME
 from support.workflows import REPO_ROOT, load_ui_workflow, loaded_image, prepare_for_test_bed
 
 from instantid import __version__
-from instantid.commands.workflow_builder import (NOTE_TYPE, dumps, model_entries, node_rectangles, overlapping_nodes,
+from workflow_tools.builder import (NOTE_TYPE, dumps, model_entries, node_rectangles, overlapping_nodes,
                                                  render)
 from instantid.commands.workflow_models import MODEL_LOADERS
-from instantid.commands.workflow_specs import WORKFLOWS
+from workflow_tools.specs import WORKFLOWS
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
@@ -200,13 +200,13 @@ INFO = {"Src": SOURCE, "Sink": SINK}
 
 
 def tiny_spec(links=("src.IMAGE -> sink.images",), **values):
-    from instantid.commands.workflow_builder import NodeSpec, WorkflowSpec
+    from workflow_tools.builder import NodeSpec, WorkflowSpec
     return WorkflowSpec("99 Test", "a note", (NodeSpec("src", "Src", "", "models", values),
                                                NodeSpec("sink", "Sink", "My sink", "sampling")), tuple(links))
 
 
 def test_builder_writes_every_widget_in_schema_order_with_the_seed_control():
-    from instantid.commands.workflow_builder import build
+    from workflow_tools.builder import build
     workflow = build(tiny_spec(mode="b"), INFO, "1.2.3", "0.8.0")
     src, sink, note = workflow["nodes"]
     assert src["widgets_values"] == [3, "fixed", "b"]
@@ -231,7 +231,7 @@ def test_builder_writes_every_widget_in_schema_order_with_the_seed_control():
     ({"steps": 3}, "99 Test: src (Src) has no widget ['steps']"),
 ])
 def test_builder_says_what_is_wrong_with_a_spec(spec_args, message):
-    from instantid.commands.workflow_builder import SpecError, build
+    from workflow_tools.builder import SpecError, build
     with pytest.raises(SpecError) as error:
         build(tiny_spec(**spec_args), INFO, "1.2.3", "0.8.0")
     assert str(error.value) == message

@@ -21,13 +21,15 @@ from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
 from .comfy_home import PACK_ROOT
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
 from .runner import SIMILARITY_NODE, RunError, RunReport, load_workflow, run_embedded
-from .workflow_specs import BASIC_WORKFLOW_FILE, POSED_WORKFLOW_FILE
 
 log = logging.getLogger(__name__)
 
 APPLY_TYPES = ("ApplyInstantID", "ApplyInstantIDAdvanced")
 CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 SEED_INPUTS = ("seed", "noise_seed")
+# The shipped workflows portrait and batch run (workflow_tools/specs.py names its files after these).
+BASIC_WORKFLOW_FILE = "01 Basic portrait.json"
+POSED_WORKFLOW_FILE = "02 Pose from a second photo.json"
 
 
 def shipped_workflow(posed: bool) -> Path:

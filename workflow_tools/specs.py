@@ -1,12 +1,14 @@
 """The shipped workflows (workflows/*.json) as declarative specs; scripts/build_workflows.py writes
-them with workflow_builder. File names read as titles in ComfyUI's Templates browser and their
+them with workflow_tools.builder. File names read as titles in ComfyUI's Templates browser and their
 two-digit prefix sorts them basic → advanced."""
 from __future__ import annotations
 
 from typing import Any
 
-from .catalog import CATALOG, WORKFLOW_MODELS
-from .workflow_builder import NodeSpec, WorkflowSpec
+from instantid.commands.catalog import CATALOG, WORKFLOW_MODELS
+from instantid.commands.portrait import BASIC_WORKFLOW_FILE, POSED_WORKFLOW_FILE
+
+from .builder import NodeSpec, WorkflowSpec
 
 _FILES = {entry.id: entry.path for entry in (*CATALOG, *WORKFLOW_MODELS)}
 SDXL_CHECKPOINT = next(entry.path for entry in (*CATALOG, *WORKFLOW_MODELS) if entry.folder == "checkpoints")
@@ -81,7 +83,7 @@ def sampler_links(model: str, conditioning: str) -> tuple[str, ...]:
 
 
 BASIC = WorkflowSpec(
-    name="01 Basic portrait",
+    name=BASIC_WORKFLOW_FILE.removesuffix(".json"),
     tag="basic",
     note="One face photo and a prompt: SDXL draws that person, posed as in the photo.\n"
          "Put a face photo in 'Reference face', write the prompt, Run. Apply InstantID weight 0.8, "
@@ -93,7 +95,7 @@ BASIC = WorkflowSpec(
     links=(*CLIP_LINKS, *apply_links("apply"), *sampler_links("apply.MODEL", "apply"), *SAMPLING_LINKS))
 
 POSED = WorkflowSpec(
-    name="02 Pose from a second photo",
+    name=POSED_WORKFLOW_FILE.removesuffix(".json"),
     tag="posed",
     note="The identity from 'Reference face', the head position and angle from 'Pose photo' (its five face "
          "keypoints drive the IdentityNet). Use a pose photo of the output's aspect ratio (here 896x1152). "
@@ -294,5 +296,3 @@ FACE_REPAIR = WorkflowSpec(
 
 WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, BEST_OF_FOUR, SAVED_IDENTITY,
                                         TWO_PEOPLE, FACE_REPAIR)
-BASIC_WORKFLOW_FILE = f"{BASIC.name}.json"
-POSED_WORKFLOW_FILE = f"{POSED.name}.json"

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .catalog import CATALOG, WORKFLOW_MODELS, ModelFile
-from .fetch import DEFAULT_ENDPOINT, file_url
-from .workflow_models import MODEL_LOADERS
+from instantid.commands.catalog import CATALOG, WORKFLOW_MODELS, ModelFile
+from instantid.commands.fetch import DEFAULT_ENDPOINT, file_url
+from instantid.commands.workflow_models import MODEL_LOADERS
 
 PACK_CNR_ID = "instantid-nodes"
 CORE_CNR_ID = "comfy-core"
