@@ -29,6 +29,10 @@ FaceAnalysisType = io.Custom("FACEANALYSIS")
 FaceEmbedsType = io.Custom("FACE_EMBEDS")
 CropType = io.Custom("INSTANTID_CROP")
 CATEGORY = "InstantID"
+# The frontend's advanced-widget flag: options added after the earlier pack's inputs stay hidden until
+# "Show Advanced" (node menu), so the earlier pack's workflows open at their saved sizes.
+ADVANCED = {"advanced": True}
+NO_IDENTITY_FILES = "(none yet: upload one, or run Save Identity)"
 
 
 def _notes_ui(notes: list[str]) -> dict | None:
@@ -41,15 +45,29 @@ def _numbers(cls: type[io.ComfyNode], arguments: dict[str, Any]) -> list[NumberI
     return float_inputs(cls.define_schema().inputs, arguments)
 
 
+def _reference_check(cls: type[io.ComfyNode], input_types: dict[str, str]) -> bool | str:
+    """Checked when the prompt is queued, before any model loads: a reference (photo or saved identity)
+    is connected. Asking for input_types turns off ComfyUI's own link type check, so it is redone here."""
+    from comfy_execution.validation import validate_node_input
+    declared = {item.id: item.get_io_type() for item in cls.define_schema().inputs}
+    for name, received in input_types.items():
+        if name in declared and not validate_node_input(received, declared[name]):
+            return f"{name} is linked to a {received} output; it takes {declared[name]}."
+    if "image" not in input_types and "face_embeds" not in input_types:
+        return ("No reference: connect a face photo (Load Image) to 'image', or a saved identity "
+                "('InstantID Load Identity (Face Embeds)') to 'face_embeds'.")
+    return True
+
+
 def _on_no_face_input(skip: str = "passes the model and conditioning through unchanged and says so on the node"
                       ) -> io.Combo.Input:
-    return io.Combo.Input("on_no_face", options=list(ON_NO_FACE), default="error", optional=True,
+    return io.Combo.Input("on_no_face", options=list(ON_NO_FACE), default="error", optional=True, extra_dict=ADVANCED,
                           tooltip=f"What to do when an image has no detectable face: 'error' stops with a message "
                                   f"naming the image; 'skip' {skip}.")
 
 
 def _noise_input() -> io.Float.Input:
-    return io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.1,
+    return io.Float.Input("noise", default=0.0, min=0.0, max=1.0, step=0.05,
                           tooltip="0 = official InstantID: the negative prompt's face tokens come from an empty face. "
                                   "Above 0 they come from seeded noise of this strength, which can reduce burn "
                                   "(0.35 gives the earlier pack's look).")
@@ -64,19 +82,19 @@ def _schedule_inputs() -> list[io.Input]:
 
 def _insightface_input() -> io.Input:
     return FaceAnalysisType.Input("insightface", optional=True,
-                                  tooltip="Face detection and recognition from 'InstantID Face Analysis (InsightFace)'. May stay "
+                                  tooltip="Face detection and recognition from 'InstantID InsightFace (antelopev2)'. May stay "
                                           "unconnected when face_embeds replaces the photo and image_kps is not used.")
 
 
 def _face_index_input(what: str) -> io.Int.Input:
-    return io.Int.Input("face_index", default=0, min=0, max=64, step=1, optional=True,
+    return io.Int.Input("face_index", default=0, min=0, max=64, step=1, optional=True, extra_dict=ADVANCED,
                         tooltip=f"Which face of {what} to use: 0 = the largest (the official rule), 1, 2, 3 … = the "
                                 "first, second, third face counted from the left.")
 
 
 def _face_embeds_input() -> io.Input:
     return FaceEmbedsType.Input("face_embeds", optional=True,
-                                tooltip="A saved identity ('InstantID Load Face Embeds') used instead of image; without "
+                                tooltip="A saved identity ('InstantID Load Identity (Face Embeds)') used instead of image; without "
                                         "image_kps its stored keypoints set the pose. The face tokens are made by this "
                                         "node's adapter.")
 
@@ -109,12 +127,13 @@ def _apply_identity_inputs() -> list[io.Input]:
 
 
 def _region_inputs() -> list[io.Input]:
-    return [io.Boolean.Input("face_region", default=False, optional=True,
+    return [io.Boolean.Input("face_region", default=False, optional=True, extra_dict=ADVANCED,
                              tooltip="Official 'enhance non-face region' mode: the identity (face attention and "
                                      "IdentityNet) acts only inside the face's bounding box on the keypoint image, "
                                      "placed on the latent as ComfyUI places the keypoints; the prompt still acts "
                                      "everywhere. With a mask, the region is their product."),
             io.Combo.Input("mask_scope", options=list(MASK_SCOPES), default=PROMPT_AND_IDENTITY, optional=True,
+                           extra_dict=ADVANCED,
                            tooltip="What the mask limits. 'prompt and identity': this positive prompt and the "
                                    "IdentityNet act only inside it (the earlier pack's behaviour). 'identity only': "
                                    "the face attention and the IdentityNet act only inside it and the prompt stays "
@@ -131,9 +150,9 @@ class InstantIDModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDModelLoader", display_name="Load InstantID Model", category=CATEGORY,
-            description="Loads the InstantID adapter (ip-adapter.bin or .safetensors from models/instantid) and "
-                        "checks its layout.",
+            node_id="InstantIDModelLoader", display_name="Load InstantID Model (IP-Adapter)", category=CATEGORY,
+            description="Loads the InstantID adapter, the IP-Adapter-style part that turns a face into tokens the "
+                        "model attends to (ip-adapter.bin or a .safetensors copy, in models/instantid).",
             inputs=[io.Combo.Input("instantid_file", options=folder_paths.get_filename_list(ADAPTER_FOLDER),
                                    tooltip="The adapter file in ComfyUI/models/instantid (ip-adapter.bin from InstantX/InstantID).")],
             outputs=[InstantIDType.Output(display_name="INSTANTID", tooltip="The loaded adapter.")])
@@ -147,9 +166,10 @@ class InstantIDFaceAnalysis(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDFaceAnalysis", display_name="InstantID Face Analysis (InsightFace)", category=CATEGORY,
-            description="Loads the antelopev2 face detector and recognizer (models/insightface/models/antelopev2). "
-                        "Never downloads anything.",
+            node_id="InstantIDFaceAnalysis", display_name="InstantID InsightFace (antelopev2)", category=CATEGORY,
+            description="Loads InsightFace's antelopev2 face detector and recognizer (scrfd_10g_bnkps.onnx and "
+                        "glintr100.onnx in models/insightface/models/antelopev2), which find the face and read who it "
+                        "is. Never downloads anything: the error says where to get the files.",
             inputs=[io.Combo.Input("provider", options=PROVIDER_CHOICES, default="auto",
                                    tooltip="Where face analysis runs. 'auto' picks the best available onnxruntime "
                                            "provider and falls back to CPU.")],
@@ -169,20 +189,20 @@ class FaceKeypointsPreprocessor(io.ComfyNode):
             description="Draws the five face keypoints (eyes, nose, mouth corners) of the chosen face of each image, as "
                         "the IdentityNet expects them, optionally fitted to another canvas size and mirrored. Batch "
                         "positions are kept.",
-            inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis (InsightFace)'."),
+            inputs=[FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID InsightFace (antelopev2)'."),
                     io.Image.Input("image", tooltip="Image(s) whose face pose to extract."),
                     _on_no_face_input("gives a black frame (no pose constraint) for each image without a face and "
                                       "says so on the node"),
-                    io.Int.Input("width", default=0, min=0, max=16384, step=8, optional=True,
+                    io.Int.Input("width", default=0, min=0, max=16384, step=8, optional=True, extra_dict=ADVANCED,
                                  tooltip="Width of the keypoint image, e.g. your latent's width; 0 = the input's width."),
-                    io.Int.Input("height", default=0, min=0, max=16384, step=8, optional=True,
+                    io.Int.Input("height", default=0, min=0, max=16384, step=8, optional=True, extra_dict=ADVANCED,
                                  tooltip="Height of the keypoint image; 0 = the input's height."),
-                    io.Combo.Input("fit", options=list(FIT_MODES), default="pad", optional=True,
+                    io.Combo.Input("fit", options=list(FIT_MODES), default="pad", optional=True, extra_dict=ADVANCED,
                                    tooltip="How the photo's frame goes onto another aspect: 'pad' keeps all of it "
                                            "(black borders), 'crop' fills the canvas and cuts the overflow (what ComfyUI "
                                            "does to a hint), 'stretch' scales each side on its own. The points are "
                                            "moved, then drawn at the new size."),
-                    io.Boolean.Input("mirror", default=False, optional=True,
+                    io.Boolean.Input("mirror", default=False, optional=True, extra_dict=ADVANCED,
                                      tooltip="Mirror the pose left-right; the eye and mouth-corner colours are swapped so "
                                              "each colour still marks the image-left or image-right point."),
                     _face_index_input("each image")],
@@ -198,6 +218,10 @@ class FaceKeypointsPreprocessor(io.ComfyNode):
 
 
 class ApplyInstantID(io.ComfyNode):
+    @classmethod
+    def validate_inputs(cls, input_types: dict[str, str]) -> bool | str:
+        return _reference_check(cls, input_types)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -225,6 +249,10 @@ class ApplyInstantID(io.ComfyNode):
 
 class ApplyInstantIDAdvanced(io.ComfyNode):
     @classmethod
+    def validate_inputs(cls, input_types: dict[str, str]) -> bool | str:
+        return _reference_check(cls, input_types)
+
+    @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ApplyInstantIDAdvanced", display_name="Apply InstantID Advanced", category=CATEGORY,
@@ -242,9 +270,11 @@ class ApplyInstantIDAdvanced(io.ComfyNode):
                                            "average of their directions ('norm average'), or all faces' tokens ('concat')."),
                     *_apply_tail_inputs(), *_region_inputs(),
                     io.Float.Input("cn_start_at", default=-1.0, min=-1.0, max=1.0, step=0.001, optional=True,
+                                   extra_dict=ADVANCED,
                                    tooltip="Fraction of the schedule where the IdentityNet starts acting, apart from "
                                            "the face attention. -1 (default) follows start_at."),
                     io.Float.Input("cn_end_at", default=-1.0, min=-1.0, max=1.0, step=0.001, optional=True,
+                                   extra_dict=ADVANCED,
                                    tooltip="Fraction of the schedule where the IdentityNet stops acting, apart from "
                                            "the face attention. -1 (default) follows end_at."),
                     *_apply_identity_inputs()],
@@ -269,11 +299,16 @@ class ApplyInstantIDAdvanced(io.ComfyNode):
 
 class InstantIDAttentionPatch(io.ComfyNode):
     @classmethod
+    def validate_inputs(cls, input_types: dict[str, str]) -> bool | str:
+        return _reference_check(cls, input_types)
+
+    @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="InstantIDAttentionPatch", display_name="InstantID Patch Attention", category=CATEGORY,
-            description="Only the face attention part of InstantID (no IdentityNet). Its FACE_EMBEDS output feeds "
-                        "'InstantID Apply ControlNet'.",
+            description="Only the face attention part of InstantID (IP-Adapter style, no IdentityNet): the prompt "
+                        "alone decides the pose. Its FACE_EMBEDS output feeds 'InstantID Apply ControlNet' or "
+                        "'InstantID Save Identity (Face Embeds)'.",
             inputs=[InstantIDType.Input("instantid", tooltip="The InstantID adapter from 'Load InstantID Model'."),
                     _insightface_input(),
                     io.Image.Input("image", optional=True,
@@ -285,11 +320,12 @@ class InstantIDAttentionPatch(io.ComfyNode):
                     *_schedule_inputs(),
                     _noise_input(),
                     io.Mask.Input("mask", optional=True, tooltip="Optional mask: the face attention acts only inside it."),
-                    _on_no_face_input(), _face_index_input("each reference photo"), _face_embeds_input()],
+                    _on_no_face_input("passes the model through unchanged and says so on the node"),
+                    _face_index_input("each reference photo"), _face_embeds_input()],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with InstantID face attention."),
                      FaceEmbedsType.Output(display_name="FACE_EMBEDS",
                                            tooltip="The identity and its face tokens, for 'InstantID Apply ControlNet' "
-                                                   "and 'InstantID Save Face Embeds'.")])
+                                                   "and 'InstantID Save Identity (Face Embeds)'.")])
 
     @classmethod
     def execute(cls, instantid: Any, model: Any, weight: float, start_at: float, end_at: float, noise: float,
@@ -320,11 +356,12 @@ class ApplyInstantIDControlNet(io.ComfyNode):
                     *_schedule_inputs(),
                     io.Mask.Input("mask", optional=True, tooltip="Optional mask: this positive prompt and the "
                                                                   "IdentityNet act only inside it (see mask_scope)."),
-                    io.Boolean.Input("face_region", default=False, optional=True,
+                    io.Boolean.Input("face_region", default=False, optional=True, extra_dict=ADVANCED,
                                      tooltip="The IdentityNet acts only inside the box around the drawn keypoints of "
                                              "image_kps (eyes to mouth, tighter than a detected face box), placed on "
                                              "the latent as ComfyUI places the keypoints; the prompt acts everywhere."),
                     io.Combo.Input("mask_scope", options=list(MASK_SCOPES), default=PROMPT_AND_IDENTITY, optional=True,
+                                   extra_dict=ADVANCED,
                                    tooltip="What the mask limits. 'prompt and identity': this positive prompt and the "
                                            "IdentityNet. 'identity only': only the IdentityNet; the prompt stays global.")],
             outputs=[io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning with the IdentityNet."),
@@ -347,16 +384,16 @@ class InstantIDFaceSimilarity(io.ComfyNode):
             node_id="InstantIDFaceSimilarity", display_name="InstantID Face Similarity", category=CATEGORY,
             description="How much the face in 'image' looks like the face in 'reference': cosine similarity of their "
                         "ArcFace (antelopev2) embeddings, largest face of each image. 1.0 is identical; different "
-                        "people usually score below 0.3. Shown on the node and printed by `python -m instantid run`. "
+                        "people usually score below 0.3. The scores are shown on the node. "
                         "A batch is also ranked (best image, all images best first); an image without a face "
                         "scores 0 and ranks last.",
             inputs=[FaceAnalysisType.Input("faceanalysis",
-                                           tooltip="Face detection and recognition from 'InstantID Face Analysis (InsightFace)'."),
+                                           tooltip="Face detection and recognition from 'InstantID InsightFace (antelopev2)'."),
                     io.MultiType.Input("reference", types=[io.Image, FaceEmbedsType],
                                        tooltip="Photo(s) of the person, or a saved identity (FACE_EMBEDS); with several "
                                                "faces, each image is compared with every reference and the scores "
                                                "are averaged."),
-                    io.Image.Input("image", tooltip="The generated image(s) to score, e.g. the VAE Decode output. "
+                    io.Image.Input("image", tooltip="The image(s) to score against the reference, e.g. the VAE Decode output. "
                                                     "With a batch, the output is the mean of the per-image scores; an "
                                                     "image without a face scores 0.")],
             outputs=[io.Float.Output(display_name="similarity", tooltip="Cosine similarity of the face embeddings, -1 to 1."),
@@ -385,7 +422,7 @@ class InstantIDFaceCrop(io.ComfyNode):
                         "The face stays centred: near the border the crop is padded with the edge pixels. Batch "
                         "positions are kept; an image without a face passes through unchanged.",
             inputs=[io.Image.Input("image", tooltip="The image(s) with a face to repair."),
-                    FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID Face Analysis (InsightFace)'."),
+                    FaceAnalysisType.Input("faceanalysis", tooltip="Face detection from 'InstantID InsightFace (antelopev2)'."),
                     io.Int.Input("face_index", default=0, min=0, max=64,
                                  tooltip="Which face: 0 = the largest, 1 = the first from the left, 2 = the second…"),
                     io.Float.Input("padding", default=DEFAULT_PADDING, min=0.0, max=4.0, step=0.05,
@@ -431,10 +468,11 @@ class InstantIDSaveFaceEmbeds(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDSaveFaceEmbeds", display_name="InstantID Save Face Embeds", category=CATEGORY,
-            description=f"Saves an identity as a small .safetensors file in output/{IDENTITY_FOLDER}/: the raw face "
-                        "embedding(s), keypoints, face box and image size, with the pack version, the adapter's name "
-                        "and sha256 and a label. Load it with 'InstantID Load Face Embeds'; no face models needed then.",
+            node_id="InstantIDSaveFaceEmbeds", display_name="InstantID Save Identity (Face Embeds)", category=CATEGORY,
+            description=f"Saves who the person is as a small identity file in output/{IDENTITY_FOLDER}/ (the face "
+                        "embedding, the face keypoints and a label you choose), so later workflows can use the person "
+                        "without the photo or the face models. It appears at once in 'InstantID Load Identity (Face "
+                        "Embeds)', marked [output].",
             inputs=[FaceEmbedsType.Input("face_embeds", tooltip="The identity, e.g. the FACE_EMBEDS output of "
                                                                 "'InstantID Patch Attention'."),
                     io.String.Input("filename_prefix", default="identity",
@@ -460,17 +498,26 @@ class InstantIDLoadFaceEmbeds(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDLoadFaceEmbeds", display_name="InstantID Load Face Embeds", category=CATEGORY,
-            description=f"Loads a saved identity from input/{IDENTITY_FOLDER}/ or output/{IDENTITY_FOLDER}/ (upload "
-                        f"with POST /upload/image, subfolder={IDENTITY_FOLDER}). Connect it to face_embeds of an Apply "
-                        "node: no photo and no face models are needed. Reads safetensors only.",
+            node_id="InstantIDLoadFaceEmbeds", display_name="InstantID Load Identity (Face Embeds)", category=CATEGORY,
+            description=f"Loads a saved identity file (.safetensors) from input/{IDENTITY_FOLDER}/ or output/"
+                        f"{IDENTITY_FOLDER}/; the upload button adds one from your computer. Connect it to face_embeds "
+                        "of an Apply node: no photo and no face models are needed then.",
             inputs=[io.Combo.Input("face_embeds_file",
                                    options=list_identity_files(folder_paths.get_input_directory(),
-                                                               folder_paths.get_output_directory()),
-                                   tooltip=f"A file saved by 'InstantID Save Face Embeds' ('[output]': in "
+                                                               folder_paths.get_output_directory())
+                                   or [NO_IDENTITY_FILES],
+                                   tooltip=f"A file saved by 'InstantID Save Identity (Face Embeds)' ('[output]': in "
                                            f"output/{IDENTITY_FOLDER}/, else in input/{IDENTITY_FOLDER}/).")],
             outputs=[FaceEmbedsType.Output(display_name="FACE_EMBEDS",
                                            tooltip="The saved identity; the Apply node's adapter makes its face tokens.")])
+
+    @classmethod
+    def validate_inputs(cls, face_embeds_file: str) -> bool | str:
+        if face_embeds_file == NO_IDENTITY_FILES:
+            return ("No saved identity yet: add a .safetensors identity with the node's upload button, or run a "
+                    "workflow with 'InstantID Save Identity (Face Embeds)' first (e.g. '13 Save an identity from a "
+                    "photo').")
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, face_embeds_file: str) -> Any:

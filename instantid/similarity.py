@@ -66,7 +66,7 @@ class Similarity:
     def notes(self) -> list[str]:
         if not self.faceless:
             return []
-        return [f"generated image{'s' if len(self.faceless) > 1 else ''} "
+        return [f"scored image{'s' if len(self.faceless) > 1 else ''} "
                 f"{', '.join(str(i + 1) for i in self.faceless)} of {len(self.per_image)} had no face: "
                 "scored 0 and ranked last"]
 

@@ -244,7 +244,7 @@ def test_run_button_shows_the_similarity_and_a_skip_note_on_the_nodes(page, tmp_
                            "|| e.name === 'execution_error')", timeout=120_000)
     rerun = page.evaluate(NODE_TEXT, ids["similarity"])
     assert rerun["value"] == rerun["domValue"] == ("face similarity: 0.000\n"
-                                                   "generated image 1 of 1 had no face: scored 0 and ranked last")
+                                                   "scored image 1 of 1 had no face: scored 0 and ranked last")
 
 
 def open_search_box(page, attempts: int = 3) -> None:

@@ -130,7 +130,7 @@ def test_similarity_node_scores_an_image_without_a_face_0_and_says_so(comfy):
     assert result.success, result.error_text()
     assert result.outputs["4"]["face_similarity"] == [0.0]
     assert result.outputs["4"]["text"] == ["face similarity: 0.000\n"
-                                           "generated image 1 of 1 had no face: scored 0 and ranked last"]
+                                           "scored image 1 of 1 had no face: scored 0 and ranked last"]
 
 
 def test_comfyui_url_posts_the_api_graph_and_fetches_the_images(tmp_path, capsys):

@@ -16,11 +16,11 @@ def test_order_is_best_first_stable_and_faceless_last():
     result = Similarity((-0.2, 0.0, 0.5, 0.5, 0.0), faceless=(1, 4))
     assert result.order == (2, 3, 0, 1, 4)  # the negative score still ranks above images without a face
     assert result.mean == pytest.approx(0.16)
-    assert result.notes == ["generated images 2, 5 of 5 had no face: scored 0 and ranked last"]
+    assert result.notes == ["scored images 2, 5 of 5 had no face: scored 0 and ranked last"]
     assert result.text().splitlines() == ["face similarity: 0.160 (mean of 5 images)", "#1: image 3: 0.500",
                                           "#2: image 4: 0.500", "#3: image 1: -0.200", "#4: image 2: 0.000 (no face)",
                                           "#5: image 5: 0.000 (no face)",
-                                          "generated images 2, 5 of 5 had no face: scored 0 and ranked last"]
+                                          "scored images 2, 5 of 5 had no face: scored 0 and ranked last"]
     assert Similarity((0.734,)).text() == "face similarity: 0.734"
 
 
@@ -64,9 +64,9 @@ def test_batch_is_ranked_reference_other_then_no_face(comfy, caplog):
     assert text.splitlines() == [f"face similarity: {(other_score + 1) / 3:.3f} (mean of 3 images)",
                                  "#1: image 3: 1.000", f"#2: image 2: {other_score:.3f}",
                                  "#3: image 1: 0.000 (no face)",
-                                 "generated image 1 of 3 had no face: scored 0 and ranked last"]
+                                 "scored image 1 of 3 had no face: scored 0 and ranked last"]
     assert result.outputs["10"]["text"] == [text]  # the STRING output carries the same text
-    assert "generated image 1 of 3 had no face" in caplog.text
+    assert "scored image 1 of 3 had no face" in caplog.text
 
 
 def test_a_faceless_reference_still_stops_with_the_message(comfy):

@@ -3,8 +3,11 @@
 A spec names nodes by class type with a title, a group and the widget values that differ from the
 node's defaults (by input name), and links by output and input name. The builder reads the node
 definitions (ComfyUI's /object_info entries), so widget values come out complete and in schema
-order, and lays the graph out as a hand-made one: left to right by graph depth, one horizontal band
-per group, node sizes as the frontend's LGraphNode.computeSize gives them, no two nodes overlapping.
+order, and lays the graph out as a hand-made one: left to right by graph depth, node sizes as the
+frontend's LGraphNode.computeSize gives them, no two nodes overlapping. The spec's groups become
+stages that follow the data left to right (runs of columns led by the same group), so no link runs
+back into an earlier stage. The note (Markdown, with a download link for every model) sits above
+the graph, and the saved view shows it and the pack's nodes in a 1600x1000 browser window.
 """
 from __future__ import annotations
 
@@ -21,7 +24,12 @@ PACK_CNR_ID = "instantid-nodes"
 CORE_CNR_ID = "comfy-core"
 GROUPS = ("models", "identity", "sampling")
 GROUP_COLORS = {"models": "#3f789e", "identity": "#8A8", "sampling": "#b58b2a"}
-NOTE_TYPE = "Note"
+NOTE_TYPE = "MarkdownNote"
+NOTE_TITLE = "About this workflow"
+# Buttons the pack's web extension (web/instantid_node_text.js) adds to a node, beyond its widgets.
+EXTENSION_BUTTONS = {"InstantIDLoadFaceEmbeds": 1}
+FACE_MODEL_NODES = ("InstantIDFaceAnalysis",)
+FACE_MODEL_IDS = ("antelopev2-detector", "antelopev2-recognizer")
 
 # The frontend's LiteGraph constants (frontend 1.35.9: LiteGraphGlobal.ts, BaseWidget.ts).
 TITLE_HEIGHT = 30
@@ -43,8 +51,17 @@ COLUMN_GAP = 70
 ROW_GAP = 30
 GROUP_PADDING = 15
 GROUP_TITLE_HEIGHT = 40
-BAND_GAP = 40
-NOTE_WIDTH = 400
+MAX_STACK_HEIGHT = 1000  # a taller column becomes two side by side, so the first view fits
+NOTE_GAP = 60
+NOTE_MIN_WIDTH = 700
+NOTE_MAX_WIDTH = 800
+NOTE_FONT_PX = 9       # the Markdown widget's text: about 4.5 canvas units a character (measured in 1.35.9)
+NOTE_LINE_HEIGHT = 15
+NOTE_BLOCK_GAP = 10    # between paragraphs and around a list
+# The first view (frontend 1.35.9 in a 1600x1000 window): the canvas fills the window; the side bar
+# covers x < 59 and the tab bar and breadcrumb y < 90. Below 0.6 the canvas drops text (low quality).
+VIEW_AREA = (75, 105, 1585, 985)
+VIEW_SCALES = (1.0, 0.6)
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_NAMES = ("seed", "noise_seed")
@@ -84,6 +101,7 @@ class Widget:
     multiline: bool = False
     control_after_generate: bool = False
     image_upload: bool = False
+    advanced: bool = False  # hidden until the node's "Show Advanced" (the pack's web extension)
 
 
 @dataclass(frozen=True)
@@ -113,7 +131,7 @@ class NodeSchema:
                     widgets.append(Widget(name, kind, _default(kind, options), bool(options.get("multiline")),
                                           bool(options.get("control_after_generate",
                                                            kind == "INT" and name in SEED_NAMES)),
-                                          bool(options.get("image_upload"))))
+                                          bool(options.get("image_upload")), bool(options.get("advanced"))))
         outputs = tuple(zip(info.get("output_name") or info["output"], info["output"]))
         module = str(info.get("python_module", ""))
         return cls(info["name"], info.get("display_name") or info["name"], tuple(inputs), tuple(widgets),
@@ -159,9 +177,15 @@ def text_width(text: str, font_px: int) -> float:
     return em * font_px
 
 
+def show_advanced(schema: NodeSchema, values: Mapping[str, Any]) -> bool:
+    """Whether a node opens with its advanced options shown: where the spec sets one."""
+    return any(w.advanced and w.name in values and values[w.name] != w.value for w in schema.widgets)
+
+
 def node_size(schema: NodeSchema, title: str, values: Mapping[str, Any]) -> list[int]:
     """The size the frontend's computeSize gives, widened so widget values show and taller where
     the frontend draws an image preview or a text box."""
+    shown = show_advanced(schema, values)
     sockets = [name for name, _, is_widget in schema.inputs if not is_widget]
     rows = max(len(sockets), len(schema.outputs), 1)
     title_w = TITLE_HEIGHT + text_width(title, TITLE_FONT_PX) + TITLE_HEIGHT * 0.33
@@ -172,6 +196,8 @@ def node_size(schema: NodeSchema, title: str, values: Mapping[str, Any]) -> list
     height = rows * SLOT_HEIGHT
     widget_rows = []
     for widget in schema.widgets:
+        if widget.advanced and not shown:
+            continue
         value = values.get(widget.name, widget.value)
         if widget.multiline:
             widget_rows.append(MULTILINE_HEIGHT)
@@ -181,6 +207,7 @@ def node_size(schema: NodeSchema, title: str, values: Mapping[str, Any]) -> list
         widget_rows.append(WIDGET_HEIGHT)
         if widget.control_after_generate or widget.image_upload:
             widget_rows.append(WIDGET_HEIGHT)
+    widget_rows += [WIDGET_HEIGHT] * EXTENSION_BUTTONS.get(schema.class_type, 0)
     if widget_rows:
         height += sum(h + WIDGET_SPACING for h in widget_rows) + WIDGETS_PADDING
     height += NODE_BOTTOM_PADDING
@@ -200,10 +227,32 @@ def _shown(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def note_size(text: str) -> list[int]:
-    chars_per_line = int((NOTE_WIDTH - 20) / text_width("n", 14))
-    lines = sum(max(1, -(-len(line) // chars_per_line)) for line in text.split("\n"))
-    return [NOTE_WIDTH, 30 + lines * 18]
+def note_size(text: str, width: int) -> list[int]:
+    """The Markdown note's size: wide enough to read, tall enough for its wrapped lines."""
+    chars_per_line = int((width - 40) / text_width("n", NOTE_FONT_PX))
+    lines = blocks = 0
+    for line in text.split("\n"):
+        if not line.strip():
+            blocks += 1
+            continue
+        lines += max(1, -(-len(line) // chars_per_line))
+    return [width, 40 + lines * NOTE_LINE_HEIGHT + (blocks + 2) * NOTE_BLOCK_GAP]
+
+
+def model_notes(nodes: list[dict[str, Any]], models: list[dict[str, str]]) -> str:
+    """The Markdown the note ends with: each model file with its download link and its folder."""
+    lines = ["**Models** (click to download, then put each file in the folder named):", ""]
+    for entry in models:
+        folder, _, file_name = entry["name"].rpartition("/")
+        lines.append(f"- [{file_name}]({entry['url']}) → `models/{entry['directory']}/{folder + '/' if folder else ''}`")
+    if any(node["type"] in FACE_MODEL_NODES for node in nodes):
+        catalog = {entry.id: entry for entry in CATALOG}
+        for model_id in FACE_MODEL_IDS:
+            entry = catalog[model_id]
+            lines.append(f"- [{entry.file}]({file_url(entry, DEFAULT_ENDPOINT)}) (InsightFace antelopev2) → "
+                         f"`models/{entry.folder}/{entry.path.rpartition('/')[0]}/`")
+    lines += ["", "Or fetch them from a terminal: `python -m instantid fetch-models`."]
+    return "\n".join(lines)
 
 
 def provenance(core: bool, versions: Mapping[str, str]) -> dict[str, str]:
@@ -274,6 +323,8 @@ class _Graph:
         if title != schema.display_name:
             # As the frontend saves it: a title only where it differs from the display name.
             ui["title"] = title
+        if show_advanced(schema, node.values):
+            ui["showAdvanced"] = True
         return ui
 
     def _link(self, text: str) -> None:
@@ -330,23 +381,43 @@ def build(spec: WorkflowSpec, node_info: Mapping[str, Mapping[str, Any]], pack_v
         schemas[kind] = NodeSchema.from_info(node_info[kind])
     graph = _Graph(spec, schemas, {"pack": pack_version, "comfyui": comfyui_version})
     groups = _lay_out(graph)
-    note_id = len(graph.nodes) + 1
-    note = {"id": note_id, "type": NOTE_TYPE, "pos": [-NOTE_WIDTH - COLUMN_GAP, 0], "size": note_size(spec.note),
-            "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": "About this workflow",
-            "properties": {"text": "", **provenance(True, graph.versions)}, "widgets_values": [spec.note],
-            "color": "#432", "bgcolor": "#653"}
-    nodes = [*graph.nodes, note]
-    _set_execution_order(nodes, graph.depths())
     models = []
     for node in graph.nodes:
         for entry in node["properties"].get("models", []):
             if entry not in models:
                 models.append(entry)
+    text = f"{spec.note}\n\n{model_notes(graph.nodes, models)}"
+    # Above the pack's nodes (the first view shows both), as wide as they spread, within bounds.
+    pack_nodes = [ui for node, ui in zip(spec.nodes, graph.nodes) if not schemas[node.class_type].core]
+    left = min(ui["pos"][0] for ui in pack_nodes or graph.nodes)
+    right = max(ui["pos"][0] + ui["size"][0] for ui in pack_nodes or graph.nodes)
+    size = note_size(text, int(min(max(right - left, NOTE_MIN_WIDTH), NOTE_MAX_WIDTH)))
+    note_id = len(graph.nodes) + 1
+    note = {"id": note_id, "type": NOTE_TYPE, "pos": [left, -size[1] - NOTE_GAP], "size": size,
+            "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": NOTE_TITLE,
+            "properties": provenance(True, graph.versions), "widgets_values": [text],
+            "color": "#432", "bgcolor": "#653"}
+    nodes = [*graph.nodes, note]
+    _set_execution_order(nodes, graph.depths())
     return {"id": _stable_id(spec.name), "revision": 0, "last_node_id": note_id, "last_link_id": len(graph.links),
             "nodes": nodes, "links": graph.links, "groups": groups, "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [NOTE_WIDTH + COLUMN_GAP + 40, 80]},
+            "extra": {"ds": first_view([note, *pack_nodes]),
                       **({"instantid_workflow": spec.tag} if spec.tag else {})},
             "models": models, "version": 0.4}
+
+
+def first_view(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The saved canvas view (scale, offset) that puts these nodes, title bars included, inside
+    VIEW_AREA of a 1600x1000 window, as large as it fits between VIEW_SCALES."""
+    left = min(node["pos"][0] for node in nodes)
+    top = min(node["pos"][1] for node in nodes) - TITLE_HEIGHT
+    right = max(node["pos"][0] + node["size"][0] for node in nodes)
+    bottom = max(node["pos"][1] + node["size"][1] for node in nodes)
+    area_left, area_top, area_right, area_bottom = VIEW_AREA
+    fit = min((area_right - area_left) / (right - left), (area_bottom - area_top) / (bottom - top))
+    scale = max(VIEW_SCALES[1], min(VIEW_SCALES[0], int(fit * 20) / 20))
+    # The frontend draws canvas point p at (p + offset) * scale.
+    return {"scale": scale, "offset": [round(area_left / scale - left, 1), round(area_top / scale - top, 1)]}
 
 
 def _stable_id(name: str) -> str:
@@ -361,36 +432,82 @@ def _set_execution_order(nodes: list[dict[str, Any]], depth: Mapping[int, int]) 
         node["order"] = order
 
 
-def _lay_out(graph: _Graph) -> list[dict[str, Any]]:
-    """Columns by depth (shared by all groups, so links flow left to right), one horizontal band
-    per group, nodes stacked in spec order within a band's column; returns the groups."""
+def _columns(graph: _Graph) -> dict[int, int]:
+    """Column of each node: its depth, except that a node without inputs sits just left of its
+    nearest consumer (an empty latent beside the sampler, not with the model loaders)."""
     depth = graph.depths()
-    columns = sorted(set(depth.values()))
-    col_width = {c: max(n["size"][0] for n in graph.nodes if depth[n["id"]] == c) for c in columns}
-    col_x, x = {}, 0
-    for c in columns:
-        col_x[c] = x
-        x += col_width[c] + COLUMN_GAP
-    groups, band_top, group_id = [], 0, 1
-    for group in GROUPS:
-        members = [(spec, ui) for spec, ui in zip(graph.spec.nodes, graph.nodes) if spec.group == group]
-        if not members:
-            continue
-        top = band_top + GROUP_TITLE_HEIGHT + GROUP_PADDING + TITLE_HEIGHT
-        bottom = top
+    consumers: dict[int, list[int]] = {node["id"]: [] for node in graph.nodes}
+    sources = set(consumers)
+    for _, source, _, target, _, _ in graph.links:
+        consumers[source].append(target)
+        sources.discard(target)
+    column = dict(depth)
+    for node_id in sources:
+        if consumers[node_id]:
+            column[node_id] = min(depth[target] for target in consumers[node_id]) - 1
+    return column
+
+
+def _stages(graph: _Graph, column: Mapping[int, int]) -> list[tuple[str, list[int]]]:
+    """Runs of consecutive columns led by the same spec group (the group most of a column's nodes
+    are in; earlier in GROUPS on a tie): (title, columns) left to right."""
+    group_of = {ui["id"]: spec.group for spec, ui in zip(graph.spec.nodes, graph.nodes)}
+    stages: list[tuple[str, list[int]]] = []
+    for c in sorted(set(column.values())):
+        members = [group_of[node_id] for node_id, at in column.items() if at == c]
+        leader = max(GROUPS, key=lambda g: (members.count(g), -GROUPS.index(g)))
+        if stages and stages[-1][0] == leader:
+            stages[-1][1].append(c)
+        else:
+            stages.append((leader, [c]))
+    return stages
+
+
+def _stacks(column: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A column's nodes in spec order, split into side-by-side stacks no taller than MAX_STACK_HEIGHT
+    (nodes of one column never link to each other, so the data still flows left to right)."""
+    stacks: list[list[dict[str, Any]]] = [[]]
+    height = 0
+    for ui in column:
+        needed = ui["size"][1] + TITLE_HEIGHT + ROW_GAP
+        if stacks[-1] and height + needed > MAX_STACK_HEIGHT:
+            stacks.append([])
+            height = 0
+        stacks[-1].append(ui)
+        height += needed
+    return stacks
+
+
+def _lay_out(graph: _Graph) -> list[dict[str, Any]]:
+    """Columns left to right, nodes stacked in spec order within a column, one group per stage
+    around its columns; returns the groups."""
+    column = _columns(graph)
+    by_column: dict[int, list[dict[str, Any]]] = {}
+    for ui in graph.nodes:
+        by_column.setdefault(column[ui["id"]], []).append(ui)
+    top = GROUP_TITLE_HEIGHT + GROUP_PADDING + TITLE_HEIGHT
+    groups, x = [], 0
+    stages = _stages(graph, column)
+    bottom = top
+    for _, columns in stages:
         for c in columns:
-            y = top
-            for _, ui in (m for m in members if depth[m[1]["id"]] == c):
-                ui["pos"] = [col_x[c], y]
-                y += ui["size"][1] + TITLE_HEIGHT + ROW_GAP
-                bottom = max(bottom, ui["pos"][1] + ui["size"][1])
-        left = min(ui["pos"][0] for _, ui in members) - GROUP_PADDING
-        right = max(ui["pos"][0] + ui["size"][0] for _, ui in members) + GROUP_PADDING
-        height = bottom + GROUP_PADDING - band_top
-        groups.append({"id": group_id, "title": group, "bounding": [left, band_top, right - left, height],
-                       "color": GROUP_COLORS[group], "font_size": 24, "flags": {}})
-        group_id += 1
-        band_top += height + BAND_GAP
+            for stack in _stacks(by_column[c]):
+                y = top
+                for ui in stack:
+                    ui["pos"] = [x + GROUP_PADDING, y]
+                    y += ui["size"][1] + TITLE_HEIGHT + ROW_GAP
+                    bottom = max(bottom, ui["pos"][1] + ui["size"][1])
+                x += GROUP_PADDING + max(ui["size"][0] for ui in stack) + GROUP_PADDING
+                if not (c == columns[-1] and stack is _stacks(by_column[c])[-1]):
+                    x += COLUMN_GAP - 2 * GROUP_PADDING
+        x += COLUMN_GAP
+    for group_id, (title, columns) in enumerate(stages, start=1):
+        members = [ui for c in columns for ui in by_column[c]]
+        left = min(ui["pos"][0] for ui in members) - GROUP_PADDING
+        right = max(ui["pos"][0] + ui["size"][0] for ui in members) + GROUP_PADDING
+        groups.append({"id": group_id, "title": title,
+                       "bounding": [left, 0, right - left, bottom + GROUP_PADDING],
+                       "color": GROUP_COLORS[title], "font_size": 24, "flags": {}})
     return groups
 
 

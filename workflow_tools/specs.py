@@ -21,10 +21,8 @@ SAVED_IDENTITY_FILE = "identity.safetensors"  # in input/instantid_faces/
 PROMPT = "analog film photo of a man in a denim jacket, city street at dusk, detailed skin, 35mm"
 NEGATIVE = "blurry, lowres, deformed, cartoon, watermark, text"
 SAMPLER = {"seed": 42, "steps": 30, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
-MODELS_TEXT = (f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in "
-               f"models/instantid; {IDENTITYNET} in models/controlnet; antelopev2 (scrfd_10g_bnkps.onnx, "
-               "glintr100.onnx) in models/insightface/models/antelopev2. `python -m instantid fetch-models` fetches "
-               "the InstantID and antelopev2 files; ComfyUI offers downloads for the .safetensors ones.")
+# The builder ends each note with the download links of the workflow's models; this line sits above them.
+MODELS_TEXT = "Any SDXL checkpoint works in place of the one named below."
 
 
 def _node(key: str, class_type: str, group: str, title: str = "", **values: Any) -> NodeSpec:
@@ -87,7 +85,7 @@ BASIC = WorkflowSpec(
     tag="basic",
     note="One face photo and a prompt: SDXL draws that person, posed as in the photo.\n"
          "Put a face photo in 'Reference face', write the prompt, Run. Apply InstantID weight 0.8, "
-         "CFG 4-5, 1016x1016 (avoid exactly 1024x1024).\n" + MODELS_TEXT,
+         "CFG 4-5, 1016x1016 (avoid exactly 1024x1024).\n\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"),
            _node("apply", "ApplyInstantID", "identity"),
@@ -100,7 +98,7 @@ POSED = WorkflowSpec(
     note="The identity from 'Reference face', the head position and angle from 'Pose photo' (its five face "
          "keypoints drive the IdentityNet). Use a pose photo of the output's aspect ratio (here 896x1152). "
          "Apply InstantID Advanced sets the face attention (ip_weight) and the IdentityNet (cn_strength) "
-         "separately.\n" + MODELS_TEXT,
+         "separately.\n\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"), image("pose", "Pose photo", "pose.png"),
            _node("apply", "ApplyInstantIDAdvanced", "identity"),
@@ -113,9 +111,7 @@ POSE_FREE = WorkflowSpec(
     tag="pose-free",
     note="Identity without the IdentityNet: only InstantID's face attention (InstantID Patch Attention), so "
          "the prompt alone decides pose, framing and composition; the likeness is looser than with the "
-         "IdentityNet. Weight 0.8-1.0, CFG 4-5.\n"
-         f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in "
-         "models/instantid; antelopev2 in models/insightface/models/antelopev2. No IdentityNet needed.",
+         "IdentityNet. Weight 0.8-1.0, CFG 4-5. No IdentityNet needed.\n\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts("photo of a man hiking on a mountain ridge, wide shot, golden hour"),
            adapter(), face_analysis(), image("reference", "Reference face", "face.png"),
            _node("patch", "InstantIDAttentionPatch", "identity", weight=0.8),
@@ -130,7 +126,7 @@ SPLIT = WorkflowSpec(
     tag="split",
     note="InstantID in its two parts: Patch Attention (face attention on the model) and Apply ControlNet "
          "(the IdentityNet on the conditioning, with the keypoints of 'Pose photo' from Face Keypoints "
-         "Preprocessor). Useful to place other model patches or ControlNets between them.\n" + MODELS_TEXT,
+         "Preprocessor). Useful to place other model patches or ControlNets between them.\n\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"), image("pose", "Pose photo", "pose.png"),
            _node("patch", "InstantIDAttentionPatch", "identity", weight=0.8),
@@ -150,7 +146,7 @@ STYLE_LORA_WORKFLOW = WorkflowSpec(
     tag="lora",
     note="A style LoRA on the checkpoint, then InstantID: the person in the LoRA's style. Any SDXL LoRA fits "
          "the 'Style LoRA' slot; lower strength_model (0.6-0.8) if the face drifts, or raise Apply InstantID's "
-         "weight.\n" + MODELS_TEXT + f" LoRA: {STYLE_LORA} in models/loras.",
+         "weight.\n\n" + MODELS_TEXT,
     nodes=(checkpoint(),
            _node("lora", "LoraLoader", "models", title="Style LoRA", lora_name=STYLE_LORA, strength_model=0.8,
                  strength_clip=0.8),
@@ -168,8 +164,7 @@ CANNY = WorkflowSpec(
     tag="canny",
     note="InstantID for the identity, a canny-edge ControlNet chained after it for the composition of "
          "'Composition photo' (its edges from the core Canny node). Keep the canny strength moderate "
-         "(0.4-0.6) and end it early (end_percent 0.6) so the face stays the reference's.\n" + MODELS_TEXT
-         + f" Canny ControlNet: {CANNY_CONTROLNET} in models/controlnet.",
+         "(0.4-0.6) and end it early (end_percent 0.6) so the face stays the reference's.\n\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
            _node("canny_net", "ControlNetLoader", "models", title="Load canny ControlNet",
                  control_net_name=CANNY_CONTROLNET),
@@ -191,7 +186,7 @@ BEST_OF_FOUR = WorkflowSpec(
     note="Likeness varies from seed to seed: this draws four images in one batch (four different noises), scores "
          "each against 'Reference face' with InstantID Face Similarity (ArcFace cosine similarity, shown on the "
          "node) and saves the best one; the preview shows all four, best first. An image without a face "
-         "scores 0 and ranks last.\n" + MODELS_TEXT,
+         "scores 0 and ranks last.\n\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), face_analysis(), identitynet(),
            image("reference", "Reference face", "face.png"),
            _node("apply", "ApplyInstantID", "identity"),
@@ -207,14 +202,11 @@ BEST_OF_FOUR = WorkflowSpec(
 SAVED_IDENTITY = WorkflowSpec(
     name="08 Saved identity",
     tag="saved-identity",
-    note="Generate from a saved identity instead of a photo: InstantID Load Face Embeds reads a small .safetensors "
-         "file (face embedding, keypoints) from input/instantid_faces or output/instantid_faces, and "
-         "Apply InstantID uses it through face_embeds: no reference photo and no face analysis. Save one with "
-         "InstantID Save Face Embeds after InstantID Patch Attention (its FACE_EMBEDS output) and pick "
-         "it in 'face_embeds_file' (saved files are listed with '[output]'), or put one at "
-         "input/instantid_faces/identity.safetensors.\n"
-         f"Models: {SDXL_CHECKPOINT} (or any SDXL checkpoint) in models/checkpoints; {ADAPTER} in models/instantid; "
-         f"{IDENTITYNET} in models/controlnet. No antelopev2 needed.",
+    note="Generate from a saved identity instead of a photo: InstantID Load Identity reads a small identity "
+         "file (face embedding, keypoints) and Apply InstantID uses it through face_embeds: no reference photo and "
+         "no face models.\n\n"
+         "No identity yet? Run '13 Save an identity from a photo' once (its file then appears in the list, marked "
+         "[output]), or add a .safetensors identity with the node's upload button. " + MODELS_TEXT,
     nodes=(checkpoint(), *prompts(), adapter(), identitynet(),
            _node("identity", "InstantIDLoadFaceEmbeds", "identity", face_embeds_file=SAVED_IDENTITY_FILE),
            _node("apply", "ApplyInstantID", "identity"),
@@ -231,7 +223,7 @@ TWO_PEOPLE = WorkflowSpec(
          "photo' gives both poses (Face Keypoints with face_index 1 = the left face, 2 = the right one); each "
          "identity acts only in its half of the image (mask_scope 'identity only': the masks limit the identity, "
          "the prompt stays global). The keypoints are drawn on a 1152x896 canvas (fit 'pad'), the output's size, so "
-         "they line up with the masks. Move the masks if the faces are elsewhere.\n" + MODELS_TEXT,
+         "they line up with the masks. Move the masks if the faces are elsewhere.\n\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts("photo of two friends sitting at a cafe table, city street at dusk, 35mm"),
            adapter(), face_analysis(), identitynet(),
            image("reference", "First person (left)", "face_left.png"),
@@ -268,7 +260,7 @@ FACE_REPAIR = WorkflowSpec(
          "InstantID Face Crop cuts the face out with some context and upscales it to 1024 px; a second KSampler "
          "redraws it as img2img (denoise 0.45) with Apply InstantID, the pose taken from the crop itself; "
          "InstantID Face Paste blends the new face back (pixels outside the crop box are unchanged). Raise denoise "
-         "(0.5-0.6) for more likeness, lower it to keep more of the first face.\n" + MODELS_TEXT,
+         "(0.5-0.6) for more likeness, lower it to keep more of the first face.\n\n" + MODELS_TEXT,
     nodes=(checkpoint(), *prompts("full-body photo of a man in a denim jacket walking down a city street at dusk, "
                                   "35mm"),
            adapter(), face_analysis(), identitynet(),
@@ -294,5 +286,25 @@ FACE_REPAIR = WorkflowSpec(
            "checkpoint.VAE -> decode_face.vae", "decode.IMAGE -> paste.image", "decode_face.IMAGE -> paste.processed",
            "crop.CROP -> paste.crop", "paste.IMAGE -> save.images"))
 
+SAVE_IDENTITY = WorkflowSpec(
+    name="13 Save an identity from a photo",
+    tag="save-identity",
+    note="Makes a reusable identity from a face photo: put the photo in 'Reference face', set a label (who this "
+         "is) and Run. InstantID Save Identity writes a small file to output/instantid_faces/ (the face embedding "
+         "and keypoints, no image); it then appears in the list of InstantID Load Identity, marked [output], "
+         "ready for '08 Saved identity', which needs neither the photo nor the face models. The preview shows the "
+         "face keypoints that were found, to check the right face was used.\n\n"
+         "Nothing is drawn here and no IdentityNet is needed: Patch Attention only needs a model to attach to, "
+         "and its adapter makes the identity's face tokens. " + MODELS_TEXT,
+    nodes=(checkpoint(), adapter(), face_analysis(), image("reference", "Reference face", "face.png"),
+           _node("patch", "InstantIDAttentionPatch", "identity"),
+           _node("keypoints", "FaceKeypointsPreprocessor", "identity"),
+           _node("save", "InstantIDSaveFaceEmbeds", "identity", filename_prefix="identity", label="my face"),
+           _node("preview", "PreviewImage", "identity", title="Face keypoints found")),
+    links=("adapter.INSTANTID -> patch.instantid", "faces.FACEANALYSIS -> patch.insightface",
+           "reference.IMAGE -> patch.image", "checkpoint.MODEL -> patch.model", "faces.FACEANALYSIS -> keypoints.faceanalysis",
+           "reference.IMAGE -> keypoints.image", "patch.FACE_EMBEDS -> save.face_embeds",
+           "keypoints.IMAGE -> preview.images"))
+
 WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, BEST_OF_FOUR, SAVED_IDENTITY,
-                                        TWO_PEOPLE, FACE_REPAIR)
+                                        TWO_PEOPLE, FACE_REPAIR, SAVE_IDENTITY)
