@@ -150,7 +150,7 @@ class InstantIDModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="InstantIDModelLoader", display_name="Load InstantID Model (IP-Adapter)", category=CATEGORY,
+            node_id="InstantIDModelLoader", display_name="Load InstantID Model (IPAdapter)", category=CATEGORY,
             description="Loads the InstantID adapter, the IP-Adapter-style part that turns a face into tokens the "
                         "model attends to (ip-adapter.bin or a .safetensors copy, in models/instantid).",
             inputs=[io.Combo.Input("instantid_file", options=folder_paths.get_filename_list(ADAPTER_FOLDER),

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .paths import ANTELOPEV2_REPO
+
 if TYPE_CHECKING:
     import torch
 
@@ -33,6 +35,7 @@ DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNIZER_FILE = "glintr100.onnx"
 FACE_MODEL_FILES = (DETECTOR_FILE, RECOGNIZER_FILE)
 FETCH_COMMAND = "python -m instantid fetch-models"
+ANTELOPEV2_DOWNLOAD = f"https://huggingface.co/{ANTELOPEV2_REPO}/resolve/main"
 
 # Largest first: 640 is what InstantID was trained with; smaller sizes only rescue faces that fill
 # so much of the photo that SCRFD misses them at 640.
@@ -90,7 +93,8 @@ def _missing_message(roots: Sequence[Path]) -> str:
     for stray in _stray_copies(roots, set(searched)):
         lines.append(f"  {stray}: too deeply nested, move it to {target / stray.name}")
     lines.append("Searched: " + ", ".join(str(folder) for folder in searched))
-    lines.append(f"Get them with `{FETCH_COMMAND}`. This pack does not use insightface's auto-download: "
+    lines.append("Download them: " + ", ".join(f"{ANTELOPEV2_DOWNLOAD}/{name}" for name in FACE_MODEL_FILES))
+    lines.append(f"or get them with `{FETCH_COMMAND}`. This pack does not use insightface's auto-download: "
                  "its URL is dead and the request has no timeout, so it can hang.")
     return "\n".join(lines)
 

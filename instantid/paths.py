@@ -12,6 +12,9 @@ from types import ModuleType
 
 ADAPTER_FOLDER = "instantid"
 FACE_MODELS_FOLDER = "insightface"
+# insightface's own download URL for antelopev2 is dead; this public mirror holds the same files
+# loose at the repository root (the fetch command and the face-model error both link it).
+ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
 
 
 def register_model_folders(folder_paths: ModuleType) -> None:

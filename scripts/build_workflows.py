@@ -1,4 +1,5 @@
-"""Write workflows/*.json (UI format) and workflows/api/*.json (their API twins) from the specs in
+"""Write workflows/*.json (UI format), workflows/api/*.json (their API twins) and workflows/*.jpg (their
+Templates thumbnails, drawings of the graphs) from the specs in
 workflow_tools/specs.py. Boots ComfyUI embedded with this pack to read the node
 definitions; run with ComfyUI's Python from the pack's folder:
 
@@ -24,6 +25,7 @@ from workflow_tools.specs import WORKFLOWS  # noqa: E402
 
 log = logging.getLogger("build_workflows")
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
+THUMBNAIL_SUFFIX = ".jpg"  # what the Templates browser asks for beside each workflow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         comfy = EmbeddedComfyUI.start(comfyui, cpu=True, base_directory=Path(base), load_custom_nodes=False,
                                       extra_node_dirs=[REPO_ROOT])
         files = render(WORKFLOWS, comfy, __version__, comfyui_version(comfyui))
-    wanted = {}
-    for name, (workflow, api) in files.items():
-        wanted[WORKFLOWS_DIR / name] = dumps(workflow)
-        wanted[WORKFLOWS_DIR / "api" / name] = dumps(api)
-    stale = [p for folder in (WORKFLOWS_DIR, WORKFLOWS_DIR / "api") for p in folder.glob("*.json") if p not in wanted]
-    differing = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
+    wanted: dict[Path, bytes] = {}
+    for name, (workflow, api, picture) in files.items():
+        wanted[WORKFLOWS_DIR / name] = dumps(workflow).encode()
+        wanted[WORKFLOWS_DIR / "api" / name] = dumps(api).encode()
+        wanted[WORKFLOWS_DIR / name.replace(".json", THUMBNAIL_SUFFIX)] = picture
+    stale = [p for folder in (WORKFLOWS_DIR, WORKFLOWS_DIR / "api") for pattern in ("*.json", f"*{THUMBNAIL_SUFFIX}")
+             for p in folder.glob(pattern) if p not in wanted]
+    differing = [p for p, data in wanted.items() if not p.is_file() or p.read_bytes() != data]
     if args.check:
         for path in [*differing, *stale]:
             log.error("out of date: %s", path.relative_to(REPO_ROOT))
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("removed %s", path.relative_to(REPO_ROOT))
     for path in differing:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(wanted[path])
+        path.write_bytes(wanted[path])
         log.info("wrote %s", path.relative_to(REPO_ROOT))
     return 0
 

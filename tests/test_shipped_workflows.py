@@ -16,7 +16,7 @@ from support.workflows import REPO_ROOT, load_ui_workflow, loaded_image, prepare
 
 from instantid import __version__
 from workflow_tools.builder import (NOTE_TYPE, dumps, model_entries, node_rectangles, overlapping_nodes,
-                                                 render)
+                                   render)
 from instantid.commands.workflow_models import MODEL_LOADERS
 from workflow_tools.specs import WORKFLOWS
 
@@ -32,7 +32,7 @@ def pack_node_ids() -> set[str]:
             for kw in node.keywords if kw.arg == "node_id" and isinstance(kw.value, ast.Constant)}
 
 
-OUTPUT_NODES = ("SaveImage", "PreviewImage", "InstantIDFaceSimilarity")
+OUTPUT_NODES = ("SaveImage", "PreviewImage", "InstantIDFaceSimilarity", "InstantIDSaveFaceEmbeds")
 
 
 def executed_kinds(prompt: dict) -> list[str]:
@@ -80,6 +80,13 @@ def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
     # reused from the previous workflow: only what differs runs again.
     result = comfy.run(prompt, reuse_outputs=True)
     assert result.success, result.error_text()
+    if "KSampler" not in kinds:  # 13 makes an identity file from the photo and draws nothing
+        [saved] = [entry for output in result.outputs.values() for entry in output.get("face_embeds", [])]
+        assert saved["choice"] == f"{saved['filename']} [output]" and saved["subfolder"] == "instantid_faces"
+        folder = Path(comfy.embedded.folder_paths.get_output_directory()) / saved["subfolder"]
+        identity = comfy.pack_module("instantid.identity_files").load_identity(folder / saved["filename"])
+        assert identity is not None and len(sampler_spy) == 0
+        return
     images = [image for output in result.outputs.values() for image in output.get("images", [])]
     saved = [image for image in images if image["type"] == "output"]
     assert saved
@@ -113,9 +120,28 @@ def test_api_twin_is_the_converters_output_of_the_ui_file(comfy, path):
 def test_shipped_files_are_what_the_generator_writes(comfy):
     from instantid.commands.comfy_home import comfyui_version
     files = render(WORKFLOWS, comfy.embedded, __version__, comfyui_version(comfy.embedded.comfyui))
-    for name, (workflow, api) in files.items():
+    for name, (workflow, api, picture) in files.items():
         assert (WORKFLOWS_DIR / name).read_text() == dumps(workflow), f"rebuild: python scripts/build_workflows.py ({name})"
         assert (WORKFLOWS_DIR / "api" / name).read_text() == dumps(api), name
+        # The Templates thumbnail: a drawing of this graph (the groups' colours, the nodes, the links).
+        assert (WORKFLOWS_DIR / name.replace(".json", ".jpg")).read_bytes() == picture, name
+    assert sorted(p.name for p in WORKFLOWS_DIR.glob("*.jpg")) == sorted(n.replace(".json", ".jpg") for n in files)
+
+
+def test_the_thumbnail_is_a_drawing_of_the_graph():
+    from PIL import Image
+    from workflow_tools import thumbnail
+    workflow = load_ui_workflow(WORKFLOWS_DIR / "01 Basic portrait.json")
+    picture = thumbnail.draw(workflow, {}, {"ApplyInstantID"})
+    assert picture.size == thumbnail.SIZE
+    pixels = picture.load()
+    colours = {pixels[x, y] for x in range(0, picture.size[0], 2) for y in range(0, picture.size[1], 2)}
+    assert thumbnail.PACK_NODE_FILL in colours and thumbnail.NOTE_FILL in colours
+    assert thumbnail.LINK_COLORS["MODEL"] in colours and thumbnail.LINK_COLORS["LATENT"] in colours
+    # Without the pack's type the pack's colour is gone: the drawing follows the graph, not a fixed picture.
+    plain = thumbnail.draw(workflow, {}, set()).load()
+    assert thumbnail.PACK_NODE_FILL not in {plain[x, y] for x in range(0, picture.size[0], 2)
+                                            for y in range(0, picture.size[1], 2)}
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=IDS)
@@ -140,7 +166,9 @@ def test_nodes_do_not_overlap_and_each_sits_in_its_group(path):
     workflow = load_ui_workflow(path)
     assert overlapping_nodes(workflow) == []
     groups = workflow["groups"]
-    assert [g["title"] for g in groups] == [t for t in ("models", "identity", "sampling") if t in {g["title"] for g in groups}]
+    assert {g["title"] for g in groups} <= {"models", "identity", "sampling"}
+    # Stages left to right: each group starts right of where the one before it ends.
+    assert all(a["bounding"][0] + a["bounding"][2] < b["bounding"][0] for a, b in zip(groups, groups[1:]))
     for node_id, (left, top, right, bottom) in node_rectangles(workflow):
         node = next(n for n in workflow["nodes"] if n["id"] == node_id)
         inside = [g["title"] for g in groups
@@ -179,12 +207,22 @@ def test_every_loader_carries_its_download_link(path):
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=IDS)
-def test_the_note_names_every_model_file_the_workflow_loads(path):
+def test_the_note_links_every_model_file_the_workflow_loads(path):
+    """A Markdown note: each model file as a clickable link with its folder (the frontend downloads
+    only .safetensors from its missing-models dialog, so the adapter's .bin and antelopev2's .onnx files
+    reach the user here), placed above the graph."""
     workflow = load_ui_workflow(path)
     [note] = [node for node in workflow["nodes"] if node["type"] == NOTE_TYPE]
+    text = note["widgets_values"][0]
     for entry in workflow["models"]:
-        assert entry["name"] in note["widgets_values"][0], entry["name"]
-    assert "antelopev2" in note["widgets_values"][0]
+        file_name = entry["name"].rpartition("/")[2]
+        assert f"[{file_name}]({entry['url']})" in text, entry["name"]
+    if any(node["type"] == "InstantIDFaceAnalysis" for node in workflow["nodes"]):
+        for file_name in ("scrfd_10g_bnkps.onnx", "glintr100.onnx"):
+            assert f"[{file_name}](https://huggingface.co/DIAMONIK7777/antelopev2/resolve/main/{file_name})" in text
+        assert "`models/insightface/models/antelopev2/`" in text
+    others = [node for node in workflow["nodes"] if node is not note]
+    assert note["pos"][1] + note["size"][1] < min(node["pos"][1] for node in others) - 30  # above the graph
 
 
 # The builder on its own, with node definitions written here (no ComfyUI needed).
@@ -217,7 +255,7 @@ def test_builder_writes_every_widget_in_schema_order_with_the_seed_control():
     assert "title" not in src and sink["title"] == "My sink"
     assert (src["properties"]["cnr_id"], src["properties"]["ver"]) == ("comfy-core", "0.8.0")
     assert (sink["properties"]["cnr_id"], sink["properties"]["ver"]) == ("instantid-nodes", "1.2.3")
-    assert note["type"] == "Note" and note["widgets_values"] == ["a note"]
+    assert note["type"] == "MarkdownNote" and note["widgets_values"][0].startswith("a note\n\n**Models**")
     assert src["pos"][0] + src["size"][0] < sink["pos"][0]
 
 

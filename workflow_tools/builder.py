@@ -20,6 +20,8 @@ from instantid.commands.catalog import CATALOG, WORKFLOW_MODELS, ModelFile
 from instantid.commands.fetch import DEFAULT_ENDPOINT, file_url
 from instantid.commands.workflow_models import MODEL_LOADERS
 
+from . import thumbnail
+
 PACK_CNR_ID = "instantid-nodes"
 CORE_CNR_ID = "comfy-core"
 GROUPS = ("models", "identity", "sampling")
@@ -535,13 +537,16 @@ def node_types(specs: Iterable[WorkflowSpec]) -> set[str]:
 
 
 def render(specs: Iterable[WorkflowSpec], comfy: Any, pack_version: str, comfyui_version: str
-           ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """File name → (UI workflow, its API twin) for each spec; `comfy` is an EmbeddedComfyUI (its
-    node definitions and its UI-to-API converter)."""
+           ) -> dict[str, tuple[dict[str, Any], dict[str, Any], bytes]]:
+    """File name → (UI workflow, its API twin, its Templates thumbnail as JPEG) for each spec; `comfy`
+    is an EmbeddedComfyUI (its node definitions and its UI-to-API converter)."""
     specs = list(specs)
     info = {kind: comfy.node_info(kind) for kind in node_types(specs) if kind in comfy.nodes.NODE_CLASS_MAPPINGS}
+    schemas = {kind: NodeSchema.from_info(entry) for kind, entry in info.items()}
+    names = {kind: schema.display_name for kind, schema in schemas.items()}
+    pack_types = {kind for kind, schema in schemas.items() if not schema.core}
     files = {}
     for spec in specs:
         workflow = build(spec, info, pack_version, comfyui_version)
-        files[f"{spec.name}.json"] = (workflow, comfy.to_api(workflow))
+        files[f"{spec.name}.json"] = (workflow, comfy.to_api(workflow), thumbnail.jpeg(workflow, names, pack_types))
     return files

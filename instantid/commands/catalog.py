@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..paths import ANTELOPEV2_REPO
+
 INSTANTID_REPO = "InstantX/InstantID"
 DEFAULT_CHECKPOINT = "sdxl-base-1.0"
-# insightface's own download URL for antelopev2 is dead; this public mirror holds the same pack
-# as loose files at the repository root.
-ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
 
 INSTANTID_LICENSE = (
     "Apache-2.0 per the InstantX/InstantID model card; released as a research project, "

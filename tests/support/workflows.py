@@ -4,6 +4,7 @@ shrink the size and step count, and put synthetic faces under the image names th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,9 @@ if TYPE_CHECKING:
     import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-OLD_PACK_WORKFLOWS = REPO_ROOT.parent / "shared" / "compat" / "old-pack-workflows"
+# The team's shared folder beside the checkout; INSTANTID_OLD_PACK_WORKFLOWS points elsewhere (a worktree).
+OLD_PACK_WORKFLOWS = Path(os.environ.get("INSTANTID_OLD_PACK_WORKFLOWS",
+                                         REPO_ROOT.parent / "shared" / "compat" / "old-pack-workflows"))
 
 
 def write_face_photo(path: Path, cell: tuple[int, int] = (4, 3), g: int = 128, size: int = 320) -> Path:
