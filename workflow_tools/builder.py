@@ -58,8 +58,8 @@ NOTE_GAP = 60
 NOTE_MIN_WIDTH = 700
 NOTE_MAX_WIDTH = 800
 NOTE_FONT_PX = 9       # the Markdown widget's text: about 4.5 canvas units a character (measured in 1.35.9)
-NOTE_LINE_HEIGHT = 15
-NOTE_BLOCK_GAP = 10    # between paragraphs and around a list
+NOTE_LINE_HEIGHT = 12
+NOTE_BLOCK_GAP = 8     # between paragraphs and around a list
 # The first view (frontend 1.35.9 in a 1600x1000 window): the canvas fills the window; the side bar
 # covers x < 59 and the tab bar and breadcrumb y < 90. Below 0.6 the canvas drops text (low quality).
 VIEW_AREA = (75, 105, 1585, 985)
