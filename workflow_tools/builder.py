@@ -30,6 +30,9 @@ NOTE_TYPE = "MarkdownNote"
 NOTE_TITLE = "About this workflow"
 # Buttons the pack's web extension (web/instantid_node_text.js) adds to a node, beyond its widgets.
 EXTENSION_BUTTONS = {"InstantIDLoadFaceEmbeds": 1}
+# Room for the text the extension shows on a node after it runs, where it always shows some (the saved
+# file's name and how to load it).
+EXTENSION_TEXT_HEIGHT = {"InstantIDSaveFaceEmbeds": 70}
 FACE_MODEL_NODES = ("InstantIDFaceAnalysis",)
 FACE_MODEL_IDS = ("antelopev2-detector", "antelopev2-recognizer")
 
@@ -212,7 +215,7 @@ def node_size(schema: NodeSchema, title: str, values: Mapping[str, Any]) -> list
     widget_rows += [WIDGET_HEIGHT] * EXTENSION_BUTTONS.get(schema.class_type, 0)
     if widget_rows:
         height += sum(h + WIDGET_SPACING for h in widget_rows) + WIDGETS_PADDING
-    height += NODE_BOTTOM_PADDING
+    height += NODE_BOTTOM_PADDING + EXTENSION_TEXT_HEIGHT.get(schema.class_type, 0)
     # The frontend's minimum is NODE_WIDTH (× 1.5 with widgets); short titles next to the node badge
     # get cut at that width, so a little more.
     min_w = max(NODE_WIDTH * (1.5 if widget_rows else 1), MIN_NODE_WIDTH)
