@@ -517,6 +517,10 @@ class InstantIDLoadFaceEmbeds(io.ComfyNode):
             return ("No saved identity yet: add a .safetensors identity with the node's upload button, or run a "
                     "workflow with 'InstantID Save Identity (Face Embeds)' first (e.g. '13 Save an identity from a "
                     "photo').")
+        if face_embeds_file not in list_identity_files(folder_paths.get_input_directory(),
+                                                       folder_paths.get_output_directory()):
+            return (f"face_embeds_file '{face_embeds_file}' is not a saved identity in input/{IDENTITY_FOLDER}/ or "
+                    f"output/{IDENTITY_FOLDER}/: choose one from the list, or add the file with the upload button.")
         return True
 
     @classmethod

@@ -66,4 +66,4 @@ def test_a_missing_reference_is_flagged_when_the_prompt_is_queued(comfy):
             "image is linked to a LATENT output; it takes IMAGE.")
     load = nodes.InstantIDLoadFaceEmbeds
     assert "upload button" in load.validate_inputs(face_embeds_file=nodes.NO_IDENTITY_FILES)
-    assert load.validate_inputs(face_embeds_file="someone.safetensors") is True
+    assert "not a saved identity" in load.validate_inputs(face_embeds_file="nobody.safetensors")
