@@ -101,7 +101,11 @@ def loaded_workflows(page) -> dict[str, dict]:
         dialogs = page.evaluate(VISIBLE_DIALOGS)
         if dialogs:
             page.keyboard.press("Escape")
-        results[path.name] = {"nodes": nodes, "dialogs": dialogs, "page_errors": page.console_errors[errors_before:]}
+        results[path.name] = {"nodes": nodes, "dialogs": dialogs, "page_errors": page.console_errors[errors_before:],
+                              "view": page.evaluate(VIEW_BOXES), "scale": page.evaluate("() => window.app.canvas.ds.scale")}
+        if SCREENSHOT_DIR:
+            SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT_DIR / f"first-view-{path.stem[:2]}.png"))
     return results
 
 
@@ -358,21 +362,16 @@ FREE_AREA = (59, 90, 1600, 1000)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_first_view_shows_the_note_and_the_instantid_nodes(page, path, tmp_path):
+def test_first_view_shows_the_note_and_the_instantid_nodes(loaded_workflows, path):
     from test_shipped_workflows import pack_node_ids
-    page.evaluate(LOAD_WORKFLOW, json.loads(path.read_text()))
-    page.wait_for_timeout(200)
-    boxes = page.evaluate(VIEW_BOXES)
+    boxes = loaded_workflows[path.name]["view"]
     wanted = [b for b in boxes if b["type"] in pack_node_ids() or b["type"] == "MarkdownNote"]
     assert any(b["type"] == "MarkdownNote" for b in wanted)
     outside = [(b["title"], [round(v) for v in b["box"]]) for b in wanted
                if not (b["box"][0] >= FREE_AREA[0] and b["box"][1] >= FREE_AREA[1]
                        and b["box"][2] <= FREE_AREA[2] and b["box"][3] <= FREE_AREA[3])]
     assert outside == [], outside
-    assert page.evaluate("() => window.app.canvas.ds.scale") >= 0.6  # below it the canvas drops all text
-    if SCREENSHOT_DIR:
-        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT_DIR / f"first-view-{path.stem[:2]}.png"))
+    assert loaded_workflows[path.name]["scale"] >= 0.6  # below it the canvas drops all text
 
 
 NOTE_LINKS = """() => {
