@@ -179,10 +179,10 @@ def test_ctrl_c_leaves_whole_lines_and_the_rerun_finishes_the_rest(tmp_path, mon
     jobs = batch.read_jobs(tmp_path / "jobs.jsonl")
     ran: list[str] = []
 
-    def slow_job(job, server_url, options, workflows):  # the work of a server, without one: 0.2 s a job
+    def slow_job(job, server, options, workflows, on_queued, progress):  # a server's work, without one: 0.2 s
         time.sleep(0.2)
         ran.append(job.id)
-        return {"job": job.id, "status": "done", "server": server_url, "seed": job.inputs.seed, "seconds": 0.1,
+        return {"job": job.id, "status": "done", "server": server.url, "seed": job.inputs.seed, "seconds": 0.1,
                 "similarity": None, "outputs": [], "prompt_id": f"p{job.id}"}
     monkeypatch.setattr(batch, "run_job", slow_job)
     options = batch.BatchOptions(("http://127.0.0.1:1", "http://127.0.0.1:2"), tmp_path / "out")
