@@ -347,7 +347,8 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     comfy_utils.PROGRESS_BAR_ENABLED = False  # ComfyUI's own tqdm would draw a second bar
     try:
         # Fresh caches: a cached output node would not report its images again.
-        result = comfy.run(prompt, progress=lambda value, total, node_id: bar(value, total, _label(labels, node_id or _running_node())),
+        progress = lambda value, total, node_id: bar(value, total, _label(labels, node_id or _running_node()))  # noqa: E731
+        result = comfy.run(prompt, progress=progress,
                            reuse_outputs=False)
     finally:
         comfy_utils.PROGRESS_BAR_ENABLED = stock_bars
