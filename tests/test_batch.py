@@ -167,14 +167,13 @@ def queue_blocker(server, jobs_file: Path) -> str:
 
 
 def test_a_server_stopped_and_restarted_mid_run_gets_jobs_again(servers, jobs_file, tmp_path, caplog, monkeypatch):
-    """The second server is stopped once it has finished a job and started its next one: that job
-    moves to the first server, which a prompt of someone else then keeps busy; the second server,
-    started again on its port, is tried again after a pause and runs the jobs left. Every job is in
-    the results once."""
+    """The second server is stopped once it has started its first job: that job moves to the first
+    server, which a prompt of someone else then keeps busy; the second server, started again on its
+    port, is tried again after a pause and runs the jobs left. Every job is in the results once."""
     from conftest import COMFYUI
     out = tmp_path / "out"
     urls = tuple(server.url for server in servers)
-    jobs = batch.read_jobs(jobs_file)
+    jobs = batch.read_jobs(jobs_file)[:4]
     started = servers[1].log().count("got prompt")
     outcome: dict[str, object] = {}
     caplog.set_level(logging.WARNING, logger="instantid")
@@ -182,7 +181,7 @@ def test_a_server_stopped_and_restarted_mid_run_gets_jobs_again(servers, jobs_fi
     options = batch.BatchOptions(urls, out, retry_delay=0.5, server_retries=300)
     runner_thread = threading.Thread(target=lambda: outcome.update(summary=batch.run_batch(jobs, options)))
     runner_thread.start()
-    wait_until(lambda: servers[1].log().count("got prompt") >= started + 2, 300, "the second server's second job")
+    wait_until(lambda: servers[1].log().count("got prompt") > started, 300, "a job on the second server")
     blocker = queue_blocker(servers[0], jobs_file)
     port = int(urls[1].rsplit(":", 1)[1])
     servers[1].stop()
@@ -191,11 +190,10 @@ def test_a_server_stopped_and_restarted_mid_run_gets_jobs_again(servers, jobs_fi
     runner.ComfyServer(urls[0]).cancel(blocker)
     runner_thread.join(600)
     summary = outcome["summary"]
-    assert summary.failed == [] and summary.not_run == [] and summary.done == JOBS
-    after_restart = servers[1].log().count("got prompt")
-    assert after_restart >= 1 and summary.per_server[urls[1]] == 1 + after_restart
+    assert summary.failed == [] and summary.not_run == [] and summary.done == 4
+    assert summary.per_server[urls[1]] == servers[1].log().count("got prompt") >= 1
     records = read_results(out)
-    check_results(records, jobs_file, out, list(urls))
+    check_results(records, jobs_file, out, list(urls), count=4)
     [moved] = [record.message for record in caplog.records if "trying another server" in record.message]
     assert urls[1] in moved
     assert any(f"{urls[1]} answers again" in record.message for record in caplog.records)
@@ -237,15 +235,16 @@ def test_an_unseeded_job_keeps_its_first_seed_and_a_queued_job_past_max_wait_lea
         runner.ComfyServer(server.url).cancel(blocker)
     wait_until(lambda: queues(servers) == [([], []), ([], [])], 20, "empty queues")
 
-    assert batch.run_batch(batch.read_jobs(jobs_path), batch.BatchOptions(urls, out)).done == 1
-    [kept, done] = read_results(out)
-    assert kept == {"job": "free", "status": "seeded", "seed": seeded["seed"]} and done["seed"] == seeded["seed"]
-    given = batch.read_jobs(slow_jobs_file(tmp_path, jobs_file, [{"id": "given", "seed": seeded["seed"]},
-                                                                  {"id": "other", "seed": seeded["seed"] + 1}]))
-    assert batch.run_batch(given, batch.BatchOptions(urls, tmp_path / "given")).done == 2
-    pixels = {record["job"]: np.asarray(Image.open(record["outputs"][0])) for record in read_results(tmp_path / "given")}
-    image = np.asarray(Image.open(done["outputs"][0]))
-    assert np.array_equal(image, pixels["given"]) and not np.array_equal(image, pixels["other"])
+    # The re-run, with two more jobs: the same face given the seed the first try drew, and the next seed.
+    jobs_path = slow_jobs_file(tmp_path, jobs_file, [{"id": "free"}, {"id": "given", "seed": seeded["seed"]},
+                                                      {"id": "other", "seed": seeded["seed"] + 1}])
+    assert batch.run_batch(batch.read_jobs(jobs_path), batch.BatchOptions(urls, out)).done == 3
+    records = read_results(out)
+    assert records[0] == {"job": "free", "status": "seeded", "seed": seeded["seed"]}
+    done = {record["job"]: record for record in records[1:]}
+    assert done["free"]["seed"] == seeded["seed"]
+    pixels = {job: np.asarray(Image.open(record["outputs"][0])) for job, record in done.items()}
+    assert np.array_equal(pixels["free"], pixels["given"]) and not np.array_equal(pixels["free"], pixels["other"])
 
 
 def test_ctrl_c_cancels_every_prompt_the_run_queued(servers, jobs_file, tmp_path):

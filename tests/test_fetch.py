@@ -16,7 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
+from packaging.version import Version
 
 from instantid.commands import cli, fetch
 from instantid.commands.catalog import CATALOG
@@ -82,7 +84,8 @@ def test_fetches_every_file_to_its_catalog_path(hub, tmp_path, capsys, monkeypat
     assert {method for method, (path, _) in zip(hub.methods, hub.requests) if not path.startswith("/lfs/")} == {"HEAD"}
     assert len(hub.file_gets()) == 4 and all("Range" not in headers for _, headers in hub.file_gets())
     out, err = capsys.readouterr()
-    assert "ip-adapter.bin" in err and "100%" in err  # huggingface_hub's progress bars
+    if Version(huggingface_hub.__version__) >= Version("0.27"):  # where TQDM_POSITION=-1 shows them
+        assert "ip-adapter.bin" in err and "100%" in err  # huggingface_hub's progress bars
     assert "non-commercial research" in out and "Done: 4 downloaded, 0 already present" in out
 
 
@@ -92,7 +95,10 @@ def test_server_ignoring_range_restarts_from_zero(hub, tmp_path):
     hub.drop_after[(entry.repo, entry.file)] = (100_000, "close")
     assert run_cli(hub, tmp_path, "--only", "adapter") == 0
     assert (tmp_path / "models/instantid/ip-adapter.bin").read_bytes() == content(hub, "adapter")
-    assert [headers.get("Range") for _, headers in hub.file_gets()] == [None, "bytes=100000-"]
+    ranges = [headers.get("Range") for _, headers in hub.file_gets()]
+    # huggingface_hub 1.x and 2.x start over within the try; 0.x appends the whole answer, which fails the size
+    # check, and the pack's next try starts from zero.
+    assert ranges[:2] == [None, "bytes=100000-"] and ranges[2:] in ([], [None])
 
 
 def test_ctrl_c_mid_download_leaves_no_file_and_the_rerun_finishes(hub, tmp_path):
@@ -130,8 +136,8 @@ def test_dropped_connection_is_retried_and_resumed(hub, tmp_path, how):
     assert len(gets) == 2 and "Range" not in gets[0][1]
     if how == "close":  # huggingface_hub resumes a body cut short with a Range request
         assert gets[1][1]["Range"] == "bytes=70000-"
-    else:  # a reset is not among the errors huggingface_hub resumes: the pack's retry fetches the file again
-        assert "Range" not in gets[1][1]
+    elif "Range" in gets[1][1]:  # a reset: resumed by huggingface_hub 0.x; 1.x and 2.x leave it to the pack's retry
+        assert int(gets[1][1]["Range"].removeprefix("bytes=").rstrip("-")) <= 70_000
     assert files_under(tmp_path) == [entry.path]
 
 

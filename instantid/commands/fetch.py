@@ -148,6 +148,14 @@ def staging_folder(destination: Path) -> Path:
     return destination.parent / f".{destination.name}.download"
 
 
+def _drop_overlong_partials(staging: Path, size: int) -> None:
+    """A partial file longer than the published size cannot be resumed into the right one (older
+    huggingface_hub appends a whole answer when a server ignores Range): the next try starts over."""
+    for partial in staging.rglob("*.incomplete"):
+        if partial.stat().st_size > size:
+            partial.unlink()
+
+
 def download(entry: ModelFile, endpoint: str, destination: Path, expected: Published, *,
              timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
              retry_delay: float = DEFAULT_RETRY_DELAY) -> None:
@@ -176,6 +184,7 @@ def download(entry: ModelFile, endpoint: str, destination: Path, expected: Publi
                 raise FetchError(f"{destination}: download failed after {tries} ({problem}); check the network and "
                                  "run again") from None
             log.info("%s: %s; trying again", destination.name, problem)
+            _drop_overlong_partials(staging, expected.size)
             time.sleep(retry_delay)
     try:
         _verify(staged, destination, expected, file_url(entry, endpoint))
