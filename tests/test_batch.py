@@ -16,12 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from instantid.commands import batch, cli, portrait, runner
 from support import antelope
 from support.server import UNET_NAME, copy_models, start_server
-from support.workflows import load_ui_workflow, prepare_for_test_bed, score_face_against, write_face_photo
+from support.workflows import (
+    load_ui_workflow,
+    prepare_for_test_bed,
+    score_face_against,
+    write_face_photo,
+)
 from test_cli_run import PHOTO
+
+from instantid.commands import batch, cli, portrait, runner
 
 JOBS = 6
 PHOTO_NAME = "batch_photo.png"
@@ -209,7 +214,7 @@ def test_a_job_past_max_wait_is_cancelled_on_its_server(servers, jobs_file, tmp_
     [record] = read_results(tmp_path / "out")
     assert record["status"] == "failed" and record["prompt_id"]
     server = runner.ComfyServer(record["server"])
-    wait_until(lambda: record["prompt_id"] not in sum(server.queued(), []), 10, "the cancelled prompt leaving the queue")
+    wait_until(lambda: all(record["prompt_id"] not in ids for ids in server.queued()), 10, "the cancelled prompt leaving the queue")
     entry = server.finished_entry(record["prompt_id"])
     assert entry["status"]["status_str"] == "error"
     assert "execution_interrupted" in [event for event, _ in entry["status"]["messages"]]
@@ -302,7 +307,7 @@ def test_ctrl_c_leaves_whole_lines_and_the_rerun_finishes_the_rest(tmp_path, mon
     jobs = batch.read_jobs(tmp_path / "jobs.jsonl")
     ran: list[str] = []
 
-    def slow_job(job, server, options, workflows, on_queued, progress):  # a server's work, without one: 0.2 s
+    def slow_job(job, server, options, workflows, on_queued, progress, stopped):  # a server's work: 0.2 s
         time.sleep(0.2)
         ran.append(job.id)
         return {"job": job.id, "status": "done", "server": server.url, "seed": job.inputs.seed, "seconds": 0.1,

@@ -19,11 +19,11 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 from packaging.version import Version
+from support.headless import finishes_within
+from support.hub import FakeHub, serve_hub
 
 from instantid.commands import cli, fetch
 from instantid.commands.catalog import CATALOG
-from support.headless import finishes_within
-from support.hub import FakeHub, serve_hub
 
 ENTRIES = {entry.id: entry for entry in CATALOG}
 @pytest.fixture

@@ -31,8 +31,19 @@ from typing import TextIO
 from tqdm import tqdm
 
 from .portrait import PortraitInputs, fill_portrait, shipped_workflow, with_similarity
-from .runner import (DEFAULT_MAX_WAIT, DEFAULT_TIMEOUT, ComfyServer, Override, PromptExpired, RunError,
-                     ServerUnreachable, load_workflow, parse_override, run_on_server)
+from .runner import (
+    DEFAULT_MAX_WAIT,
+    DEFAULT_TIMEOUT,
+    ComfyServer,
+    Override,
+    Progress,
+    PromptExpired,
+    RunError,
+    ServerUnreachable,
+    load_workflow,
+    parse_override,
+    run_on_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +317,8 @@ class BatchOptions:
 
 
 def run_job(job: Job, server: ComfyServer, options: BatchOptions, workflows: dict[Path, dict],
-            on_queued: Callable[[str], None] | None = None, progress: Callable | None = None) -> dict:
+            on_queued: Callable[[str], None] | None = None, progress: Progress | None = None,
+            stopped: Callable[[], bool] | None = None) -> dict:
     """Upload the job's images to the server, run the filled workflow there, return its record."""
     started = time.monotonic()
     face = server.upload_image(Path(job.inputs.face))
@@ -314,7 +326,7 @@ def run_job(job: Job, server: ComfyServer, options: BatchOptions, workflows: dic
     inputs = replace(job.inputs, face=face, pose=pose)
     report = run_on_server(workflows[job.workflow], job.overrides, options.out / job.id, server=server,
                            timeout=options.timeout, max_wait=options.max_wait, on_queued=on_queued, progress=progress,
-                           prepare=lambda prompt: with_similarity(fill_portrait(prompt, inputs)))
+                           stopped=stopped, prepare=lambda prompt: with_similarity(fill_portrait(prompt, inputs)))
     similarity = report.similarities[0].value if report.similarities else None
     return {"job": job.id, "status": "done", "server": server.url, "seed": job.inputs.seed,
             "seconds": round(time.monotonic() - started, 3), "similarity": similarity,
@@ -336,7 +348,7 @@ def run_batch(jobs: Sequence[Job], options: BatchOptions, stream: TextIO | None 
     bar = tqdm(total=len(todo), desc="jobs", unit="job", file=stream or sys.stderr)
     lock = threading.Lock()
 
-    def show(job: Job) -> Callable[[int | None, int | None, str], None]:
+    def show(job: Job) -> Progress:
         def step(value: int | None, total: int | None, label: str) -> None:
             bar.set_postfix_str(f"{job.id}: {label}" + (f" {value}/{total}" if value is not None else ""))
         return step
@@ -351,7 +363,7 @@ def run_batch(jobs: Sequence[Job], options: BatchOptions, stream: TextIO | None 
             prompt_ids.append(prompt_id)
             queued.add(server, prompt_id)
         try:
-            record = run_job(job, server, options, workflows, on_queued, show(job))
+            record = run_job(job, server, options, workflows, on_queued, show(job), lambda: dispatcher.stopped)
         except ServerUnreachable as error:
             for prompt_id in prompt_ids:  # should the server come back, it must not run the job a second time
                 _cancel_quietly(server, prompt_id)

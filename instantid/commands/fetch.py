@@ -71,8 +71,13 @@ def file_url(entry: ModelFile, endpoint: str) -> str:
 
 def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | _Retry:
     """huggingface_hub's errors as one line: access and missing files are final, the rest transient."""
-    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = f"{entry.repo}/{entry.file}"
     if isinstance(error, GatedRepoError):

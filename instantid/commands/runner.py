@@ -29,7 +29,13 @@ from typing import Any
 from tqdm import tqdm
 
 from .. import __version__
-from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, refusal_text, ui_to_api
+from .embedded import (
+    EmbeddedComfyUI,
+    WorkflowError,
+    is_ui_format,
+    refusal_text,
+    ui_to_api,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ SIMILARITY_NODE = "InstantIDFaceSimilarity"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_WAIT = 1800.0
 DEFAULT_POLL_INTERVAL = 0.5
+PROGRESS_CONNECT_WAIT = 5.0
 
 SchemaInputs = Callable[[str], Collection[str]]
 
@@ -192,7 +199,12 @@ def check_override_numbers(prompt: Mapping[str, dict], overrides: Sequence[Overr
     """The nodes' own number checks (instantid.checks) on the values --set gave, so a NaN, an
     infinity or an empty InstantID schedule stops here, before ComfyUI runs anything. A FLOAT
     input given as text ('nan', 'inf') becomes the number ComfyUI would make of it."""
-    from ..checks import NumberInput, SettingError, check_finite, check_schedule  # imports torch: only when used
+    from ..checks import (  # imports torch: only when used
+        NumberInput,
+        SettingError,
+        check_finite,
+        check_schedule,
+    )
 
     for override in overrides:
         node_id = resolve_node(prompt, override.node, override.text)
@@ -507,7 +519,7 @@ class ComfyServer:
         running one (ComfyUI's /interrupt with a prompt_id leaves any other prompt alone)."""
         self.request("/queue", {"delete": [prompt_id]})
         self.request("/interrupt", {"prompt_id": prompt_id})
-        log.info("cancelled prompt %s on %s", prompt_id, self.url)
+        log.debug("cancelled prompt %s on %s", prompt_id, self.url)
 
 
 def _http_error(url: str, error: urllib.error.HTTPError) -> RunError:
@@ -544,12 +556,14 @@ class PromptExpired(RunError):
 def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, *, server: ComfyServer | str,
                   timeout: float = DEFAULT_TIMEOUT, max_wait: float = DEFAULT_MAX_WAIT,
                   poll_interval: float = DEFAULT_POLL_INTERVAL, prepare: Prepare | None = None,
-                  progress: Progress | None = None, on_queued: Callable[[str], None] | None = None) -> RunReport:
+                  progress: Progress | None = None, on_queued: Callable[[str], None] | None = None,
+                  stopped: Callable[[], bool] | None = None) -> RunReport:
     """Submit the API-format graph to a running ComfyUI (POST /prompt), poll /history/<id> until it
     finishes, and download the output images with /view. A prompt still unfinished after `max_wait`
     seconds is cancelled on the server (PromptExpired). `prepare` edits the API-format prompt last
     (after the overrides); `progress` follows the run over ComfyUI's websocket; `on_queued` gets the
-    prompt id as soon as the server has it. A server that stops answering raises ServerUnreachable."""
+    prompt id as soon as the server has it; once `stopped()` is true the wait ends (RunError), the
+    caller having cancelled the prompt. A server that stops answering raises ServerUnreachable."""
     server = server if isinstance(server, ComfyServer) else ComfyServer(server, timeout)
     schema: SchemaInputs | None = None
     object_info: dict = {}
@@ -574,7 +588,7 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
         if on_queued is not None:
             on_queued(prompt_id)
         log.info("queued on %s as prompt %s; waiting at most %.0f s", server.url, prompt_id, max_wait)
-        entry = _wait_for(server, prompt_id, max_wait, poll_interval)
+        entry = _wait_for(server, prompt_id, max_wait, poll_interval, stopped)
     status = entry.get("status") or {}
     if status.get("status_str") == "error":
         raise RunError(f"the workflow failed at {_execution_error(entry)}")
@@ -590,9 +604,12 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
     return report
 
 
-def _wait_for(server: ComfyServer, prompt_id: str, max_wait: float, poll_interval: float) -> dict:
+def _wait_for(server: ComfyServer, prompt_id: str, max_wait: float, poll_interval: float,
+              stopped: Callable[[], bool] | None = None) -> dict:
     deadline = time.monotonic() + max_wait
     while (entry := server.finished_entry(prompt_id, deadline)) is None:
+        if stopped is not None and stopped():
+            raise RunError(f"stopped while prompt {prompt_id} was on {server.url}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             try:
@@ -623,13 +640,14 @@ class ProgressFollower:
     def __enter__(self) -> ProgressFollower:
         if self.report is not None:
             self.thread.start()
-            self.ready.wait(self.connect_timeout)  # connected first, so no message of the prompt is missed
+            # Connected first, so no message of the prompt is missed; a slow socket delays the run little.
+            self.ready.wait(min(self.connect_timeout, PROGRESS_CONNECT_WAIT))
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         if self.thread.is_alive():
-            self.thread.join(self.connect_timeout)
+            self.thread.join(min(self.connect_timeout, 1.0))  # a daemon thread: a socket still opening ends on its own
 
     def _run(self) -> None:
         try:
@@ -642,18 +660,22 @@ class ProgressFollower:
     async def _follow(self) -> None:
         import aiohttp  # ComfyUI's own web server library, so every ComfyUI environment has it
 
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.ws_connect(self.url) as socket:
+        async with aiohttp.ClientSession() as session:
+            socket = await asyncio.wait_for(session.ws_connect(self.url), self.connect_timeout)
             self.ready.set()
-            while not self.stop.is_set():
-                try:
-                    message = await socket.receive(timeout=0.25)
-                except asyncio.TimeoutError:
-                    continue
-                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    return
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    self._handle(json.loads(message.data))
+            async with socket:
+                await self._read(socket, aiohttp.WSMsgType)
+
+    async def _read(self, socket: Any, kinds: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                message = await socket.receive(timeout=0.25)
+            except asyncio.TimeoutError:
+                continue
+            if message.type in (kinds.CLOSE, kinds.CLOSED, kinds.ERROR):
+                return
+            if message.type == kinds.TEXT:
+                self._handle(json.loads(message.data))
 
     def _handle(self, message: Mapping) -> None:
         data = message.get("data") if isinstance(message.get("data"), dict) else {}
