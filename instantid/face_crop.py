@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .checks import NumberInput, check_finite
 from .faces import FaceAnalyzer, FaceIndexOutOfRange, image_batch_to_bgr
+from .progress import each_image
 
 DEFAULT_PADDING = 0.6
 DEFAULT_SIZE = 1024
@@ -187,7 +188,7 @@ def crop_faces(analyzer: FaceAnalyzer, images: torch.Tensor, face_index: int = 0
     total, height, width = pixels.shape[:3]
     notes: list[str] = []
     faces = []
-    for index, bgr in enumerate(image_batch_to_bgr(pixels)):
+    for index, bgr in enumerate(each_image(image_batch_to_bgr(pixels))):
         try:
             face = analyzer.detect(bgr, face_index)
             problem = None if face is not None else "no face found"

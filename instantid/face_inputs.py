@@ -14,6 +14,7 @@ from .drawn_keypoints import keypoint_drawings
 from .faces import DetectedFace, FaceAnalyzer, FaceIndexOutOfRange, image_batch_to_bgr
 from .identity import FaceEmbeds, FaceIdentity, as_face_embeds, identity_from_faces
 from .keypoints import CanvasFit, keypoint_image_batch
+from .progress import each_image
 from .regions import drawn_extent_boxes
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def detect_faces(analyzer: FaceAnalyzer, images: torch.Tensor, notes: list[str] 
         _check_range(images, name, notes)
     bgr_images = image_batch_to_bgr(images)
     faces = []
-    for position, bgr in enumerate(bgr_images):
+    for position, bgr in enumerate(each_image(bgr_images)):
         try:
             faces.append(analyzer.detect(bgr, face_index))
         except FaceIndexOutOfRange as error:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .faces import FaceAnalyzer, image_batch_to_bgr
 from .identity import FaceEmbeds
+from .progress import each_image
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +83,8 @@ class Similarity:
 
 
 def _faces(analyzer: FaceAnalyzer, images: torch.Tensor) -> list[np.ndarray | None]:
-    return [None if face is None else face.embedding for face in map(analyzer.detect, image_batch_to_bgr(images))]
+    faces = map(analyzer.detect, each_image(image_batch_to_bgr(images)))
+    return [None if face is None else face.embedding for face in faces]
 
 
 def reference_embeddings(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds) -> list[np.ndarray]:

@@ -183,7 +183,7 @@ def test_comfyui_url_that_never_answers_times_out(tmp_path, capsys):
                     "it may be busy or stuck: check its console, or raise --timeout")
 
 
-def test_comfyui_url_bounds_the_total_wait(tmp_path, capsys):
+def test_comfyui_url_bounds_the_total_wait_and_cancels_the_prompt(tmp_path, capsys):
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps(bed_workflow(UNET_NAME, "ref.png", "photo.png")))
     fake = FakeComfyUI()
@@ -197,7 +197,10 @@ def test_comfyui_url_bounds_the_total_wait(tmp_path, capsys):
     queued, line = capsys.readouterr().err.splitlines()
     assert queued == f"queued on {url} as prompt {fake.prompt_id}; waiting at most 1 s"
     assert line == (f"python -m instantid run: error: prompt {fake.prompt_id} did not finish within 1 s (--max-wait); "
-                    f"it may still be queued or running on {url}: check its queue, or wait longer with --max-wait")
+                    f"it was cancelled on {url}; wait longer with --max-wait")
+    # Cancelled on the server: out of its queue, and interrupted should it be the running prompt.
+    assert fake.posted[1:] == [{"delete": [fake.prompt_id]}, {"prompt_id": fake.prompt_id}]
+    assert [path for path in fake.requests if path in ("/queue", "/interrupt")] == ["/queue", "/interrupt"]
 
 
 @pytest.mark.parametrize("failure, message", [

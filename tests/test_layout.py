@@ -11,7 +11,7 @@ from instantid.commands import comfy_home
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid.faces", "instantid.keypoints",
                   "instantid.regions", "instantid.drawn_keypoints", "instantid.attention", "instantid.control", "instantid.checks", "instantid.face_inputs", "instantid.apply",
-                  "instantid.similarity", "instantid.identity", "instantid.identity_files", "instantid.face_crop", "instantid.paths",
+                  "instantid.similarity", "instantid.progress", "instantid.identity", "instantid.identity_files", "instantid.face_crop", "instantid.paths",
                   "instantid.commands.catalog", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
                   "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",

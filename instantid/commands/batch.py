@@ -3,10 +3,14 @@ several running ComfyUI servers.
 
 Each server gets `per_server` worker threads, so it never holds more than that many of our jobs
 (queued or running). A worker uploads the job's images (/upload/image), fills the workflow as
-`portrait` does and runs it with the one server client of `run --comfyui` (runner.run_on_server).
-A server that stops answering is dropped and its job goes back to the queue for another server,
-at most `retries` times. Finished jobs are appended to DIR/results.jsonl, one whole line each,
-flushed and fsynced, so an interrupted run leaves a readable file and a re-run skips them.
+`portrait` does and runs it with the one server client of `run --comfyui` (runner.ComfyServer, one
+per server, so /object_info is read once per server). A job past --max-wait is cancelled on its
+server before the worker takes another. A server that stops answering hands its job back to the
+queue for another server (at most `retries` times) and is tried again after a doubling pause; it is
+left out after `server_retries` failures in a row. Ctrl-C cancels every prompt of the run still on
+a server. Finished jobs are appended to DIR/results.jsonl, one whole line each, flushed and fsynced,
+so an interrupted run leaves a readable file and a re-run skips them; a job without a seed gets one
+at its first try, written there first, so every try and re-run draws the same image.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
@@ -27,14 +31,29 @@ from typing import TextIO
 from tqdm import tqdm
 
 from .portrait import PortraitInputs, fill_portrait, shipped_workflow, with_similarity
-from .runner import (DEFAULT_MAX_WAIT, DEFAULT_TIMEOUT, ComfyServer, Override, RunError, ServerUnreachable,
-                     load_workflow, parse_override, run_on_server)
+from .runner import (
+    DEFAULT_MAX_WAIT,
+    DEFAULT_TIMEOUT,
+    ComfyServer,
+    Override,
+    Progress,
+    PromptExpired,
+    RunError,
+    ServerUnreachable,
+    load_workflow,
+    parse_override,
+    run_on_server,
+)
 
 log = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.jsonl"
 DEFAULT_PER_SERVER = 1
 DEFAULT_RETRIES = 2
+DEFAULT_RETRY_DELAY = 5.0
+DEFAULT_SERVER_RETRIES = 8
+MAX_RETRY_DELAY = 60.0
+CANCEL_TIMEOUT = 5.0
 JOB_FIELDS = {"id", "face", "pose", "prompt", "seed", "workflow", "checkpoint", "set"}
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _WAIT_STEP = 0.2
@@ -55,8 +74,8 @@ class Job:
 def read_jobs(path: Path) -> list[Job]:
     """One JSON object per line: face (required), prompt, pose, seed, workflow, checkpoint, set (a
     list of NODE.INPUT=VALUE), id (default: the line number). Paths are relative to the file's
-    folder. Blank lines and lines starting with # are skipped. A job without a seed gets one
-    here, so a retry on another server draws the same image."""
+    folder. Blank lines and lines starting with # are skipped. A job without a seed keeps None
+    here; it gets one at its first try (ResultsFile.seed_for)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
@@ -100,8 +119,8 @@ def _job(entry: dict, number: int, folder: Path, where: str) -> Job:
     face = local("face")
     if face is None:
         raise JobsError(f"{where}: no 'face'; every job needs a face photo")
-    seed = entry.get("seed", random.randrange(2**32))
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    seed = entry.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise JobsError(f"{where}: seed must be a whole number, 0 or more")
     for name in ("prompt", "checkpoint"):
         if entry.get(name) is not None and not isinstance(entry[name], str):
@@ -120,26 +139,35 @@ def _job(entry: dict, number: int, folder: Path, where: str) -> Job:
 
 
 class ResultsFile:
-    """DIR/results.jsonl: one JSON line per finished job. Lines are appended whole (one write of
-    the full line, then flush and fsync); on opening, a torn last line and the lines of failed jobs
-    (which run again) are dropped by writing a new file and renaming it over the old one."""
+    """DIR/results.jsonl: one JSON line per finished job, and a "seeded" line for each job that got
+    its seed here. Lines are appended whole (one write of the full line, then flush and fsync); on
+    opening, a torn last line and the lines of failed jobs (which run again) are dropped by writing
+    a new file and renaming it over the old one; the seed of an unfinished job stays, on one line."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.Lock()
         self.done: dict[str, dict] = {}
-        kept: list[str] = []
+        self.seeds: dict[str, int] = {}
         text = path.read_text(encoding="utf-8") if path.is_file() else ""
         complete = text.split("\n")[:-1]  # whatever follows the last newline is torn
+        done_lines: list[str] = []
         for line in complete:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and record.get("status") == "done" and str(record.get("job")) not in self.done:
-                self.done[str(record["job"])] = record
-                kept.append(line)
-        if len(kept) != len(complete) or text != "".join(line + "\n" for line in complete):
+            if not isinstance(record, dict) or "job" not in record:
+                continue
+            job = str(record["job"])
+            if isinstance(record.get("seed"), int) and job not in self.done:
+                self.seeds[job] = record["seed"]
+            if record.get("status") == "done" and job not in self.done:
+                self.done[job] = record
+                done_lines.append(line)
+        kept = done_lines + [_line({"job": job, "status": "seeded", "seed": seed}).rstrip("\n")
+                             for job, seed in self.seeds.items() if job not in self.done]
+        if kept != complete or text != "".join(line + "\n" for line in complete):
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(path.name + ".tmp")
             with open(temporary, "w", encoding="utf-8") as stream:
@@ -149,7 +177,7 @@ class ResultsFile:
             os.replace(temporary, path)
 
     def append(self, record: dict) -> None:
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        line = _line(record).encode()
         with self.lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -160,6 +188,23 @@ class ResultsFile:
                 os.close(descriptor)
             if record.get("status") == "done":
                 self.done[str(record["job"])] = record
+
+    def seed_for(self, job: Job) -> int:
+        """The job's own seed; else the one an earlier try drew; else a new one, written down first."""
+        if job.inputs.seed is not None:
+            return job.inputs.seed
+        with self.lock:
+            seed = self.seeds.get(job.id)
+        if seed is None:
+            seed = random.randrange(2**32)
+            self.append({"job": job.id, "status": "seeded", "seed": seed})
+            with self.lock:
+                self.seeds[job.id] = seed
+        return seed
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
 
 
 @dataclass
@@ -201,14 +246,62 @@ class _Dispatcher:
                 self.condition.wait(_WAIT_STEP)
             return None
 
-    def finished(self, requeue: _Pending | None = None, dead_server: str | None = None) -> None:
+    def finished(self, requeue: _Pending | None = None) -> None:
         with self.condition:
             self.running -= 1
-            if dead_server is not None:
-                self.alive.discard(dead_server)
             if requeue is not None:
                 self.pending.appendleft(requeue)
             self.condition.notify_all()
+
+    def pause(self, seconds: float) -> bool:
+        """Wait up to `seconds`; False at once when the run stops or no work is left for anyone."""
+        until = time.monotonic() + seconds
+        with self.condition:
+            while not self.stopped and (self.pending or self.running):
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self.condition.wait(min(remaining, _WAIT_STEP))
+            return False
+
+    def leave_out(self, server: str) -> None:
+        with self.condition:
+            self.alive.discard(server)
+            self.condition.notify_all()
+
+
+class _Queued:
+    """The prompts of this run on the servers now, so Ctrl-C can cancel each of them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.prompts: dict[str, ComfyServer] = {}
+        self.stopped = False
+
+    def add(self, server: ComfyServer, prompt_id: str) -> None:
+        with self.lock:
+            self.prompts[prompt_id] = server
+            late = self.stopped
+        if late:  # queued while the run was stopping: the sweep has passed already
+            _cancel_quietly(server, prompt_id)
+
+    def remove(self, prompt_id: str | None) -> None:
+        with self.lock:
+            self.prompts.pop(prompt_id, None)
+
+    def cancel_all(self) -> None:
+        with self.lock:
+            self.stopped = True
+            prompts = list(self.prompts.items())
+        for prompt_id, server in prompts:
+            _cancel_quietly(server, prompt_id)
+
+
+def _cancel_quietly(server: ComfyServer, prompt_id: str) -> None:
+    try:
+        ComfyServer(server.url, min(server.timeout, CANCEL_TIMEOUT)).cancel(prompt_id)
+    except RunError as error:
+        log.warning("could not cancel prompt %s on %s: %s", prompt_id, server.url, error)
 
 
 @dataclass(frozen=True)
@@ -219,18 +312,21 @@ class BatchOptions:
     retries: int = DEFAULT_RETRIES
     timeout: float = DEFAULT_TIMEOUT
     max_wait: float = DEFAULT_MAX_WAIT
+    retry_delay: float = DEFAULT_RETRY_DELAY
+    server_retries: int = DEFAULT_SERVER_RETRIES
 
 
-def run_job(job: Job, server_url: str, options: BatchOptions, workflows: dict[Path, dict]) -> dict:
+def run_job(job: Job, server: ComfyServer, options: BatchOptions, workflows: dict[Path, dict],
+            on_queued: Callable[[str], None] | None = None, progress: Progress | None = None,
+            stopped: Callable[[], bool] | None = None) -> dict:
     """Upload the job's images to the server, run the filled workflow there, return its record."""
     started = time.monotonic()
-    server = ComfyServer(server_url, options.timeout)
     face = server.upload_image(Path(job.inputs.face))
     pose = server.upload_image(Path(job.inputs.pose)) if job.inputs.pose else None
     inputs = replace(job.inputs, face=face, pose=pose)
-    report = run_on_server(workflows[job.workflow], job.overrides, options.out / job.id, url=server_url,
-                           timeout=options.timeout, max_wait=options.max_wait,
-                           prepare=lambda prompt: with_similarity(fill_portrait(prompt, inputs)))
+    report = run_on_server(workflows[job.workflow], job.overrides, options.out / job.id, server=server,
+                           timeout=options.timeout, max_wait=options.max_wait, on_queued=on_queued, progress=progress,
+                           stopped=stopped, prepare=lambda prompt: with_similarity(fill_portrait(prompt, inputs)))
     similarity = report.similarities[0].value if report.similarities else None
     return {"job": job.id, "status": "done", "server": server.url, "seed": job.inputs.seed,
             "seconds": round(time.monotonic() - started, 3), "similarity": similarity,
@@ -239,62 +335,106 @@ def run_job(job: Job, server_url: str, options: BatchOptions, workflows: dict[Pa
 
 def run_batch(jobs: Sequence[Job], options: BatchOptions, stream: TextIO | None = None) -> BatchSummary:
     """Run the jobs not finished in options.out/results.jsonl over the servers."""
-    for url in options.servers:
-        ComfyServer(url)  # a malformed URL fails here, before any work
+    servers = {url.rstrip("/"): ComfyServer(url, options.timeout) for url in options.servers}  # bad URLs fail here
     results = ResultsFile(options.out / RESULTS_NAME)
     todo = [job for job in jobs if job.id not in results.done]
-    servers = tuple(dict.fromkeys(url.rstrip("/") for url in options.servers))
     summary = BatchSummary(skipped=len(jobs) - len(todo), per_server=dict.fromkeys(servers, 0))
     workflows: dict[Path, dict] = {}
     for job in todo:
         if job.workflow not in workflows:
             workflows[job.workflow] = load_workflow(job.workflow)
-    dispatcher = _Dispatcher(todo, servers)
+    dispatcher = _Dispatcher(todo, tuple(servers))
+    queued = _Queued()
     bar = tqdm(total=len(todo), desc="jobs", unit="job", file=stream or sys.stderr)
     lock = threading.Lock()
 
-    def work(server_url: str) -> None:
-        while (item := dispatcher.take(server_url)) is not None:
-            item.tried.append(server_url)
-            try:
-                record = run_job(item.job, server_url, options, workflows)
-            except ServerUnreachable as error:
-                retry = len(item.tried) <= options.retries
-                log.warning("%s: %s; %s", item.job.id, error,
-                            "trying another server" if retry else f"giving up after {len(item.tried)} servers")
-                if not retry:
-                    _record_failure(results, summary, lock, item, server_url, str(error), bar)
-                dispatcher.finished(requeue=item if retry else None, dead_server=server_url)
-                return
-            except RunError as error:
-                _record_failure(results, summary, lock, item, server_url, str(error), bar)
-            else:
-                results.append(record)
-                with lock:
-                    summary.done += 1
-                    summary.per_server[server_url] += 1
-                    bar.update(1)
-            dispatcher.finished()
+    def show(job: Job) -> Progress:
+        def step(value: int | None, total: int | None, label: str) -> None:
+            bar.set_postfix_str(f"{job.id}: {label}" + (f" {value}/{total}" if value is not None else ""))
+        return step
 
-    threads = [threading.Thread(target=work, args=(url,), name=f"batch {url} #{n}", daemon=True)
-               for url in servers for n in range(options.per_server)]
+    def attempt(item: _Pending, server: ComfyServer) -> bool:
+        """One try of the job on the server; False when the server stopped answering."""
+        item.tried.append(server.url)
+        job = replace(item.job, inputs=replace(item.job.inputs, seed=results.seed_for(item.job)))
+        prompt_ids: list[str] = []
+
+        def on_queued(prompt_id: str) -> None:
+            prompt_ids.append(prompt_id)
+            queued.add(server, prompt_id)
+        try:
+            record = run_job(job, server, options, workflows, on_queued, show(job), lambda: dispatcher.stopped)
+        except ServerUnreachable as error:
+            for prompt_id in prompt_ids:  # should the server come back, it must not run the job a second time
+                _cancel_quietly(server, prompt_id)
+            retry = len(item.tried) <= options.retries and not dispatcher.stopped
+            log.warning("%s: %s; %s", job.id, error,
+                        "trying another server" if retry else f"giving up after {len(item.tried)} tries")
+            if not retry and not dispatcher.stopped:
+                _record_failure(results, summary, lock, item, job, server.url, str(error), bar)
+            dispatcher.finished(requeue=item if retry else None)
+            return False
+        except RunError as error:
+            if not dispatcher.stopped:
+                _record_failure(results, summary, lock, item, job, server.url, str(error), bar,
+                                prompt_id=error.prompt_id if isinstance(error, PromptExpired) else None)
+        else:
+            results.append(record)
+            with lock:
+                summary.done += 1
+                summary.per_server[server.url] += 1
+                bar.update(1)
+        finally:
+            for prompt_id in prompt_ids:
+                queued.remove(prompt_id)
+        dispatcher.finished()
+        return True
+
+    def work(server: ComfyServer) -> None:
+        failures = 0
+        while (item := dispatcher.take(server.url)) is not None:
+            if attempt(item, server):
+                continue
+            while True:  # the server stopped answering: pause, doubling, until it answers again
+                failures += 1
+                delay = min(options.retry_delay * 2 ** (failures - 1), MAX_RETRY_DELAY)
+                if failures > options.server_retries:
+                    log.warning("%s: no answer after %d tries; leaving it out of this run", server.url, failures)
+                    dispatcher.leave_out(server.url)
+                    return
+                if not dispatcher.pause(delay):
+                    return
+                try:
+                    server.queued()
+                except RunError:
+                    continue
+                log.warning("%s answers again; giving it jobs", server.url)
+                failures = 0
+                break
+
+    threads = [threading.Thread(target=work, args=(server,), name=f"batch {url} #{n}", daemon=True)
+               for url, server in servers.items() for n in range(options.per_server)]
     for thread in threads:
         thread.start()
     try:
         for thread in threads:
             while thread.is_alive():
                 thread.join(_WAIT_STEP)
-    finally:
+    except BaseException:
         dispatcher.stopped = True  # on Ctrl-C the workers take no new job; written lines are whole
+        queued.cancel_all()
+        raise
+    finally:
+        dispatcher.stopped = True
         bar.close()
     summary.not_run = [item.job.id for item in dispatcher.pending]
     return summary
 
 
-def _record_failure(results: ResultsFile, summary: BatchSummary, lock: threading.Lock, item: _Pending,
-                    server_url: str, why: str, bar: tqdm) -> None:
-    results.append({"job": item.job.id, "status": "failed", "server": server_url, "seed": item.job.inputs.seed,
-                    "error": why, "servers_tried": list(item.tried)})
+def _record_failure(results: ResultsFile, summary: BatchSummary, lock: threading.Lock, item: _Pending, job: Job,
+                    server_url: str, why: str, bar: tqdm, prompt_id: str | None = None) -> None:
+    results.append({"job": job.id, "status": "failed", "server": server_url, "seed": job.inputs.seed,
+                    "error": why, "servers_tried": list(item.tried), "prompt_id": prompt_id})
     with lock:
-        summary.failed.append(f"{item.job.id}: {why}")
+        summary.failed.append(f"{job.id}: {why}")
         bar.update(1)

@@ -303,8 +303,12 @@ def _run(args: argparse.Namespace) -> int:
         workflow = runner.load_workflow(args.workflow)
         overrides = [runner.parse_override(text) for text in args.set]
         if args.comfyui:
-            report = runner.run_on_server(workflow, overrides, args.out, url=args.comfyui, timeout=args.timeout,
-                                          max_wait=args.max_wait)
+            progress = runner.StepProgress()
+            try:
+                report = runner.run_on_server(workflow, overrides, args.out, server=args.comfyui, timeout=args.timeout,
+                                              max_wait=args.max_wait, progress=progress)
+            finally:
+                progress.close()
         else:
             comfyui = find_comfyui(args.base_directory)
             if comfyui is None:
@@ -409,14 +413,16 @@ def _portrait(args: argparse.Namespace) -> int:
 
 
 def _add_batch(commands: argparse._SubParsersAction) -> None:
-    from .batch import DEFAULT_PER_SERVER, DEFAULT_RETRIES, RESULTS_NAME
+    from .batch import DEFAULT_PER_SERVER, DEFAULT_RETRIES, DEFAULT_RETRY_DELAY, DEFAULT_SERVER_RETRIES, RESULTS_NAME
 
     parser = commands.add_parser(
         "batch", help="many portraits over one or more running ComfyUI servers",
         description="Run the jobs of JOBS.jsonl (one JSON object a line: face, and optionally prompt, pose, seed, "
                     "workflow, checkpoint, set, id) on running ComfyUI servers. Images are uploaded to the server "
-                    "that runs the job; a job whose server stops answering is retried on another. Finished jobs go "
-                    f"to DIR/{RESULTS_NAME}, one line each, and a re-run skips them.")
+                    "that runs the job; a job whose server stops answering is retried on another, and that server "
+                    f"again after a pause. Finished jobs go to DIR/{RESULTS_NAME}, one line each, and a re-run skips "
+                    "them; a job without a seed gets one at its first try, kept there for re-runs. Ctrl-C cancels "
+                    "every prompt the run queued.")
     parser.add_argument("jobs", type=Path, metavar="JOBS.jsonl", help="the jobs, one JSON object per line")
     parser.add_argument("--comfyui", action="append", required=True, metavar="URL",
                         help="a running ComfyUI (e.g. http://127.0.0.1:8188); repeat for several servers")
@@ -426,7 +432,11 @@ def _add_batch(commands: argparse._SubParsersAction) -> None:
                         help="jobs each server holds at once, queued or running (default: %(default)s)")
     parser.add_argument("--retries", type=_non_negative_int, default=DEFAULT_RETRIES, metavar="N",
                         help="other servers to try when a job's server stops answering (default: %(default)s)")
-    _add_server_timing_arguments(parser, "", "one job")
+    parser.add_argument("--retry-delay", type=_positive_float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
+                        help="first pause before a server that stopped answering is tried again; the pause doubles "
+                             f"at each failure, and a server is left out after {DEFAULT_SERVER_RETRIES} failures in a "
+                             "row (default: %(default)s)")
+    _add_server_timing_arguments(parser, "", "one job (past it, the job is cancelled on its server)")
     parser.set_defaults(handler=_batch)
 
 
@@ -437,7 +447,8 @@ def _batch(args: argparse.Namespace) -> int:
     try:
         jobs = read_jobs(args.jobs)
         summary = run_batch(jobs, BatchOptions(tuple(args.comfyui), args.out, per_server=args.per_server,
-                                               retries=args.retries, timeout=args.timeout, max_wait=args.max_wait))
+                                               retries=args.retries, timeout=args.timeout, max_wait=args.max_wait,
+                                               retry_delay=args.retry_delay))
     except (JobsError, RunError) as error:
         raise CommandError(str(error)) from None
     spread = ", ".join(f"{url}: {count}" for url, count in summary.per_server.items())

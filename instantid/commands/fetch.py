@@ -1,31 +1,26 @@
-"""Downloading the catalog's model files from Hugging Face, verified against the published metadata.
+"""Downloading the catalog's model files from Hugging Face through huggingface_hub, verified here.
 
-Each file is written to `<final>.part` (resumed with an HTTP Range request after an interruption),
-checked for the published size and sha256, and only then renamed to its final name, so a file
-under the final name is always complete. Every request has a timeout; dropped connections are
-retried from the bytes already written.
+Each file is fetched with `hf_hub_download` into a staging folder beside its final place (same disk,
+so the move is a rename): huggingface_hub brings the token (HF_TOKEN or `hf auth login`), the
+endpoint, Range resume of dropped connections, Xet storage and its progress bar. The staged file is
+then checked here for the published size and sha256 (the catalog's pin where it has one) and only
+then renamed to its final name, so a file under the final name is always complete. Every request
+has a timeout.
 """
 from __future__ import annotations
 
 import hashlib
-import http.client
-import json
 import logging
 import os
 import re
 import shutil
-import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .. import __version__
 from .catalog import ModelFile
 
 log = logging.getLogger(__name__)
@@ -36,7 +31,6 @@ DEFAULT_RETRIES = 3
 DEFAULT_RETRY_DELAY = 2.0
 CHUNK_BYTES = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_CONTENT_RANGE_START = re.compile(r"bytes (\d+)-")
 
 
 class FetchError(RuntimeError):
@@ -75,55 +69,60 @@ def file_url(entry: ModelFile, endpoint: str) -> str:
     return f"{endpoint}/{entry.repo}/resolve/{entry.revision}/{urllib.parse.quote(entry.file)}"
 
 
-def _tree_url(entry: ModelFile, endpoint: str) -> str:
-    folder = entry.file.rpartition("/")[0]
-    url = f"{endpoint}/api/models/{entry.repo}/tree/{entry.revision}"
-    return f"{url}/{urllib.parse.quote(folder)}" if folder else url
+def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | _Retry:
+    """huggingface_hub's errors as one line: access and missing files are final, the rest transient."""
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{entry.repo}/{entry.file}"
+    if isinstance(error, GatedRepoError):
+        return FetchError(f"{where}: {endpoint} refuses the file without access to the gated repository; accept its "
+                          f"licence on {endpoint}/{entry.repo}, then set HF_TOKEN or run `hf auth login`")
+    if isinstance(error, RepositoryNotFoundError):
+        return FetchError(f"{where}: {endpoint} has no repository {entry.repo} you can read; if it is private or "
+                          "gated, set HF_TOKEN or run `hf auth login`, else check --endpoint")
+    if isinstance(error, (EntryNotFoundError, RevisionNotFoundError)):
+        return FetchError(f"{entry.file} is not in {entry.repo} at revision {entry.revision} on {endpoint}; the source "
+                          "may have moved")
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(error, HfHubHTTPError) and status is not None and 400 <= status < 500 and status not in (408, 429):
+        return FetchError(f"{file_url(entry, endpoint)}: HTTP {status}; check the --endpoint and that the file is "
+                          "still published")
+    text = str(error).strip().splitlines()
+    return _Retry(f"{type(error).__name__}: {text[0]}" if text else type(error).__name__)
 
 
-def _open(url: str, timeout: float, headers: Mapping[str, str] | None = None) -> http.client.HTTPResponse:
-    request = urllib.request.Request(url, headers={"User-Agent": f"instantid-nodes/{__version__}", **(headers or {})})
-    return urllib.request.urlopen(request, timeout=timeout)
+@contextmanager
+def _download_timeout(seconds: float) -> Iterator[None]:
+    """huggingface_hub reads its body timeout from this setting only (HF_HUB_DOWNLOAD_TIMEOUT)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = seconds
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = before
 
 
-def _classify(url: str, error: BaseException) -> FetchError | _Retry:
-    """HTTP 4xx (except 408/429) is final; anything else transient becomes a _Retry."""
-    if isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500 and error.code not in (408, 429):
-        return FetchError(f"{url}: HTTP {error.code} {error.reason}; check the --endpoint and that the file is still published")
-    reason = error.reason if isinstance(error, urllib.error.URLError) else error
-    return _Retry(f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__)
+def published(entry: ModelFile, endpoint: str, timeout: float, retries: int, retry_delay: float) -> Published:
+    """Size and sha256 from the metadata huggingface_hub reads for a download (HEAD /resolve/): for
+    an LFS file its ETag is the sha256, as huggingface_hub itself relies on."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-
-def published(entry: ModelFile, endpoint: str, timeout: float, retries: int, retry_delay: float,
-              listings: dict[str, object] | None = None) -> Published:
-    """Size and sha256 from the Hugging Face tree API; `listings` caches folder listings by URL."""
-    url = _tree_url(entry, endpoint)
-    cache = {} if listings is None else listings
-    if url not in cache:
-        cache[url] = _get_json(url, timeout, retries, retry_delay)
-    listing = cache[url]
-    items = listing if isinstance(listing, list) else []
-    item = next((i for i in items if isinstance(i, dict) and i.get("path") == entry.file), None)
-    if item is None:
-        raise FetchError(f"{entry.file} is not listed in {entry.repo} ({url}); the source may have moved")
-    lfs = item.get("lfs") if isinstance(item.get("lfs"), dict) else {}
-    size = lfs.get("size", item.get("size"))
-    sha256 = lfs.get("oid")
-    if not isinstance(size, int) or size < 0:
-        raise FetchError(f"{url}: no usable size for {entry.file} in the listing")
-    if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
-        raise FetchError(f"{url}: the published sha256 for {entry.file} is malformed: {sha256!r}")
-    return Published(size=size, sha256=sha256)
-
-
-def _get_json(url: str, timeout: float, retries: int, retry_delay: float) -> object:
+    url = hf_hub_url(entry.repo, entry.file, revision=entry.revision, endpoint=endpoint)
     for attempt in range(retries + 1):
         try:
-            with _open(url, timeout) as response:
-                body = response.read()
+            metadata = get_hf_file_metadata(url, timeout=timeout)
             break
-        except (OSError, http.client.HTTPException) as error:
-            problem = _classify(url, error)
+        except Exception as error:  # huggingface_hub's errors differ by version and HTTP library: _problem sorts them
+            problem = _problem(entry, endpoint, error)
             if isinstance(problem, FetchError):
                 raise problem from None
             if attempt == retries:
@@ -131,10 +130,10 @@ def _get_json(url: str, timeout: float, retries: int, retry_delay: float) -> obj
                                  "check the network, or point --endpoint / HF_ENDPOINT at a reachable mirror") from None
             log.info("retrying %s (%s)", url, problem)
             time.sleep(retry_delay)
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise FetchError(f"{url} did not answer with JSON; is --endpoint a Hugging Face endpoint?") from None
+    if not isinstance(metadata.size, int) or metadata.size < 0:
+        raise FetchError(f"{url}: no usable size for {entry.file}; is --endpoint a Hugging Face endpoint?")
+    etag = (metadata.etag or "").lower()
+    return Published(size=metadata.size, sha256=etag if _SHA256.fullmatch(etag) else None)
 
 
 def sha256_of(path: Path) -> str:
@@ -149,76 +148,56 @@ def _matches(path: Path, expected: Published) -> bool:
     return path.stat().st_size == expected.size and (expected.sha256 is None or sha256_of(path) == expected.sha256)
 
 
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
+def staging_folder(destination: Path) -> Path:
+    """Where huggingface_hub puts the file before it is verified: beside it, on the same disk."""
+    return destination.parent / f".{destination.name}.download"
 
 
-def _transfer(url: str, part: Path, size: int, timeout: float, bar: tqdm) -> None:
-    """One request appending to `part` from its current length (or rewriting it on a plain 200)."""
-    have = _size(part)
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with _open(url, timeout, headers) as response:
-        mode = "ab"
-        if response.status == 206:
-            start = _CONTENT_RANGE_START.match(response.headers.get("Content-Range", ""))
-            if start is None or int(start.group(1)) != have:
-                part.unlink()
-                raise _Retry(f"the server resumed at {response.headers.get('Content-Range')!r}, not at byte {have}")
-        elif response.status == 200:
-            if have:
-                log.info("%s: the server ignored the Range request; restarting from byte 0", part.name)
-                bar.reset(total=size)
-            mode, have = "wb", 0
-        else:
-            raise _Retry(f"unexpected HTTP {response.status}")
-        with open(part, mode) as out:
-            # read1 hands over whatever has arrived, so a dropped connection loses little. Never
-            # write far past the published size: a longer answer is wrong and fails verification.
-            while have <= size and (chunk := response.read1(CHUNK_BYTES)):
-                out.write(chunk)
-                have += len(chunk)
-                bar.update(len(chunk))
+def _drop_overlong_partials(staging: Path, size: int) -> None:
+    """A partial file longer than the published size cannot be resumed into the right one (older
+    huggingface_hub appends a whole answer when a server ignores Range): the next try starts over."""
+    for partial in staging.rglob("*.incomplete"):
+        if partial.stat().st_size > size:
+            partial.unlink()
 
 
-def download(url: str, destination: Path, expected: Published, *, timeout: float = DEFAULT_TIMEOUT,
-             retries: int = DEFAULT_RETRIES, retry_delay: float = DEFAULT_RETRY_DELAY) -> None:
-    """Download `url` to `destination` through `destination.part`, resuming that file if present.
+def download(entry: ModelFile, endpoint: str, destination: Path, expected: Published, *,
+             timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
+             retry_delay: float = DEFAULT_RETRY_DELAY) -> None:
+    """hf_hub_download into the staging folder (huggingface_hub resumes a dropped connection with a
+    Range request), then the size and sha256 check and the rename. The final name appears only after
+    verification; a file that fails it is deleted with its staging folder."""
+    from huggingface_hub import hf_hub_download
 
-    `retries` counts consecutive tries that gained no bytes, so a long download over a flaky link
-    still finishes while a dead server fails fast. The final name appears only after verification."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    part = destination.with_name(destination.name + ".part")
-    if _size(part) > expected.size:
-        part.unlink()
-    free = shutil.disk_usage(destination.parent).free
-    if expected.size - _size(part) > free:
-        raise FetchError(f"{destination}: needs {expected.size - _size(part)} more bytes, {free} free on that disk")
-    failures = 0
-    with tqdm(total=expected.size, initial=_size(part), unit="B", unit_scale=True, unit_divisor=1024,
-              desc=destination.name, file=sys.stderr) as bar:
-        while (before := _size(part)) < expected.size:
-            problem = "the connection closed early"
-            try:
-                _transfer(url, part, expected.size, timeout, bar)
-            except _Retry as error:
-                problem = str(error)
-            except (OSError, http.client.HTTPException) as error:
-                if isinstance(error, urllib.error.HTTPError) and error.code == 416 and part.exists():
-                    part.unlink()  # the published size and the server's file disagree: start over
-                classified = _classify(url, error)
-                if isinstance(classified, FetchError):
-                    raise classified from None
-                problem = str(classified)
-            failures = 0 if _size(part) > before else failures + 1
-            if failures > retries:
-                raise FetchError(f"{destination}: download failed {failures} times in a row ({problem}); "
-                                 f"run again to resume from byte {_size(part)}")
-            if _size(part) < expected.size:
-                log.info("%s: %s; resuming at byte %d", destination.name, problem, _size(part))
-                if failures:
-                    time.sleep(retry_delay)
-    _verify(part, destination, expected, url)
-    os.replace(part, destination)
+    staging = staging_folder(destination)
+    staging.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(staging).free
+    if expected.size > free:
+        raise FetchError(f"{destination}: needs {expected.size} bytes, {free} free on that disk")
+    for attempt in range(retries + 1):
+        try:
+            with _download_timeout(timeout):
+                staged = Path(hf_hub_download(entry.repo, entry.file, revision=entry.revision, local_dir=staging,
+                                              endpoint=endpoint, etag_timeout=timeout))
+            break
+        except Exception as error:  # see published()
+            problem = _problem(entry, endpoint, error)
+            if isinstance(problem, FetchError):
+                raise problem from None
+            if attempt == retries:
+                tries = "1 try" if retries == 0 else f"{retries + 1} tries"
+                raise FetchError(f"{destination}: download failed after {tries} ({problem}); check the network and "
+                                 "run again") from None
+            log.info("%s: %s; trying again", destination.name, problem)
+            _drop_overlong_partials(staging, expected.size)
+            time.sleep(retry_delay)
+    try:
+        _verify(staged, destination, expected, file_url(entry, endpoint))
+    except FetchError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.replace(staged, destination)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _verify(part: Path, destination: Path, expected: Published, url: str) -> None:
@@ -254,14 +233,12 @@ def fetch_models(entries: Iterable[ModelFile], folders: Mapping[str, Path], *, e
                  retry_delay: float = DEFAULT_RETRY_DELAY) -> list[FetchResult]:
     """Make each entry present and verified at `folders[entry.folder] / entry.path`.
 
-    Stops at the first failure (FetchError); files finished before it stay, and a partial one
-    resumes on the next run."""
+    Stops at the first failure (FetchError); files finished before it stay."""
     base = resolve_endpoint(endpoint)
-    listings: dict[str, object] = {}
     results = []
     for entry in entries:
         destination = folders[entry.folder] / entry.path
-        expected = _pinned(entry, published(entry, base, timeout, retries, retry_delay, listings), base)
+        expected = _pinned(entry, published(entry, base, timeout, retries, retry_delay), base)
         if expected.sha256 is None:
             log.warning("%s: %s publishes no sha256 for %s; checking the size only", entry.id, entry.repo, entry.file)
         if destination.is_file():
@@ -271,6 +248,6 @@ def fetch_models(entries: Iterable[ModelFile], folders: Mapping[str, Path], *, e
                 continue
             log.warning("%s: %s differs from the published file; downloading a replacement", entry.id, destination)
         log.info("%s: downloading %s from %s", entry.id, entry.file, entry.repo)
-        download(file_url(entry, base), destination, expected, timeout=timeout, retries=retries, retry_delay=retry_delay)
+        download(entry, base, destination, expected, timeout=timeout, retries=retries, retry_delay=retry_delay)
         results.append(FetchResult(entry, destination, True, expected.sha256 is not None))
     return results

@@ -7,6 +7,7 @@ outputs into the output folder, and read the InstantIDFaceSimilarity results.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import http.client
@@ -14,6 +15,7 @@ import json
 import logging
 import shutil
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -27,7 +29,13 @@ from typing import Any
 from tqdm import tqdm
 
 from .. import __version__
-from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, refusal_text, ui_to_api
+from .embedded import (
+    EmbeddedComfyUI,
+    WorkflowError,
+    is_ui_format,
+    refusal_text,
+    ui_to_api,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ SIMILARITY_NODE = "InstantIDFaceSimilarity"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_WAIT = 1800.0
 DEFAULT_POLL_INTERVAL = 0.5
+PROGRESS_CONNECT_WAIT = 5.0
 
 SchemaInputs = Callable[[str], Collection[str]]
 
@@ -190,7 +199,12 @@ def check_override_numbers(prompt: Mapping[str, dict], overrides: Sequence[Overr
     """The nodes' own number checks (instantid.checks) on the values --set gave, so a NaN, an
     infinity or an empty InstantID schedule stops here, before ComfyUI runs anything. A FLOAT
     input given as text ('nan', 'inf') becomes the number ComfyUI would make of it."""
-    from ..checks import NumberInput, SettingError, check_finite, check_schedule  # imports torch: only when used
+    from ..checks import (  # imports torch: only when used
+        NumberInput,
+        SettingError,
+        check_finite,
+        check_schedule,
+    )
 
     for override in overrides:
         node_id = resolve_node(prompt, override.node, override.text)
@@ -263,22 +277,33 @@ def similarity_results(prompt: Mapping[str, Mapping], outputs: Mapping[str, Mapp
     return results
 
 
-class StepProgress:
-    """A tqdm bar on stderr for each progress source (the sampler's steps, mostly)."""
+def node_labels(prompt: Mapping[str, Mapping]) -> dict[str, str]:
+    """Node id -> what the progress line calls it: the node's title, else its class type."""
+    return {i: (n.get("_meta") or {}).get("title") or n.get("class_type", f"node {i}") for i, n in prompt.items()}
 
-    def __init__(self, labels: Mapping[str, str], stream: Any = None) -> None:
-        self.labels = labels
+
+Progress = Callable[[int | None, int | None, str], None]  # (step, of steps, node label); no step: the node began
+
+
+class StepProgress:
+    """One tqdm line on stderr that follows the run: the running node's name and its steps."""
+
+    def __init__(self, stream: Any = None) -> None:
         self.stream = stream
         self.bar: tqdm | None = None
-        self.key: tuple[str | None, int] | None = None
+        self.label = ""
 
-    def __call__(self, value: int, total: int, node_id: str | None) -> None:
-        if self.bar is None or self.key != (node_id, total) or value < self.bar.n:
-            self.close()
-            label = self.labels.get(node_id or "", f"node {node_id}") if node_id else "progress"
+    def __call__(self, value: int | None, total: int | None, label: str) -> None:
+        if self.bar is None:
             self.bar = tqdm(total=total, desc=label, unit="step", file=self.stream or sys.stderr, leave=True)
-            self.key = (node_id, total)
-        self.bar.update(value - self.bar.n)
+        elif label != self.label or total != self.bar.total or (value is not None and value < self.bar.n):
+            self.bar.reset(total=total)
+            self.bar.set_description(label, refresh=False)
+        self.label = label
+        if value is not None:
+            self.bar.update(value - self.bar.n)
+        else:
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -328,13 +353,14 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     prompt = prepare(prompt) if prepare else prompt
     import comfy.utils as comfy_utils  # importable once ComfyUI is booted
 
-    labels = {i: (n.get("_meta") or {}).get("title") or n["class_type"] for i, n in prompt.items()}
-    bar = StepProgress(labels, progress_stream)
+    labels = node_labels(prompt)
+    bar = StepProgress(progress_stream)
     stock_bars = comfy_utils.PROGRESS_BAR_ENABLED
     comfy_utils.PROGRESS_BAR_ENABLED = False  # ComfyUI's own tqdm would draw a second bar
     try:
         # Fresh caches: a cached output node would not report its images again.
-        result = comfy.run(prompt, progress=lambda value, total, node_id: bar(value, total, node_id or _running_node()),
+        progress = lambda value, total, node_id: bar(value, total, _label(labels, node_id or _running_node()))  # noqa: E731
+        result = comfy.run(prompt, progress=progress,
                            reuse_outputs=False)
     finally:
         comfy_utils.PROGRESS_BAR_ENABLED = stock_bars
@@ -349,6 +375,10 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
         source = source / image.get("subfolder", "") / image["filename"]
         report.images.append(_copy(source, out_dir / _safe_name(image["filename"])))
     return report
+
+
+def _label(labels: Mapping[str, str], node_id: str | None) -> str:
+    return labels.get(node_id, f"node {node_id}") if node_id else "progress"
 
 
 def _running_node() -> str | None:
@@ -372,8 +402,9 @@ def _copy(source: Path, destination: Path) -> Path:
 
 
 class ComfyServer:
-    """The few endpoints of a running ComfyUI that a headless run needs; every request has a
-    timeout, and no request outlives `deadline` (time.monotonic()) when one is set."""
+    """The endpoints of a running ComfyUI that a headless run needs: one instance per server, safe to
+    share between threads. Every request has a timeout, and none outlives its `deadline`
+    (time.monotonic()) when one is given. /object_info is read once and kept."""
 
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -381,22 +412,23 @@ class ComfyServer:
             raise RunError(f"--comfyui {url!r} is not an http(s) URL; pass e.g. --comfyui http://127.0.0.1:8188")
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.deadline: float | None = None
+        self._object_info: dict | None = None
+        self._lock = threading.Lock()
 
-    def _timeout(self) -> float:
-        if self.deadline is None:
+    def _timeout(self, deadline: float | None) -> float:
+        if deadline is None:
             return self.timeout
-        return max(0.1, min(self.timeout, self.deadline - time.monotonic()))
+        return max(0.1, min(self.timeout, deadline - time.monotonic()))
 
     def request(self, path: str, body: dict | None = None, *, data: bytes | None = None,
-                content_type: str = "application/json") -> bytes:
+                content_type: str = "application/json", deadline: float | None = None) -> bytes:
         """GET, or POST of `body` as JSON (or of raw `data` with its `content_type`)."""
         data = data if data is not None else None if body is None else json.dumps(body).encode()
         headers = {"User-Agent": f"instantid-nodes/{__version__}"}
         if data is not None:
             headers["Content-Type"] = content_type
         request = urllib.request.Request(self.url + path, data=data, headers=headers)
-        timeout = self._timeout()
+        timeout = self._timeout(deadline)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.read()
@@ -413,6 +445,23 @@ class ComfyServer:
                                         "--timeout") from None
             raise ServerUnreachable(f"cannot reach ComfyUI at {self.url} ({reason}); start it (python main.py --listen) "
                                     "or fix --comfyui") from None
+
+    def json(self, path: str, body: dict | None = None, *, deadline: float | None = None) -> Any:
+        raw = self.request(path, body, deadline=deadline)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise RunError(f"{self.url}{path} did not answer with JSON; is --comfyui the address of ComfyUI?") from None
+
+    def object_info(self) -> dict:
+        """Every node type's schema (GET /object_info), read on the first call only."""
+        with self._lock:
+            if self._object_info is None:
+                info = self.json("/object_info")
+                if not isinstance(info, dict):
+                    raise RunError(f"{self.url}/object_info did not list node types; is --comfyui the address of ComfyUI?")
+                self._object_info = info
+            return self._object_info
 
     def upload_image(self, path: Path) -> str:
         """Put a local image into the server's input folder (POST /upload/image) under a name made
@@ -437,12 +486,40 @@ class ComfyServer:
             raise RunError(f"{self.url}/upload/image did not confirm the upload of {path}; is it ComfyUI?")
         return "/".join(part for part in (answer.get("subfolder"), answer["name"]) if part)
 
-    def json(self, path: str, body: dict | None = None) -> Any:
-        raw = self.request(path, body)
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise RunError(f"{self.url}{path} did not answer with JSON; is --comfyui the address of ComfyUI?") from None
+    def queue_prompt(self, prompt: dict, client_id: str) -> str:
+        """POST /prompt; the prompt id. A graph ComfyUI refuses raises RunError with its reasons."""
+        answer = self.json("/prompt", {"prompt": prompt, "client_id": client_id})
+        prompt_id = answer.get("prompt_id") if isinstance(answer, dict) else None
+        if not prompt_id:
+            raise RunError(f"ComfyUI accepted the workflow but returned no prompt id ({str(answer)[:200]})")
+        if answer.get("node_errors"):
+            raise RunError(f"ComfyUI refused part of the workflow (its valid outputs still run on the server, as prompt "
+                           f"{prompt_id}): {_refusal_text({'error': {'message': 'Prompt outputs failed validation'}, **answer})}")
+        return prompt_id
+
+    def finished_entry(self, prompt_id: str, deadline: float | None = None) -> dict | None:
+        """The prompt's /history entry once it has finished (success or error), else None."""
+        history = self.json(f"/history/{urllib.parse.quote(prompt_id)}", deadline=deadline)
+        entry = history.get(prompt_id) if isinstance(history, dict) else None
+        if isinstance(entry, dict):
+            status = entry.get("status") or {}
+            if status.get("completed") or status.get("status_str") in ("success", "error"):
+                return entry
+        return None
+
+    def queued(self) -> tuple[list[str], list[str]]:
+        """(running, pending) prompt ids of the server's queue (GET /queue)."""
+        answer = self.json("/queue")
+        answer = answer if isinstance(answer, dict) else {}
+        return tuple([item[1] for item in answer.get(key) or [] if isinstance(item, list) and len(item) > 1]
+                     for key in ("queue_running", "queue_pending"))
+
+    def cancel(self, prompt_id: str) -> None:
+        """Take the prompt off the server: out of the pending queue, then interrupted if it is the
+        running one (ComfyUI's /interrupt with a prompt_id leaves any other prompt alone)."""
+        self.request("/queue", {"delete": [prompt_id]})
+        self.request("/interrupt", {"prompt_id": prompt_id})
+        log.debug("cancelled prompt %s on %s", prompt_id, self.url)
 
 
 def _http_error(url: str, error: urllib.error.HTTPError) -> RunError:
@@ -468,20 +545,30 @@ def _execution_error(entry: Mapping) -> str:
     return "ComfyUI reported an error without details; see its console"
 
 
-def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, *, url: str,
+class PromptExpired(RunError):
+    """The prompt did not finish within --max-wait; it was taken off the server."""
+
+    def __init__(self, message: str, prompt_id: str) -> None:
+        super().__init__(message)
+        self.prompt_id = prompt_id
+
+
+def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, *, server: ComfyServer | str,
                   timeout: float = DEFAULT_TIMEOUT, max_wait: float = DEFAULT_MAX_WAIT,
-                  poll_interval: float = DEFAULT_POLL_INTERVAL, prepare: Prepare | None = None) -> RunReport:
+                  poll_interval: float = DEFAULT_POLL_INTERVAL, prepare: Prepare | None = None,
+                  progress: Progress | None = None, on_queued: Callable[[str], None] | None = None,
+                  stopped: Callable[[], bool] | None = None) -> RunReport:
     """Submit the API-format graph to a running ComfyUI (POST /prompt), poll /history/<id> until it
-    finishes or `max_wait` seconds pass, and download the output images with /view. `prepare`
-    edits the API-format prompt last (after the overrides). A server that stops answering raises
-    ServerUnreachable."""
-    server = ComfyServer(url, timeout)
+    finishes, and download the output images with /view. A prompt still unfinished after `max_wait`
+    seconds is cancelled on the server (PromptExpired). `prepare` edits the API-format prompt last
+    (after the overrides); `progress` follows the run over ComfyUI's websocket; `on_queued` gets the
+    prompt id as soon as the server has it; once `stopped()` is true the wait ends (RunError), the
+    caller having cancelled the prompt. A server that stops answering raises ServerUnreachable."""
+    server = server if isinstance(server, ComfyServer) else ComfyServer(server, timeout)
     schema: SchemaInputs | None = None
     object_info: dict = {}
     if is_ui_format(workflow) or overrides:  # the --set checks need the inputs' types and ranges too
-        object_info = server.json("/object_info")
-        if not isinstance(object_info, dict):
-            raise RunError(f"{server.url}/object_info did not list node types; is --comfyui the address of ComfyUI?")
+        object_info = server.object_info()
     if is_ui_format(workflow):
         try:
             prompt = ui_to_api(workflow, object_info)
@@ -493,17 +580,15 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
     prompt = apply_overrides(prompt, overrides, schema)
     check_override_numbers(prompt, overrides, lambda kind: object_info.get(kind) or {})
     prompt = prepare(prompt) if prepare else prompt
-    answer = server.json("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
-    prompt_id = answer.get("prompt_id") if isinstance(answer, dict) else None
-    if not prompt_id:
-        raise RunError(f"ComfyUI accepted the workflow but returned no prompt id ({str(answer)[:200]})")
-    if isinstance(answer, dict) and answer.get("node_errors"):
-        raise RunError(f"ComfyUI refused part of the workflow (its valid outputs still run on the server, as prompt "
-                       f"{prompt_id}): {_refusal_text({'error': {'message': 'Prompt outputs failed validation'}, **answer})}")
-    log.info("queued on %s as prompt %s; waiting at most %.0f s", server.url, prompt_id, max_wait)
-    server.deadline = time.monotonic() + max_wait
-    entry = _wait_for(server, prompt_id, max_wait, poll_interval)
-    server.deadline = None  # downloads get the normal per-request timeout
+    client_id = str(uuid.uuid4())
+    labels = node_labels(prompt)
+    report_step = (lambda value, total, node_id: progress(value, total, _label(labels, node_id))) if progress else None
+    with ProgressFollower(server.url, client_id, report_step, server.timeout):
+        prompt_id = server.queue_prompt(prompt, client_id)
+        if on_queued is not None:
+            on_queued(prompt_id)
+        log.info("queued on %s as prompt %s; waiting at most %.0f s", server.url, prompt_id, max_wait)
+        entry = _wait_for(server, prompt_id, max_wait, poll_interval, stopped)
     status = entry.get("status") or {}
     if status.get("status_str") == "error":
         raise RunError(f"the workflow failed at {_execution_error(entry)}")
@@ -519,18 +604,83 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
     return report
 
 
-def _wait_for(server: ComfyServer, prompt_id: str, max_wait: float, poll_interval: float) -> dict:
-    assert server.deadline is not None
-    path = f"/history/{urllib.parse.quote(prompt_id)}"
-    while True:
-        history = server.json(path)
-        entry = history.get(prompt_id) if isinstance(history, dict) else None
-        if isinstance(entry, dict):
-            status = entry.get("status") or {}
-            if status.get("completed") or status.get("status_str") in ("success", "error"):
-                return entry
-        remaining = server.deadline - time.monotonic()
+def _wait_for(server: ComfyServer, prompt_id: str, max_wait: float, poll_interval: float,
+              stopped: Callable[[], bool] | None = None) -> dict:
+    deadline = time.monotonic() + max_wait
+    while (entry := server.finished_entry(prompt_id, deadline)) is None:
+        if stopped is not None and stopped():
+            raise RunError(f"stopped while prompt {prompt_id} was on {server.url}")
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RunError(f"prompt {prompt_id} did not finish within {max_wait:.0f} s (--max-wait); it may still be "
-                           f"queued or running on {server.url}: check its queue, or wait longer with --max-wait")
+            try:
+                server.cancel(prompt_id)
+            except RunError as error:
+                raise PromptExpired(f"prompt {prompt_id} did not finish within {max_wait:.0f} s (--max-wait) and could "
+                                    f"not be cancelled ({error}); check the queue of {server.url}", prompt_id) from None
+            raise PromptExpired(f"prompt {prompt_id} did not finish within {max_wait:.0f} s (--max-wait); it was "
+                                f"cancelled on {server.url}; wait longer with --max-wait", prompt_id)
         time.sleep(min(poll_interval, remaining))
+    return entry
+
+
+class ProgressFollower:
+    """ComfyUI's websocket messages for one client id (executing: the node; progress: its step),
+    read in a thread and handed to `report(step, steps, node_id)`. Best effort: when the socket
+    cannot be opened the run goes on, polling /history alone."""
+
+    def __init__(self, url: str, client_id: str, report: Callable[[int | None, int | None, str | None], None] | None,
+                 connect_timeout: float) -> None:
+        self.url = "ws" + url[len("http"):] + "/ws?" + urllib.parse.urlencode({"clientId": client_id})
+        self.report = report
+        self.connect_timeout = connect_timeout
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"progress {url}", daemon=True)
+
+    def __enter__(self) -> ProgressFollower:
+        if self.report is not None:
+            self.thread.start()
+            # Connected first, so no message of the prompt is missed; a slow socket delays the run little.
+            self.ready.wait(min(self.connect_timeout, PROGRESS_CONNECT_WAIT))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(min(self.connect_timeout, 1.0))  # a daemon thread: a socket still opening ends on its own
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._follow())
+        except Exception as error:  # progress is a convenience: never fail the run over it
+            log.debug("no progress from %s: %s", self.url, error)
+        finally:
+            self.ready.set()
+
+    async def _follow(self) -> None:
+        import aiohttp  # ComfyUI's own web server library, so every ComfyUI environment has it
+
+        async with aiohttp.ClientSession() as session:
+            socket = await asyncio.wait_for(session.ws_connect(self.url), self.connect_timeout)
+            self.ready.set()
+            async with socket:
+                await self._read(socket, aiohttp.WSMsgType)
+
+    async def _read(self, socket: Any, kinds: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                message = await socket.receive(timeout=0.25)
+            except asyncio.TimeoutError:
+                continue
+            if message.type in (kinds.CLOSE, kinds.CLOSED, kinds.ERROR):
+                return
+            if message.type == kinds.TEXT:
+                self._handle(json.loads(message.data))
+
+    def _handle(self, message: Mapping) -> None:
+        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        if message.get("type") == "executing" and data.get("node") is not None:
+            self.report(None, None, str(data["node"]))
+        elif message.get("type") == "progress" and isinstance(data.get("value"), int):
+            node = data.get("node")
+            self.report(data["value"], data.get("max"), str(node) if node is not None else None)

@@ -90,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.lock:
             fake.requests.append(self.path)
             fake.posted.append(body)
+        if self.path in ("/queue", "/interrupt"):  # ComfyUI answers both with an empty 200
+            return self._send(200, b"", "text/plain")
         if self.path != "/prompt":
             return self._json(404, {"error": "not found"})
         if fake.refusal is not None:
