@@ -99,7 +99,9 @@ def load_irse50(path: str | Path) -> IRSE50:
     if isinstance(state, dict) and all(isinstance(k, str) and k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RecognizerFileError(f"{path} is not a plain state dict of tensors. Expected {EXPECTED_LAYOUT}.")
+        held = ", ".join(sorted(map(str, state))[:3]) if isinstance(state, dict) else type(state).__name__
+        raise RecognizerFileError(f"{path} is not the IR-SE50 face recogniser (it holds {held or 'nothing'}, not a plain "
+                                  f"state dict of tensors). Expected {EXPECTED_LAYOUT}.")
     expected = expected_shapes()
     weights = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     problems = [f"{k} missing" for k in expected if k not in weights]

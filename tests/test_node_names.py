@@ -20,6 +20,8 @@ def test_display_names_carry_what_users_type_and_ids_stay(comfy):
     assert all("InstantID" in name for name in names.values()), names
     assert {"Keypoints", "Pose"} <= set(re.findall(r"\w+", names["FaceKeypointsPreprocessor"]))
     assert "InsightFace" in names["InstantIDFaceAnalysis"]
+    assert all({"InfiniteYou", "FLUX"} <= set(re.findall(r"\w+", names[node_id]))
+               for node_id in ("InfiniteYouModelLoader", "ApplyInfiniteYou"))
 
 
 def test_tooltips_say_what_happens_without_internals(comfy):
@@ -33,6 +35,7 @@ def test_tooltips_say_what_happens_without_internals(comfy):
     assert "black frame" in on_no_face["FaceKeypointsPreprocessor"]
     assert "passes the inputs through" not in on_no_face["FaceKeypointsPreprocessor"]
     assert all("passes the model and conditioning through unchanged" in tip
-               for node_id, tip in on_no_face.items() if node_id != "FaceKeypointsPreprocessor")
+               for node_id, tip in on_no_face.items() if node_id not in ("FaceKeypointsPreprocessor", "ApplyInfiniteYou"))
+    assert "passes the conditioning through unchanged" in on_no_face["ApplyInfiniteYou"]  # it patches no model
     assert set(on_no_face) == {"FaceKeypointsPreprocessor", "ApplyInstantID", "ApplyInstantIDAdvanced",
-                               "InstantIDAttentionPatch"}
+                               "InstantIDAttentionPatch", "ApplyInfiniteYou"}
