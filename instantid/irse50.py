@@ -8,6 +8,8 @@ reference pipeline feeds them), through the network: 512 values of unit length.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +129,29 @@ def aligned_face(image_bgr: np.ndarray, kps: np.ndarray) -> torch.Tensor:
 
 
 class IRSE50Recognizer:
-    """A face recogniser in the front end's terms (faces.Recognizer): a name and embed()."""
+    """A face recogniser in the front end's terms (faces.Recognizer): a name and embed(). Embeddings
+    are remembered by aligned crop (ComfyUI re-runs an Apply when only a strength changes, and the
+    similarity node sees the same reference again)."""
 
     name = RECOGNIZER_NAME
     label = "ArcFace IR-SE50 (InfiniteYou)"
+    cache_size = 32
 
     def __init__(self, network: IRSE50, path: Path | None = None) -> None:
         self.network = network
         self.path = path
+        self._embeddings: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     def embed(self, image_bgr: np.ndarray, kps: Any) -> np.ndarray:
         """The 512-d unit embedding of the face at `kps` (5 x 2 pixels) in a BGR uint8 image."""
-        with torch.no_grad():
-            return self.network(aligned_face(image_bgr, kps))[0].numpy().astype(np.float32)
+        face = aligned_face(image_bgr, kps)
+        key = hashlib.sha256(face.numpy().tobytes()).digest()
+        embedding = self._embeddings.get(key)
+        if embedding is None:
+            with torch.no_grad():
+                embedding = self.network(face)[0].numpy().astype(np.float32)
+            embedding.setflags(write=False)
+            self._embeddings[key] = embedding
+            if len(self._embeddings) > self.cache_size:
+                self._embeddings.popitem(last=False)
+        return embedding

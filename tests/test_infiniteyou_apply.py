@@ -60,9 +60,8 @@ def kit(comfy) -> FluxKit:
     (infiniteyou, _) = FluxKit(nodes, None, None, None, None, {}).run_node(
         "InfiniteYouModelLoader", projection_file="image_proj_model.bin", recognizer_file="recognition_arcface_ir_se50.pth")
     (analyzer,) = nodes.InstantIDFaceAnalysis.execute(provider="CPU").args
-    transformer, controlnet = fr.diffusers_models()
-    _, infusenet_model = fr.comfy_models(transformer, controlnet)
-    _, canny_model = fr.comfy_models(*fr.diffusers_models(seed=11))
+    infusenet_model = fr.comfy_control_model(fr.diffusers_controlnet())
+    canny_model = fr.comfy_control_model(fr.diffusers_controlnet(seed=11))
     g = torch.Generator().manual_seed(3)
     pair = {"latent": torch.randn(1, 16, *LATENT, generator=g), "text": torch.randn(1, 12, fr.CONTEXT, generator=g),
             "pooled": torch.randn(1, fr.POOLED, generator=g), "negative_text": torch.randn(1, 12, fr.CONTEXT, generator=g),

@@ -23,23 +23,30 @@ LATENT_CHANNELS = 16
 FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611  # comfy.latent_formats.Flux (= FLUX's VAE config)
 
 
-def diffusers_models(seed: int = 0) -> tuple[Any, Any]:
-    """(FluxTransformer2DModel 19+38, FluxControlNetModel 4+10) with random weights; the ControlNet's
-    output blocks (zero-initialised by diffusers) get weights too, or every residual would be 0."""
-    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+SHARED = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
+              joint_attention_dim=CONTEXT, pooled_projection_dim=POOLED, guidance_embeds=True, axes_dims_rope=AXES)
 
-    shared = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
-                  joint_attention_dim=CONTEXT, pooled_projection_dim=POOLED, guidance_embeds=True,
-                  axes_dims_rope=AXES)
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(num_layers=19, num_single_layers=38, **shared).eval()
-    controlnet = FluxControlNetModel(num_layers=4, num_single_layers=10, **shared).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
+
+def _randomised(model: Any, seed: int) -> Any:
+    # Every weight random, the ControlNet's zero-initialised output blocks included (else all residuals are 0).
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for model in (transformer, controlnet):
-            for parameter in model.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * WEIGHT_SCALE)
-    return transformer, controlnet
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * WEIGHT_SCALE)
+    return model.eval()
+
+
+def diffusers_controlnet(seed: int = 0) -> Any:
+    """FluxControlNetModel with the InfuseNet's depth (4 + 10) and random weights."""
+    from diffusers import FluxControlNetModel
+    return _randomised(FluxControlNetModel(num_layers=4, num_single_layers=10, **SHARED), seed + 1)
+
+
+def diffusers_models(seed: int = 0) -> tuple[Any, Any]:
+    """(FluxTransformer2DModel 19 + 38, FluxControlNetModel 4 + 10) with random weights."""
+    from diffusers import FluxTransformer2DModel
+    return _randomised(FluxTransformer2DModel(num_layers=19, num_single_layers=38, **SHARED), seed + 2), \
+        diffusers_controlnet(seed)
 
 
 def flux_params(depth: int, depth_single: int) -> dict:
@@ -49,26 +56,38 @@ def flux_params(depth: int, depth_single: int) -> dict:
 
 
 def comfy_models(transformer: Any, controlnet: Any) -> tuple[Any, Any]:
-    """ComfyUI's Flux and ControlNetFlux (as load_controlnet_flux_instantx builds it) holding the
-    same weights, converted by ComfyUI's own diffusers-to-FLUX key map."""
-    import comfy.ldm.flux.controlnet
+    """ComfyUI's Flux and ControlNetFlux holding the same weights (comfy_flux, comfy_control_model)."""
+    return comfy_flux(transformer), comfy_control_model(controlnet)
+
+
+def comfy_flux(transformer: Any) -> Any:
+    """ComfyUI's Flux with the transformer's weights, converted by ComfyUI's diffusers-to-FLUX key map."""
     import comfy.ldm.flux.model
     import comfy.model_detection
     import comfy.ops
 
-    ops = comfy.ops.disable_weight_init
-    flux = comfy.ldm.flux.model.Flux(operations=ops, **flux_params(19, 38)).eval()
-    converted = comfy.model_detection.convert_diffusers_mmdit(_detached(transformer), "")
-    missing, unexpected = flux.load_state_dict(converted, strict=False)
+    flux = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **flux_params(19, 38)).eval()
+    missing, unexpected = flux.load_state_dict(comfy.model_detection.convert_diffusers_mmdit(_detached(transformer), ""),
+                                               strict=False)
     assert not missing and not unexpected, (missing, unexpected)
+    return flux
+
+
+def comfy_control_model(controlnet: Any) -> Any:
+    """ControlNetFlux as load_controlnet_flux_instantx builds it (latent hint) with the same weights."""
+    import comfy.ldm.flux.controlnet
+    import comfy.model_detection
+    import comfy.ops
+
     control_sd = _detached(controlnet)
     control_model = comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, control_latent_channels=LATENT_CHANNELS,
-                                                              operations=ops, **flux_params(4, 10)).eval()
+                                                              operations=comfy.ops.disable_weight_init,
+                                                              **flux_params(4, 10)).eval()
     converted = comfy.model_detection.convert_diffusers_mmdit(control_sd, "")
     converted.update(control_sd)  # what the loader does: the ControlNet's own keys kept as they are
-    missing, unexpected = control_model.load_state_dict(converted, strict=False)
+    missing, _ = control_model.load_state_dict(converted, strict=False)
     assert not missing, missing
-    return flux, control_model
+    return control_model
 
 
 def _detached(module: Any) -> dict[str, torch.Tensor]:
@@ -141,25 +160,35 @@ class ReferenceStep:
     velocity: torch.Tensor  # unpacked [B, 16, h, w]
 
 
-def reference_step(transformer: Any, controlnet: Any, vae: StandInVAE, latent: torch.Tensor, sigma: float,
-                   hint_pixels: torch.Tensor, identity_tokens: torch.Tensor, text: torch.Tensor,
-                   pooled: torch.Tensor, guidance: float, infusenet_guidance: float, scale: float,
-                   keep: float) -> ReferenceStep:
-    """pipeline_flux_infusenet.py's denoising step: hint VAE-encoded, shifted, scaled and packed; the
+def reference_residuals(controlnet: Any, vae: StandInVAE, latent: torch.Tensor, sigma: float, hint_pixels: torch.Tensor,
+                        identity_tokens: torch.Tensor, pooled: torch.Tensor, infusenet_guidance: float, scale: float,
+                        keep: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The reference pipeline's ControlNet call: hint VAE-encoded, shifted, scaled and packed; the
     ControlNet on the identity tokens (txt_ids zeros of their length) at its own guidance, residuals
-    times conditioning scale x keep; the transformer on the text at the model guidance."""
+    times conditioning scale x keep (the start/end window)."""
     b, _, h, w = latent.shape
     hint = (vae.encode_signed(hint_pixels * 2 - 1) - FLUX_SHIFT) * FLUX_SCALE
-    timestep = torch.full((b,), sigma * 1000) / 1000
     with torch.no_grad():
         double, single = controlnet(hidden_states=pack(latent), controlnet_cond=pack(hint), conditioning_scale=scale * keep,
-                                    timestep=timestep, guidance=torch.full((b,), infusenet_guidance),
-                                    pooled_projections=pooled, encoder_hidden_states=identity_tokens,
-                                    txt_ids=torch.zeros(identity_tokens.shape[1], 3), img_ids=image_ids(h, w),
-                                    return_dict=False)
-        velocity = transformer(hidden_states=pack(latent), timestep=timestep, guidance=torch.full((b,), guidance),
-                               pooled_projections=pooled, encoder_hidden_states=text,
+                                    timestep=torch.full((b,), sigma * 1000) / 1000,
+                                    guidance=torch.full((b,), infusenet_guidance), pooled_projections=pooled,
+                                    encoder_hidden_states=identity_tokens, txt_ids=torch.zeros(identity_tokens.shape[1], 3),
+                                    img_ids=image_ids(h, w), return_dict=False)
+    return list(double), list(single)
+
+
+def reference_step(transformer: Any, controlnet: Any, vae: StandInVAE, latent: torch.Tensor, sigma: float,
+                   hint_pixels: torch.Tensor, identity_tokens: torch.Tensor, text: torch.Tensor,
+                   pooled: torch.Tensor, guidance: float, infusenet_guidance: float, scale: float) -> ReferenceStep:
+    """pipeline_flux_infusenet.py's denoising step: the ControlNet call (reference_residuals), then
+    the transformer on the text at the model guidance with those residuals (blocks mapped i // interval)."""
+    b, _, h, w = latent.shape
+    double, single = reference_residuals(controlnet, vae, latent, sigma, hint_pixels, identity_tokens, pooled,
+                                         infusenet_guidance, scale)
+    with torch.no_grad():
+        velocity = transformer(hidden_states=pack(latent), timestep=torch.full((b,), sigma * 1000) / 1000,
+                               guidance=torch.full((b,), guidance), pooled_projections=pooled, encoder_hidden_states=text,
                                controlnet_block_samples=double, controlnet_single_block_samples=single,
                                txt_ids=torch.zeros(text.shape[1], 3), img_ids=image_ids(h, w), return_dict=False,
                                controlnet_blocks_repeat=False)[0]
-    return ReferenceStep(list(double), list(single), unpack(velocity, h, w))
+    return ReferenceStep(double, single, unpack(velocity, h, w))
