@@ -14,11 +14,13 @@ from .instantid.apply import apply_attention_only, apply_control_only, apply_ins
 from .instantid.checks import NumberInput, float_inputs
 from .instantid.face_crop import DEFAULT_FEATHER, DEFAULT_PADDING, DEFAULT_SIZE, crop_faces, paste_faces
 from .instantid.face_inputs import ON_NO_FACE, as_face_analyzer, keypoints_image
+from .instantid.flux_apply import apply_infiniteyou
 from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find_antelopev2
 from .instantid.identity_files import (IDENTITY_FOLDER, describe, file_sha256, list_identity_files, load_identity,
                                        resolve_identity_file, save_identity, save_path, saved_file)
 from .instantid.keypoints import FIT_MODES, CanvasFit
-from .instantid.paths import ADAPTER_FOLDER, face_model_roots, register_model_folders
+from .instantid.infiniteyou import load_infiniteyou
+from .instantid.paths import ADAPTER_FOLDER, INFINITEYOU_FOLDER, face_model_roots, register_model_folders
 from .instantid.regions import MASK_SCOPES, PROMPT_AND_IDENTITY
 from .instantid.similarity import face_similarity, ranked_images
 
@@ -28,6 +30,7 @@ InstantIDType = io.Custom("INSTANTID")
 FaceAnalysisType = io.Custom("FACEANALYSIS")
 FaceEmbedsType = io.Custom("FACE_EMBEDS")
 CropType = io.Custom("INSTANTID_CROP")
+InfiniteYouType = io.Custom("INFINITEYOU")
 CATEGORY = "InstantID"
 # The frontend's advanced-widget flag: options added after the earlier pack's inputs stay hidden until
 # "Show Advanced" (node menu), so the earlier pack's workflows open at their saved sizes.
@@ -395,7 +398,12 @@ class InstantIDFaceSimilarity(io.ComfyNode):
                                                "are averaged."),
                     io.Image.Input("image", tooltip="The image(s) to score against the reference, e.g. the VAE Decode output. "
                                                     "With a batch, the output is the mean of the per-image scores; an "
-                                                    "image without a face scores 0.")],
+                                                    "image without a face scores 0."),
+                    InfiniteYouType.Input("recognizer", optional=True,
+                                          tooltip="Optional: 'InstantID Load InfiniteYou Model (FLUX)' here scores with its "
+                                                  "IR-SE50 recogniser (what InfiniteYou was trained on) instead of "
+                                                  "antelopev2's; faces are still found by antelopev2. The text says "
+                                                  "which recogniser scored.")],
             outputs=[io.Float.Output(display_name="similarity", tooltip="Cosine similarity of the face embeddings, -1 to 1."),
                      io.String.Output(display_name="scores", tooltip="The text shown on the node: the mean and, for a "
                                                                     "batch, each image's score, best first."),
@@ -405,8 +413,9 @@ class InstantIDFaceSimilarity(io.ComfyNode):
             is_output_node=True)
 
     @classmethod
-    def execute(cls, faceanalysis: Any, reference: Any, image: Any) -> io.NodeOutput:
-        result = face_similarity(as_face_analyzer(faceanalysis), reference, image)
+    def execute(cls, faceanalysis: Any, reference: Any, image: Any, recognizer: Any = None) -> io.NodeOutput:
+        result = face_similarity(as_face_analyzer(faceanalysis), reference, image,
+                                 None if recognizer is None else recognizer.recognizer)
         best, ranked = ranked_images(image, result)
         return io.NodeOutput(result.mean, result.text(), best, ranked,
                              ui={"text": [result.text()], "face_similarity": list(result.per_image)})
@@ -537,10 +546,106 @@ class InstantIDLoadFaceEmbeds(io.ComfyNode):
         return io.NodeOutput(face_embeds, ui=_notes_ui([describe(face_embeds)]))
 
 
+class InfiniteYouModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = folder_paths.get_filename_list(INFINITEYOU_FOLDER)
+        return io.Schema(
+            node_id="InfiniteYouModelLoader", display_name="InstantID Load InfiniteYou Model (FLUX)", category=CATEGORY,
+            description="Loads InfiniteYou (InstantID's identity on FLUX) from models/infiniteyou: the image projection "
+                        "(identity tokens from a face embedding) and the ArcFace IR-SE50 face recogniser it was trained "
+                        "with, each checked by its layout. The InfuseNet itself loads with 'Load ControlNet Model'.",
+            inputs=[io.Combo.Input("projection_file", options=files,
+                                   tooltip="image_proj_model.bin (or a .safetensors of it) from ByteDance/InfiniteYou "
+                                           "infu_flux_v1.0/aes_stage2 (or sim_stage1), in ComfyUI/models/infiniteyou."),
+                    io.Combo.Input("recognizer_file", options=files,
+                                   tooltip="recognition_arcface_ir_se50.pth (facexlib's IR-SE50, or a .safetensors of "
+                                           "it), in ComfyUI/models/infiniteyou.")],
+            outputs=[InfiniteYouType.Output(display_name="INFINITEYOU", tooltip="The projection and the IR-SE50 recogniser.")])
+
+    @classmethod
+    def execute(cls, projection_file: str, recognizer_file: str) -> io.NodeOutput:
+        return io.NodeOutput(load_infiniteyou(folder_paths.get_full_path_or_raise(INFINITEYOU_FOLDER, projection_file),
+                                              folder_paths.get_full_path_or_raise(INFINITEYOU_FOLDER, recognizer_file)))
+
+
+class ApplyInfiniteYou(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyInfiniteYou", display_name="InstantID Apply InfiniteYou (FLUX)", category=CATEGORY,
+            description="Makes a FLUX model draw the person in the reference photo: the InfuseNet (a FLUX ControlNet) "
+                        "attends to 8 identity tokens made from the face's IR-SE50 embedding, posed by the five "
+                        "keypoints; other ControlNets of the chain keep the prompt. The model itself is not patched. "
+                        "Face choice, face region, masks, saved identities and on_no_face work as in Apply InstantID.",
+            inputs=[InfiniteYouType.Input("infiniteyou", tooltip="From 'InstantID Load InfiniteYou Model (FLUX)'."),
+                    io.ControlNet.Input("control_net", tooltip="The InfuseNet (infusenet_*.safetensors), loaded with "
+                                                               "'Load ControlNet Model'."),
+                    io.Vae.Input("vae", tooltip="The FLUX VAE: the InfuseNet's keypoint hint is VAE-encoded."),
+                    io.Conditioning.Input("positive", tooltip="Positive conditioning (your prompt, e.g. after FluxGuidance)."),
+                    io.Conditioning.Input("negative", tooltip="Negative conditioning. With cfg 1 (usual for FLUX-dev) it "
+                                                              "is not used; with cfg > 1 it gets no InfuseNet, as in the "
+                                                              "reference pipeline's true CFG."),
+                    _insightface_input(),
+                    io.Image.Input("image", optional=True,
+                                   tooltip="Reference photo(s) of the person (averaged). Not needed when face_embeds "
+                                           "(an identity saved from an InfiniteYou run) is connected."),
+                    io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                                   tooltip="InfuseNet strength (the reference's conditioning scale, 1.0; its README "
+                                           "suggests 0.9 when the look is off)."),
+                    io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.001,
+                                   tooltip="Fraction of the schedule where the InfuseNet starts acting (0 = first step; "
+                                           "the reference suggests 0.1 when the look is off)."),
+                    io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.001,
+                                   tooltip="Fraction of the schedule where the InfuseNet stops acting (1 = last step)."),
+                    io.Image.Input("image_kps", optional=True,
+                                   tooltip="Optional pose: a photo (its face keypoints are drawn) or a keypoint drawing, "
+                                           "used as is. Without it the hint is black (no pose constraint), as in the "
+                                           "reference pipeline."),
+                    io.Mask.Input("mask", optional=True,
+                                  tooltip="Optional mask: the identity (and, with mask_scope 'prompt and identity', this "
+                                          "positive prompt) act only inside it; chain two for two people."),
+                    _on_no_face_input("passes the conditioning through unchanged and says so on the node"),
+                    _face_index_input("each reference photo (not of image_kps, which uses its largest)"),
+                    io.Boolean.Input("face_region", default=False, optional=True,
+                                     tooltip="The InfuseNet acts only inside the face's bounding box on the keypoint "
+                                             "image (the reference face's box without image_kps), placed on the latent "
+                                             "as ComfyUI places the hint; the prompt still acts everywhere."),
+                    io.Combo.Input("mask_scope", options=list(MASK_SCOPES), default=PROMPT_AND_IDENTITY, optional=True,
+                                   tooltip="What the mask limits. 'prompt and identity': this positive prompt and the "
+                                           "InfuseNet. 'identity only': only the InfuseNet; the prompt stays global."),
+                    FaceEmbedsType.Input("face_embeds", optional=True,
+                                         tooltip="A saved identity ('InstantID Load Face Embeds') used instead of image. "
+                                                 "It must hold the IR-SE50 embedding: save it from an InfiniteYou run."),
+                    io.Float.Input("infusenet_guidance", default=1.0, min=-1.0, max=100.0, step=0.1, optional=True,
+                                   tooltip="The guidance the InfuseNet sees: 1.0 as in the reference pipeline (the model "
+                                           "keeps the FluxGuidance value); -1 gives it ComfyUI's FluxGuidance value too.")],
+            outputs=[io.Conditioning.Output(display_name="positive", tooltip="Positive conditioning with the InfuseNet."),
+                     io.Conditioning.Output(display_name="negative", tooltip="Negative conditioning with the InfuseNet "
+                                                                             "(no residuals on its rows)."),
+                     FaceEmbedsType.Output(display_name="FACE_EMBEDS",
+                                           tooltip="The identity with its IR-SE50 embedding and identity tokens, for "
+                                                   "'InstantID Save Face Embeds' and Face Similarity.")])
+
+    @classmethod
+    def execute(cls, infiniteyou: Any, control_net: Any, vae: Any, positive: Any, negative: Any, strength: float,
+                start_at: float, end_at: float, insightface: Any = None, image: Any = None, image_kps: Any = None,
+                mask: Any = None, on_no_face: str = "error", face_index: int = 0, face_region: bool = False,
+                mask_scope: str = PROMPT_AND_IDENTITY, face_embeds: Any = None,
+                infusenet_guidance: float = 1.0) -> io.NodeOutput:
+        outcome = apply_infiniteyou(model=infiniteyou, control_net=control_net, vae=vae, positive=positive,
+                                    negative=negative, face_analysis=insightface, image=image, strength=strength,
+                                    start_at=start_at, end_at=end_at, image_kps=image_kps, mask=mask,
+                                    on_no_face=on_no_face, face_index=face_index, face_region=face_region,
+                                    mask_scope=mask_scope, face_embeds=face_embeds,
+                                    infusenet_guidance=infusenet_guidance, numbers=_numbers(cls, locals()))
+        return io.NodeOutput(outcome.positive, outcome.negative, outcome.face_embeds, ui=_notes_ui(outcome.notes))
+
+
 NODES: list[type[io.ComfyNode]] = [InstantIDModelLoader, InstantIDFaceAnalysis, FaceKeypointsPreprocessor, ApplyInstantID,
                                    ApplyInstantIDAdvanced, InstantIDAttentionPatch, ApplyInstantIDControlNet,
                                    InstantIDFaceSimilarity, InstantIDFaceCrop, InstantIDFacePaste, InstantIDSaveFaceEmbeds,
-                                   InstantIDLoadFaceEmbeds]
+                                   InstantIDLoadFaceEmbeds, InfiniteYouModelLoader, ApplyInfiniteYou]
 
 
 class InstantIDExtension(ComfyExtension):

@@ -8,7 +8,11 @@ Modules, one job each:
   (input checks), `face_inputs` (the faces and keypoint frames a node's inputs give, the no-face
   policy), `apply` (what every Apply node calls), `similarity` (face similarity and ranking),
   `identity` and `identity_files` (FACE_EMBEDS and saved identities), `face_crop` (face crop and
-  paste);
+  paste), `resampling` (where the Resampler comes from), `weights_files` (safe weights reading);
+- the SDXL back end: `sdxl`, `sdxl_checks`, `adapter`, `attention`, `control` (shared with FLUX),
+  `apply`;
+- the FLUX back end (InfiniteYou): `irse50` (the IR-SE50 recogniser), `infiniteyou` (projection,
+  recogniser, InfuseNet check), `flux_apply` (what ApplyInfiniteYou calls);
 - `paths` (the model folders ComfyUI knows);
 - `commands/`: the command line and what only it needs (cli, runner, embedded ComfyUI, doctor,
   fetch, catalog, ComfyUI discovery). It imports the domain; nothing here imports it.

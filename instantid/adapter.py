@@ -19,10 +19,7 @@ import torch
 
 from .sdxl import ADAPTER_LAYER_NUMBERS, ATTN2_KEYS, CONTEXT_DIM, adapter_key_names
 
-try:  # the pack loaded by ComfyUI: resampler.py is a sibling module of this package
-    from ..resampler import RESAMPLER_CONFIG, Resampler
-except ImportError:  # instantid imported directly (tests, CLI): the repo root is on sys.path
-    from resampler import RESAMPLER_CONFIG, Resampler
+from .resampling import RESAMPLER_CONFIG, Resampler
 
 EMBEDDING_DIM = RESAMPLER_CONFIG["embedding_dim"]
 TOKENS_PER_FACE = RESAMPLER_CONFIG["num_queries"]

@@ -11,12 +11,12 @@ import torch
 
 from .adapter import FaceTokens, InstantIDAdapter
 from .attention import FaceAttentionSettings, install_face_attention
-from .checks import (NumberInput, as_mask_batch, check_finite, check_identitynet, check_schedule,
-                     sdxl_attention_widths)
+from .checks import NumberInput, as_mask_batch, check_numbers, check_schedule
 from .control import Conditioning, attach_identitynet
 from .face_inputs import check_on_no_face, keypoints_from, reference_identity
 from .identity import FaceEmbeds, FaceIdentity, tokens_of
-from .regions import IDENTITY_ONLY, PROMPT_AND_IDENTITY, IdentityRegion, check_mask_scope, drawn_extent_boxes, face_box_canvas
+from .regions import PROMPT_AND_IDENTITY, check_mask_scope, drawn_extent_boxes, face_box_canvas, scoped_region
+from .sdxl_checks import check_identitynet, sdxl_attention_widths
 
 
 @dataclass
@@ -29,14 +29,6 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     skipped: bool = False
     face_embeds: FaceEmbeds | None = None
-
-
-def check_numbers(numbers: Sequence[NumberInput], start_at: float, end_at: float, **own: float) -> None:
-    """The number checks each Apply runs first. `numbers` are the node's FLOAT inputs as the user
-    named them, with their widget ranges (checks.float_inputs); called without a node, the
-    function's own arguments are checked under their own names."""
-    check_finite(numbers or [NumberInput(name, value) for name, value in dict(own, start_at=start_at, end_at=end_at).items()])
-    check_schedule(start_at, end_at)
 
 
 def face_tokens_for(adapter: InstantIDAdapter, identity: FaceIdentity | None, combine: str | None,
@@ -57,19 +49,6 @@ def patched_model(model: Any, adapter: InstantIDAdapter, tokens: FaceTokens, wei
     return patched
 
 
-# ComfyUI cuts a conditioning mask batch to the latent batch and then tiles it, so M masks crash the
-# sampler for a latent batch N > M that M does not divide. Padding with the last mask (what the face
-# attention does, see regions.mask_for_batch) makes every latent batch up to this size work.
-CONDITIONING_MASK_BATCH = 16
-
-
-def conditioning_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The [N, H, W] mask for the positive conditioning: a single mask as is, a batch padded."""
-    if mask is None or mask.shape[0] == 1 or mask.shape[0] >= CONDITIONING_MASK_BATCH:
-        return mask
-    return torch.cat([mask, mask[-1:].expand(CONDITIONING_MASK_BATCH - mask.shape[0], *mask.shape[1:])])
-
-
 def follow(window_edge: float, schedule_edge: float) -> float:
     """A separate IdentityNet window edge; negative (the default -1) follows the shared schedule."""
     return schedule_edge if window_edge < 0 else window_edge
@@ -78,14 +57,10 @@ def follow(window_edge: float, schedule_edge: float) -> float:
 def _attach(positive: Conditioning, negative: Conditioning, control_net: Any, keypoints: torch.Tensor, strength: float,
             start_at: float, end_at: float, tokens: FaceTokens, mask: torch.Tensor | None, mask_scope: str,
             face_box: torch.Tensor | None) -> tuple[Conditioning, Conditioning]:
-    """The IdentityNet with the mask in its scope: 'prompt and identity' makes the positive prompt
-    regional (and the IdentityNet with it, through ComfyUI's conditioning mask), 'identity only'
-    multiplies only the IdentityNet's residuals by it; a face box multiplies them in both."""
-    identity_only = mask_scope == IDENTITY_ONLY
-    residual_mask = mask if identity_only else None
-    region = None if face_box is None and residual_mask is None else IdentityRegion(face_box, residual_mask)
+    """The IdentityNet with the mask in its scope (regions.scoped_region)."""
+    region, conditioning_mask = scoped_region(face_box, mask, mask_scope)
     return attach_identitynet(positive, negative, control_net, keypoints, strength, start_at, end_at, tokens.cond,
-                              tokens.uncond, None if identity_only else conditioning_mask(mask), region=region)
+                              tokens.uncond, conditioning_mask, region=region)
 
 
 def apply_instantid(*, adapter: InstantIDAdapter, face_analysis: Any, control_net: Any, image: torch.Tensor | None,

@@ -3,17 +3,16 @@ stops with a message that says what was given and what to do, never deep inside 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .sdxl import ADM_CHANNELS, ATTN2_KEYS, CONTEXT_DIM, attn2_widths
-
 
 class UnsupportedModelError(ValueError):
-    """The MODEL or CONTROL_NET input cannot be used with InstantID."""
+    """The MODEL or CONTROL_NET input cannot be used with this back end (SDXL InstantID, FLUX
+    InfiniteYou); each back end's own checks (sdxl_checks, infiniteyou) raise it."""
 
 
 # ComfyUI's model config class names (comfy.supported_models) as users know the families. Names
@@ -30,10 +29,6 @@ _FAMILY_NAMES = {
     "Lumina2": "Lumina 2", "HiDream": "HiDream", "Chroma": "Chroma", "QwenImage": "Qwen-Image",
     "Stable_Cascade_C": "Stable Cascade", "Stable_Cascade_B": "Stable Cascade",
 }
-# Text-context widths of the UNet families a wrong MODEL or ControlNet most often comes from.
-_CONTEXT_FAMILIES = {768: "SD1.5", 1024: "SD2.x", 1280: "SDXL Refiner"}
-
-
 def describe_model(model: Any) -> str:
     """A short human name for a ComfyUI ModelPatcher's model, e.g.
     'Stable Diffusion 1.5 (ComfyUI: SD15, BaseModel)'."""
@@ -44,81 +39,6 @@ def describe_model(model: Any) -> str:
     config_name = type(config).__name__
     family = _FAMILY_NAMES.get(config_name, config_name)
     return f"{family} (ComfyUI: {config_name}, {type(inner).__name__})"
-
-
-def _model_problem(model: Any) -> str | None:
-    """Why `model` is not an SDXL UNet InstantID can patch, or None when it is."""
-    inner = getattr(model, "model", None)
-    diffusion_model = getattr(inner, "diffusion_model", None)
-    unet_config = getattr(getattr(inner, "model_config", None), "unet_config", {}) or {}
-    if diffusion_model is None:
-        return "it is not a diffusion model (connect the MODEL output of a checkpoint or UNet loader)"
-    if not hasattr(diffusion_model, "input_blocks"):
-        # SD3, Flux and other DiTs have no UNet cross-attention layers for the face attention, and
-        # the IdentityNet is an SDXL UNet ControlNet.
-        return (f"it is a transformer (DiT) model ({type(diffusion_model).__name__}), not a UNet with "
-                "cross-attention layers")
-    context = unet_config.get("context_dim")
-    if context != CONTEXT_DIM:
-        return f"its cross-attention takes {context}-wide text context where SDXL's takes {CONTEXT_DIM}"
-    if unet_config.get("adm_in_channels") != ADM_CHANNELS:
-        return "it lacks SDXL's size conditioning"
-    return None
-
-
-def sdxl_attention_widths(model: Any) -> list[int]:
-    """The model's 70 cross-attention widths; UnsupportedModelError unless it is an SDXL UNet."""
-    problem = _model_problem(model)
-    if problem is None:
-        try:
-            return attn2_widths(model.model.diffusion_model)
-        except (AttributeError, IndexError, StopIteration, TypeError):
-            problem = f"its UNet does not have SDXL's {len(ATTN2_KEYS)} cross-attention layers (a pruned or distilled SDXL)"
-    raise UnsupportedModelError(
-        f"InstantID needs an SDXL model, but the MODEL input is {describe_model(model)}: {problem}. "
-        "InstantID weights exist only for SDXL (and full-size SDXL fine-tunes such as Juggernaut, RealVis, Pony); "
-        "load an SDXL checkpoint.")
-
-
-def _describe_control(control_net: Any) -> str | None:
-    """What a wrong CONTROL_NET input is, or None when it looks like an SDXL IdentityNet."""
-    name = type(control_net).__name__
-    if "ControlLora" in name:  # also ComfyUI-Advanced-ControlNet's ControlLoraAdvanced
-        return "a Control-LoRA"
-    if "T2IAdapter" in name:
-        return "a T2I-Adapter"
-    control_model = getattr(control_net, "control_model", None)
-    if control_model is None or not hasattr(control_net, "set_cond_hint"):
-        return f"a {name}, not a ControlNet"
-    if not hasattr(control_model, "input_blocks"):
-        return (f"a ControlNet for a transformer (DiT) model such as SD3 or Flux "
-                f"({type(control_model).__module__}.{type(control_model).__name__})")
-    context_width = next((m.to_k.in_features for m in control_model.modules()
-                          if type(m).__name__ == "CrossAttention" and hasattr(m, "to_k")
-                          and m.to_k.in_features != m.to_q.in_features), None)
-    if context_width is None:
-        return "a ControlNet without text cross-attention"
-    if context_width != CONTEXT_DIM:
-        family = _CONTEXT_FAMILIES.get(context_width)
-        return (f"{'an ' + family if family else 'a'} ControlNet (its cross-attention takes {context_width}-wide "
-                f"text context; the IdentityNet takes SDXL's {CONTEXT_DIM})")
-    label = getattr(control_model, "label_emb", None)
-    if label is None or label[0][0].in_features != ADM_CHANNELS:
-        return "a ControlNet without SDXL's size conditioning"
-    return None
-
-
-def check_identitynet(control_net: Any) -> None:
-    """UnsupportedModelError unless control_net is an SDXL ControlNet that takes 2048-wide context
-    (the InstantID IdentityNet)."""
-    fix = ("load the InstantID IdentityNet with 'Load ControlNet Model': "
-           "models/controlnet/instantid/diffusion_pytorch_model.safetensors, from ControlNetModel/ in "
-           "huggingface.co/InstantX/InstantID (`python -m instantid fetch-models` puts it there)")
-    if control_net is None:
-        raise UnsupportedModelError(f"The control_net input is empty: the ControlNet file could not be loaded; {fix}.")
-    what = _describe_control(control_net)
-    if what is not None:
-        raise UnsupportedModelError(f"The control_net input is {what}, not the SDXL InstantID IdentityNet; {fix}.")
 
 
 def as_mask_batch(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -188,3 +108,11 @@ def check_schedule(start: float, end: float, names: tuple[str, str] = ("start_at
             f"{start_name} ({start:g}) is after {end_name} ({end:g}), so this window of the schedule is empty and "
             f"InstantID would never act (the identity would silently vanish). Lower {start_name} to {end:g} or "
             f"less, or raise {end_name} to {start:g} or more (0 = first step, 1 = last step).")
+
+
+def check_numbers(numbers: Sequence[NumberInput], start_at: float, end_at: float, **own: float) -> None:
+    """The number checks each Apply runs first. `numbers` are the node's FLOAT inputs as the user
+    named them, with their widget ranges (float_inputs); called without a node, the
+    function's own arguments are checked under their own names."""
+    check_finite(numbers or [NumberInput(name, value) for name, value in dict(own, start_at=start_at, end_at=end_at).items()])
+    check_schedule(start_at, end_at)

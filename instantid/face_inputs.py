@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .drawn_keypoints import keypoint_drawings
-from .faces import DetectedFace, FaceAnalyzer, FaceIndexOutOfRange, image_batch_to_bgr
+from .faces import DetectedFace, FaceAnalyzer, FaceIndexOutOfRange, Recognizer, image_batch_to_bgr
 from .identity import FaceEmbeds, FaceIdentity, as_face_embeds, identity_from_faces
 from .keypoints import CanvasFit, keypoint_image_batch
 from .progress import each_image
@@ -106,10 +106,12 @@ def _check_range(images: torch.Tensor, name: str, notes: list[str]) -> None:
 
 
 def reference_identity(face_analysis: Any, image: torch.Tensor | None, face_embeds: FaceEmbeds | None,
-                       combine: str | None, face_index: int, on_no_face: str, notes: list[str]) -> FaceIdentity | None:
+                       combine: str | None, face_index: int, on_no_face: str, notes: list[str],
+                       recognizers: tuple[Recognizer, ...] = ()) -> FaceIdentity | None:
     """Who to draw: the saved identity in `face_embeds`, else the reference faces found in `image`
     (images without a face are left out and named in `notes`); None when skipping because no
-    image has a face. combine None keeps a saved identity's mode ('average' for photos)."""
+    image has a face. combine None keeps a saved identity's mode ('average' for photos). Each of
+    `recognizers` also embeds every face found, at its detected points."""
     if face_embeds is not None:
         identity = as_face_embeds(face_embeds).identity
         if image is not None:
@@ -131,7 +133,19 @@ def reference_identity(face_analysis: Any, image: torch.Tensor | None, face_embe
         _note(notes, f"reference {_images(missing, len(faces))} had no face and "
                      f"{'were' if len(missing) > 1 else 'was'} ignored; the identity comes from the other "
                      f"{len(faces) - len(missing)}")
-    return identity_from_faces(faces, (image.shape[2], image.shape[1]), combine or "average", face_index)
+    return identity_from_faces(faces, (image.shape[2], image.shape[1]), combine or "average", face_index,
+                               recognized_rows(recognizers, image, faces))
+
+
+def recognized_rows(recognizers: tuple[Recognizer, ...], images: torch.Tensor,
+                    faces: list[DetectedFace | None]) -> dict[str, torch.Tensor]:
+    """{recogniser name: [found faces, 512]}: each recogniser's embedding of each face found, in
+    image order (images without a face are left out, as in the identity)."""
+    if not recognizers:
+        return {}
+    found = [(bgr, face) for bgr, face in zip(image_batch_to_bgr(images), faces) if face is not None]
+    return {recognizer.name: torch.from_numpy(np.stack([recognizer.embed(bgr, face.kps) for bgr, face in found]))
+            .to(torch.float32) for recognizer in recognizers}
 
 
 def keypoints_from(face_analysis: Any, image_kps: torch.Tensor | None, identity: FaceIdentity, on_no_face: str,

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -41,6 +41,16 @@ ANTELOPEV2_DOWNLOAD = f"https://huggingface.co/{ANTELOPEV2_REPO}/resolve/main"
 # so much of the photo that SCRFD misses them at 640.
 DETECTION_SIZES = (640, 576, 512, 448, 384, 320, 256)
 EMBEDDING_SIZE = 512
+
+
+class Recognizer(Protocol):
+    """A second face recogniser a back end brings (InfiniteYou's IR-SE50): it embeds the face that
+    antelopev2 found, at that face's five points. `name` keys its embeddings in an identity."""
+
+    name: str
+    label: str
+
+    def embed(self, image_bgr: np.ndarray, kps: Any) -> np.ndarray: ...
 
 
 class FaceModelsMissing(FileNotFoundError):

@@ -4,7 +4,9 @@ shared, versioned and used by a client that has no face models.
 A file holds tensors `embeddings` [N, 512] float32 (the raw ArcFace embeddings), `kps` [5, 2] and
 `bbox` [4] float32 (the first reference face, in pixels of the reference image) and `image_size`
 [2] int64 (width, height), and string metadata: `format`, `format_version`, `combine`,
-`face_index`, `label`, `pack_version`, `adapter_name`, `adapter_sha256`. Files are read with
+`face_index`, `label`, `pack_version`, `adapter_name`, `adapter_sha256`. An identity made with a
+second recogniser (InfiniteYou's IR-SE50) also holds `recognized.<name>` [N, 512] float32 and is
+format_version 2 (`recognizers`: the names); version 1 files still load. Files are read with
 safetensors only (never unpickled) and only from the `instantid_faces` folders of ComfyUI's
 input/ and output/ directories.
 """
@@ -26,6 +28,8 @@ IDENTITY_FOLDER = "instantid_faces"
 SUFFIX = ".safetensors"
 FORMAT = "instantid-face-embeds"
 FORMAT_VERSION = "1"
+FORMAT_VERSION_RECOGNIZED = "2"  # version 1 plus recognized.<name> tensors
+RECOGNIZED = "recognized."
 OUTPUT_MARK = " [output]"
 _SHAPES = {"embeddings": (None, EMBEDDING_SIZE), "kps": (5, 2), "bbox": (4,), "image_size": (2,)}
 _PICKLE_HEADS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
@@ -123,9 +127,14 @@ def save_identity(face_embeds: FaceEmbeds, path: str | Path, label: str = "") ->
                "kps": torch.from_numpy(np.array(identity.kps, dtype=np.float32)),
                "bbox": torch.from_numpy(np.array(identity.bbox, dtype=np.float32)),
                "image_size": torch.tensor(identity.image_size, dtype=torch.int64)}
+    tensors |= {RECOGNIZED + name: rows.detach().to("cpu", torch.float32).contiguous()
+                for name, rows in identity.recognized.items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "combine": identity.combine,
                 "face_index": str(identity.face_index), "label": str(label), "pack_version": __version__,
                 **_adapter_metadata(face_embeds)}
+    if identity.recognized:  # a version 1 file stays byte-compatible with earlier readers
+        metadata |= {"format_version": FORMAT_VERSION_RECOGNIZED, "recognizers": ",".join(identity.recognized),
+                     "made_with": as_face_embeds(face_embeds).made_by}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
@@ -155,28 +164,34 @@ def load_identity(path: str | Path) -> FaceEmbeds:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             metadata = dict(file.metadata() or {})
             names = set(file.keys())
-            if metadata.get("format") != FORMAT or names != set(_SHAPES):
+            recognized = {name for name in names if name.startswith(RECOGNIZED)}
+            if metadata.get("format") != FORMAT or names - recognized != set(_SHAPES):
                 raise IdentityFileError(
                     f"{path.name} is a safetensors file but not an InstantID identity (it holds "
                     f"{', '.join(sorted(names)[:4]) or 'no tensors'}{' ...' if len(names) > 4 else ''}; an identity "
                     f"holds {', '.join(_SHAPES)} and format={FORMAT!r} metadata). Save identities with 'InstantID "
                     "Save Face Embeds'.")
             tensors = {name: file.get_tensor(name) for name in _SHAPES}
+            extra = {name.removeprefix(RECOGNIZED): file.get_tensor(name) for name in recognized}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         if isinstance(error, IdentityFileError):
             raise
         raise _not_safetensors(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from error
-    return FaceEmbeds(_identity(path, tensors, metadata))
+    return FaceEmbeds(_identity(path, tensors, metadata, extra))
 
 
-def _identity(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> FaceIdentity:
+def _identity(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+              recognized: dict[str, torch.Tensor]) -> FaceIdentity:
     problems = [f"{name} is {list(tensor.shape)}" for name, tensor in tensors.items()
                 if len(tensor.shape) != len(_SHAPES[name])
                 or any(want is not None and got != want for got, want in zip(tensor.shape, _SHAPES[name]))]
     problems += [f"{name} is not finite" for name, tensor in tensors.items()
                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if metadata.get("format_version") != FORMAT_VERSION:
-        problems.append(f"format_version is {metadata.get('format_version')!r}; this pack reads {FORMAT_VERSION!r}")
+    problems += [f"{RECOGNIZED}{name} is not finite" for name, rows in recognized.items()
+                 if not bool(torch.isfinite(rows).all())]
+    if metadata.get("format_version") not in (FORMAT_VERSION, FORMAT_VERSION_RECOGNIZED):
+        problems.append(f"format_version is {metadata.get('format_version')!r}; this pack reads "
+                        f"{FORMAT_VERSION!r} and {FORMAT_VERSION_RECOGNIZED!r}")
     if metadata.get("combine") not in COMBINE_MODES:
         problems.append(f"combine is {metadata.get('combine')!r}")
     if problems:
@@ -186,7 +201,8 @@ def _identity(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     try:
         return FaceIdentity(tensors["embeddings"].to(torch.float32), metadata["combine"],
                             tensors["kps"].to(torch.float32).numpy(), tensors["bbox"].to(torch.float32).numpy(),
-                            (width, height), int(metadata.get("face_index") or 0), metadata)
+                            (width, height), int(metadata.get("face_index") or 0), metadata,
+                            {name: rows.to(torch.float32) for name, rows in recognized.items()})
     except ValueError as error:
         raise IdentityFileError(f"{path.name} is a damaged identity file: {error}.") from error
 
@@ -197,6 +213,8 @@ def describe(face_embeds: FaceEmbeds) -> str:
     count = identity.embeddings.shape[0]
     parts = [f"identity {meta.get('label') or '(no label)'}: {count} face{'s' if count > 1 else ''} "
              f"({identity.combine}), keypoints for a {identity.image_size[0]}x{identity.image_size[1]} image"]
+    if identity.recognized:
+        parts.append(f"also embedded by {', '.join(identity.recognized)}")
     if meta.get("adapter_name"):
         parts.append(f"saved with {meta['adapter_name']} (sha256 {meta.get('adapter_sha256', '')[:12]}…)")
     if meta.get("pack_version"):

@@ -1,8 +1,9 @@
 """Where the pack's models live inside a ComfyUI installation.
 
-`models/instantid/` holds the adapter, `models/controlnet/` the IdentityNet (any subfolder),
+`models/instantid/` holds the adapter, `models/controlnet/` the IdentityNet and the InfuseNet (any
+subfolder), `models/infiniteyou/` InfiniteYou's projection and IR-SE50 recogniser,
 `models/insightface/models/antelopev2/` the face models. Folders from extra_model_paths.yaml
-(keys `instantid`, `insightface`) are kept and searched first.
+(keys `instantid`, `infiniteyou`, `insightface`) are kept and searched first.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 ADAPTER_FOLDER = "instantid"
+INFINITEYOU_FOLDER = "infiniteyou"
 FACE_MODELS_FOLDER = "insightface"
 # insightface's own download URL for antelopev2 is dead; this public mirror holds the same files
 # loose at the repository root (the fetch command and the face-model error both link it).
@@ -20,7 +22,8 @@ ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
 def register_model_folders(folder_paths: ModuleType) -> None:
     """Add the pack's folder names to ComfyUI's folder_paths, keeping any paths that
     extra_model_paths.yaml registered before the pack was imported."""
-    wanted = {ADAPTER_FOLDER: set(folder_paths.supported_pt_extensions), FACE_MODELS_FOLDER: {".onnx"}}
+    weights = set(folder_paths.supported_pt_extensions)
+    wanted = {ADAPTER_FOLDER: weights, INFINITEYOU_FOLDER: weights, FACE_MODELS_FOLDER: {".onnx"}}
     for name, extensions in wanted.items():
         default = os.path.join(folder_paths.models_dir, name)
         paths = list(folder_paths.folder_names_and_paths.get(name, ([], set()))[0])

@@ -138,8 +138,55 @@ class IdentityRegion:
 
     def confine(self, control: dict[str, list], latent_size: Sequence[int], chunks: int) -> dict[str, list]:
         """ControlNet residuals ({'input'|'middle'|'output': [tensor | None]}) times the region at each
-        residual's resolution (bilinear face box), as new tensors."""
-        return {name: [None if x is None else x * self.factor(x.shape[-2:], latent_size, x.shape[0], chunks, RESIDUALS,
-                                                               x.device, x.dtype)
-                       for x in residuals]
-                for name, residuals in control.items()}
+        residual's resolution (bilinear face box), as new tensors. A residual is a UNet feature map
+        [rows, C, h, w] or a FLUX token sequence [rows, h*w, C] of the latent's 2x2 patches in raster
+        order; a tensor shared by several positions (FLUX repeats each block's) is scaled once."""
+        confined: dict[int, torch.Tensor] = {}
+
+        def scaled(x: torch.Tensor) -> torch.Tensor:
+            if id(x) not in confined:
+                if x.ndim == 3:
+                    size = token_grid(latent_size)
+                    factor = self.factor(size, latent_size, x.shape[0], chunks, RESIDUALS, x.device, x.dtype)
+                    confined[id(x)] = x * factor.reshape(x.shape[0], size[0] * size[1], 1)
+                else:
+                    confined[id(x)] = x * self.factor(x.shape[-2:], latent_size, x.shape[0], chunks, RESIDUALS,
+                                                      x.device, x.dtype)
+            return confined[id(x)]
+
+        return {name: [None if x is None else scaled(x) for x in residuals] for name, residuals in control.items()}
+
+
+# ComfyUI cuts a conditioning mask batch to the latent batch and then tiles it, so M masks crash the
+# sampler for a latent batch N > M that M does not divide. Padding with the last mask (what the face
+# attention does, see regions.mask_for_batch) makes every latent batch up to this size work.
+CONDITIONING_MASK_BATCH = 16
+
+
+def conditioning_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The [N, H, W] mask for the positive conditioning: a single mask as is, a batch padded."""
+    if mask is None or mask.shape[0] == 1 or mask.shape[0] >= CONDITIONING_MASK_BATCH:
+        return mask
+    return torch.cat([mask, mask[-1:].expand(CONDITIONING_MASK_BATCH - mask.shape[0], *mask.shape[1:])])
+
+
+def scoped_region(face_box: torch.Tensor | None, mask: torch.Tensor | None,
+                  mask_scope: str) -> tuple[IdentityRegion | None, torch.Tensor | None]:
+    """(the region for the identity ControlNet's residuals, the mask for the positive conditioning).
+    'prompt and identity' makes the positive prompt regional (and the ControlNet with it, through
+    ComfyUI's conditioning mask); 'identity only' multiplies only the residuals by the mask; a face
+    box multiplies them in both."""
+    identity_only = mask_scope == IDENTITY_ONLY
+    residual_mask = mask if identity_only else None
+    region = None if face_box is None and residual_mask is None else IdentityRegion(face_box, residual_mask)
+    return region, None if identity_only else conditioning_mask(mask)
+
+
+# FLUX packs the latent into 2x2 patches (odd sides padded), one token per patch.
+FLUX_PATCH = 2
+
+
+def token_grid(latent_size: Sequence[int]) -> tuple[int, int]:
+    """The (rows, columns) of FLUX's token grid for a latent of size (h, w)."""
+    height, width = (int(v) for v in latent_size)
+    return -(-height // FLUX_PATCH), -(-width // FLUX_PATCH)

@@ -4,6 +4,9 @@ The score is the cosine similarity of the antelopev2 (ArcFace) embeddings of the
 each image: the raw 512-d embeddings, L2-normalised, then dotted. 1.0 is the same embedding;
 different people usually score below about 0.3, and a good InstantID result 0.5 to 0.8.
 
+With a second recogniser (InfiniteYou's IR-SE50: faces still found by antelopev2, embedded by it at
+their five points) the score is its embeddings' cosine similarity and the text names it.
+
 Several reference photos: each generated image is compared with every reference face and the
 scores are averaged. Several generated images: one score each (0 for an image without a face,
 which never stops the job); the node outputs their mean, the best image and the batch ranked.
@@ -17,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .faces import FaceAnalyzer, image_batch_to_bgr
-from .identity import FaceEmbeds
+from .faces import FaceAnalyzer, Recognizer, image_batch_to_bgr
+from .identity import FaceEmbeds, RecognizerEmbeddingMissing
 from .progress import each_image
 
 if TYPE_CHECKING:
@@ -53,6 +56,7 @@ class Similarity:
 
     per_image: tuple[float, ...]
     faceless: tuple[int, ...] = ()
+    recognizer: str = ""  # the label of a second recogniser that scored; empty: antelopev2
 
     @property
     def mean(self) -> float:
@@ -73,26 +77,40 @@ class Similarity:
 
     def text(self) -> str:
         """What the node shows: 'face similarity: 0.734', and for a batch one line per image, best first."""
+        by = f" by {self.recognizer}" if self.recognizer else ""
         if len(self.per_image) == 1:
-            return "\n".join([f"face similarity: {self.mean:.3f}", *self.notes])
-        lines = [f"face similarity: {self.mean:.3f} (mean of {len(self.per_image)} images)"]
+            return "\n".join([f"face similarity{by}: {self.mean:.3f}", *self.notes])
+        lines = [f"face similarity{by}: {self.mean:.3f} (mean of {len(self.per_image)} images)"]
         for rank, index in enumerate(self.order, start=1):
             lines.append(f"#{rank}: image {index + 1}: {self.per_image[index]:.3f}"
                          + (" (no face)" if index in self.faceless else ""))
         return "\n".join(lines + self.notes)
 
 
-def _faces(analyzer: FaceAnalyzer, images: torch.Tensor) -> list[np.ndarray | None]:
-    faces = map(analyzer.detect, each_image(image_batch_to_bgr(images)))
-    return [None if face is None else face.embedding for face in faces]
+def _faces(analyzer: FaceAnalyzer, images: torch.Tensor, recognizer: Recognizer | None = None) -> list[np.ndarray | None]:
+    """The embedding of the largest face of each image (None where there is none): antelopev2's,
+    or `recognizer`'s at the face's points."""
+    embeddings: list[np.ndarray | None] = []
+    for bgr in each_image(image_batch_to_bgr(images)):
+        face = analyzer.detect(bgr)
+        embeddings.append(None if face is None else face.embedding if recognizer is None else recognizer.embed(bgr, face.kps))
+    return embeddings
 
 
-def reference_embeddings(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds) -> list[np.ndarray]:
+def reference_embeddings(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds,
+                         recognizer: Recognizer | None = None) -> list[np.ndarray]:
     """The reference faces' raw embeddings: those of a saved identity (FACE_EMBEDS), one per face it
     was made from, or those of the largest face in each image of an IMAGE batch."""
     if isinstance(reference, FaceEmbeds):
-        return list(reference.identity.embeddings.numpy())
-    faces = _faces(analyzer, reference)
+        if recognizer is None:
+            return list(reference.identity.embeddings.numpy())
+        rows = reference.identity.recognized.get(recognizer.name)
+        if rows is None:
+            raise RecognizerEmbeddingMissing(f"The reference identity holds no {recognizer.label} embedding (it was saved without "
+                               "InfiniteYou): connect the reference photo instead, or disconnect recognizer to score "
+                               "with antelopev2.")
+        return list(rows.numpy())
+    faces = _faces(analyzer, reference, recognizer)
     missing = [index + 1 for index, face in enumerate(faces) if face is None]
     if missing:
         which = ", ".join(str(i) for i in missing)
@@ -101,15 +119,18 @@ def reference_embeddings(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceE
     return faces
 
 
-def face_similarity(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds, image: torch.Tensor) -> Similarity:
-    """Compare every image of the `image` batch with the `reference` (an IMAGE batch or FACE_EMBEDS).
+def face_similarity(analyzer: FaceAnalyzer, reference: torch.Tensor | FaceEmbeds, image: torch.Tensor,
+                    recognizer: Recognizer | None = None) -> Similarity:
+    """Compare every image of the `image` batch with the `reference` (an IMAGE batch or FACE_EMBEDS),
+    with antelopev2's embeddings or, given, a second recogniser's.
 
     Raises FaceNotFound when a reference image has no detectable face. A generated image without a
     face scores 0 and is named in the result's notes (logged here too)."""
-    references = reference_embeddings(analyzer, reference)
-    generated = _faces(analyzer, image)
+    references = reference_embeddings(analyzer, reference, recognizer)
+    generated = _faces(analyzer, image, recognizer)
     result = Similarity(tuple(0.0 if vector is None else _mean_similarity(vector, references) for vector in generated),
-                        tuple(i for i, vector in enumerate(generated) if vector is None))
+                        tuple(i for i, vector in enumerate(generated) if vector is None),
+                        "" if recognizer is None else recognizer.label)
     for note in result.notes:
         log.warning("InstantID Face Similarity: %s", note)
     return result

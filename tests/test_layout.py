@@ -12,6 +12,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid.faces", "instantid.keypoints",
                   "instantid.regions", "instantid.drawn_keypoints", "instantid.attention", "instantid.control", "instantid.checks", "instantid.face_inputs", "instantid.apply",
                   "instantid.similarity", "instantid.progress", "instantid.identity", "instantid.identity_files", "instantid.face_crop", "instantid.paths",
+                  "instantid.sdxl_checks", "instantid.resampling", "instantid.weights_files", "instantid.irse50",
+                  "instantid.infiniteyou", "instantid.flux_apply",
                   "instantid.commands.catalog", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
                   "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",
@@ -28,6 +30,30 @@ def test_domain_modules_import_without_comfyui():
     assert result.returncode == 0, result.stderr
     # Importing never loads ComfyUI, and insightface/onnxruntime only load when face analysis is used.
     assert result.stdout.strip() == ""
+
+
+FRONT_END = ["faces", "keypoints", "drawn_keypoints", "face_inputs", "identity", "identity_files", "regions",
+             "face_crop", "similarity", "checks"]
+BACK_ENDS = {"sdxl", "sdxl_checks", "adapter", "attention", "control", "apply", "irse50", "infiniteyou", "flux_apply"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The instantid modules a file imports, deferred imports included."""
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("instantid."):
+            names.add(node.module.split(".")[1])
+    return names
+
+
+def test_the_face_front_end_imports_no_back_end():
+    """Back ends (SDXL InstantID, FLUX InfiniteYou) import the face front end, never the reverse."""
+    for module in FRONT_END:
+        reached = imported_modules(REPO_ROOT / "instantid" / f"{module}.py") & BACK_ENDS
+        assert not reached, f"instantid/{module}.py imports the back end module(s) {sorted(reached)}"
 
 
 def test_comfyui_is_found_through_comfyui_path(tmp_path, monkeypatch):

@@ -25,6 +25,8 @@ def test_display_names_carry_what_users_type_and_ids_stay(comfy):
     # Short enough for the default node width: the frontend sizes a new node to its title, so a long
     # one makes a wide node; these stay under 40 characters.
     assert max(map(len, names.values())) <= 40, names
+    assert all({"InfiniteYou", "FLUX"} <= set(re.findall(r"\w+", names[node_id]))
+               for node_id in ("InfiniteYouModelLoader", "ApplyInfiniteYou"))
 
 
 def test_tooltips_say_what_happens_without_internals(comfy):
@@ -46,8 +48,9 @@ def test_tooltips_say_what_happens_without_internals(comfy):
     everything += " ".join(schema.description for schema in found.values())
     for internal in ("POST /upload", "python -m instantid", "generated image"):
         assert internal not in everything, internal
+    assert "passes the conditioning through unchanged" in on_no_face["ApplyInfiniteYou"]  # it patches no model
     assert set(on_no_face) == {"FaceKeypointsPreprocessor", "ApplyInstantID", "ApplyInstantIDAdvanced",
-                               "InstantIDAttentionPatch"}
+                               "InstantIDAttentionPatch", "ApplyInfiniteYou"}
 
 
 def test_a_missing_reference_is_flagged_when_the_prompt_is_queued(comfy):
