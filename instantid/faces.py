@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .paths import FETCH_COMMAND
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,7 +34,6 @@ FACE_MODEL_NAME = "antelopev2"
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNIZER_FILE = "glintr100.onnx"
 FACE_MODEL_FILES = (DETECTOR_FILE, RECOGNIZER_FILE)
-FETCH_COMMAND = "python -m instantid fetch-models"
 
 # Largest first: 640 is what InstantID was trained with; smaller sizes only rescue faces that fill
 # so much of the photo that SCRFD misses them at 640.

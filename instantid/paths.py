@@ -12,6 +12,7 @@ from types import ModuleType
 
 ADAPTER_FOLDER = "instantid"
 FACE_MODELS_FOLDER = "insightface"
+FETCH_COMMAND = "python -m instantid fetch-models"  # what the pack's messages tell a user to run
 
 
 def register_model_folders(folder_paths: ModuleType) -> None:

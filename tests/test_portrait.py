@@ -186,13 +186,14 @@ def test_a_pose_for_a_workflow_without_keypoint_input_is_refused(comfy):
 def test_checkpoint_choice(tmp_path):
     from instantid.commands.bootstrap import StepFailed, Steps
     checkpoints = tmp_path / "models" / "checkpoints"
-    steps = Steps(1, stream=open(os.devnull, "w"))
-    assert portrait.resolve_checkpoint(None, checkpoints, steps) == (CHECKPOINT.path, CHECKPOINT)
+    assert portrait.choose_checkpoint(None, [checkpoints]) == portrait.CheckpointChoice(CHECKPOINT.path, entry=CHECKPOINT)
     own = tmp_path / "elsewhere" / "own.safetensors"
     own.parent.mkdir()
     own.write_bytes(b"weights")
-    assert portrait.resolve_checkpoint(str(own), checkpoints, steps) == ("own.safetensors", None)
+    choice = portrait.choose_checkpoint(str(own), [checkpoints])
+    assert choice == portrait.CheckpointChoice("own.safetensors", file=own)
+    portrait.link_checkpoint(choice.file, checkpoints, Steps(1, stream=open(os.devnull, "w")))
     assert (checkpoints / "own.safetensors").resolve() == own  # linked, so ComfyUI lists it
-    assert portrait.resolve_checkpoint("own.safetensors", checkpoints, steps) == ("own.safetensors", None)
+    assert portrait.choose_checkpoint("own.safetensors", [checkpoints]) == portrait.CheckpointChoice("own.safetensors")
     with pytest.raises(StepFailed, match=f"not a catalog name .{DEFAULT_CHECKPOINT}."):
-        portrait.resolve_checkpoint("nope.safetensors", checkpoints, steps)
+        portrait.choose_checkpoint("nope.safetensors", [checkpoints])

@@ -45,7 +45,8 @@ class StepFailed(RuntimeError):
     """A step that could not be done: what it was, why, and the command that fixes it."""
 
     def __init__(self, step: str, cause: str, fix: str) -> None:
-        super().__init__(f"step '{step}' failed: {cause}. To fix: {fix}")
+        cause = "; ".join(line.strip() for line in cause.strip().splitlines() if line.strip()).rstrip(".")
+        super().__init__(f"step '{step}' failed: {cause}" + (f". To fix: {fix}" if fix else ""))
         self.step, self.cause, self.fix = step, cause, fix
 
 
@@ -295,7 +296,7 @@ def prepare_comfyui(*, workspace: Path | None = None, hardware: str | None = Non
 
 
 def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> int:
-    """`python -m instantid` on a Python without the pack's packages (a fresh clone). For the
+    """A command run on a Python without the pack's packages (a fresh clone). For the
     commands that set everything up, install requirements.txt and comfy-cli into this Python and
     start the command again; for the others, say what to install. Returns the exit code."""
     pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-r", str(PACK_ROOT / "requirements.txt"),
@@ -319,15 +320,3 @@ def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> i
         return 1
     os.environ[_RESTARTED] = "1"  # a second miss is reported, never installed in a loop
     os.execv(sys.executable, [sys.executable, "-m", "instantid", *argv])
-
-
-def launch() -> int:
-    """`python -m instantid`: the command line, or, on a fresh clone whose Python lacks the pack's
-    packages, install_command_packages (this module needs nothing beyond the standard library)."""
-    try:
-        from .cli import main
-    except ModuleNotFoundError as missing:
-        if (missing.name or "instantid").startswith("instantid"):
-            raise
-        return install_command_packages(missing, sys.argv[1:])
-    return main()

@@ -27,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .. import __version__
-from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, refusal_text, ui_to_api
+from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, node_failure_text, refusal_text, ui_to_api
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ SchemaInputs = Callable[[str], Collection[str]]
 
 class RunError(RuntimeError):
     """An expected failure; the message says what is wrong and what to do."""
+
+
+class NodeFailure(RunError):
+    """A node of the workflow raised while it ran; the message names the node and its error."""
 
 
 class ServerUnreachable(RunError):
@@ -342,7 +346,7 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     if result.refused is not None:
         raise RunError(f"ComfyUI refused the workflow: {result.error_text()}")
     if not result.success:
-        raise RunError(f"the workflow failed at {result.error_text()}")
+        raise (NodeFailure if result.error else RunError)(f"the workflow failed at {result.error_text()}")
     report = RunReport(result.prompt_id, prompt, similarities=similarity_results(prompt, result.outputs))
     for _, image in output_images(result.outputs):
         source = Path(comfy.folder_paths.get_directory_by_type(image.get("type", "output")))
@@ -463,8 +467,7 @@ def _execution_error(entry: Mapping) -> str:
     messages = (entry.get("status") or {}).get("messages") or []
     for event, data in messages:
         if event == "execution_error":
-            return (f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_type')}: "
-                    f"{data.get('exception_message')}")
+            return node_failure_text(data)
     return "ComfyUI reported an error without details; see its console"
 
 
@@ -506,7 +509,7 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
     server.deadline = None  # downloads get the normal per-request timeout
     status = entry.get("status") or {}
     if status.get("status_str") == "error":
-        raise RunError(f"the workflow failed at {_execution_error(entry)}")
+        raise NodeFailure(f"the workflow failed at {_execution_error(entry)}")
     outputs = entry.get("outputs") or {}
     report = RunReport(prompt_id, prompt, similarities=similarity_results(prompt, outputs))
     for _, image in output_images(outputs):
