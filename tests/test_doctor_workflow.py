@@ -51,7 +51,7 @@ def test_basic_workflow_without_the_identitynet_names_it_and_where_it_goes(tmp_p
                         "(antelopev2)")
     assert lines[start + 1:lines.index("To fix, run:")] == [
         f"{MARK['fail']} node 1 CheckpointLoaderSimple: ckpt_name sd_xl_base_1.0.safetensors: BROKEN {files['checkpoint']} "
-        "(1.0 kB): 1.0 kB, but stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0.safetensors is 6.9 GB: a different "
+        "(1.0 kB): not a safetensors file (its header does not parse); the download is damaged or it is another kind of file; 1.0 kB, but stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0.safetensors is 6.9 GB: a different "
         "file under its name, or a damaged download",
         f"{MARK['ok']} node 4 InstantIDModelLoader: instantid_file ip-adapter.bin: {files['adapter']} "
         f"({size_of(files['adapter'])}): InstantID adapter: face Resampler and 140 projections for SDXL's 70 layers",

@@ -303,6 +303,10 @@ def size_problem(entry: ModelFile, path: Path, *, layout_checked: bool) -> str |
             "or a damaged download")
 
 
+def _joined(*reasons: str | None) -> str | None:
+    return "; ".join(reason for reason in reasons if reason) or None
+
+
 def checkpoint_problem(path: Path) -> tuple[str | None, str]:
     """(why Load Checkpoint cannot draw SDXL with it, or None; what it is): a full SDXL checkpoint
     holds the UNet, both text encoders and the VAE."""
@@ -313,16 +317,17 @@ def checkpoint_problem(path: Path) -> tuple[str | None, str]:
     parts = {part for part, prefix in CHECKPOINT_PARTS.items() if any(key.startswith(prefix) for key in shapes)}
     if "UNet" not in parts:
         return "it has no UNet (no model.diffusion_model.* tensors): it is not a checkpoint", ""
+    contexts = sorted({shape[1] for key, shape in shapes.items()
+                       if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight") and len(shape) == 2})
+    if contexts != [CONTEXT_DIM]:
+        return (f"its UNet takes {'/'.join(map(str, contexts)) or 'no'}-wide text context (SD1.5 is 768, SD2 1024), not "
+                f"SDXL's {CONTEXT_DIM}: it is not an SDXL checkpoint"), ""
     if parts == {"UNet"}:
         return ("it is a UNet-only file (no text encoders, no VAE): Load Checkpoint cannot use it; load it with Load "
                 "Diffusion Model, or pass a full SDXL checkpoint"), ""
     encoders = {"CLIP-L text encoder", "OpenCLIP-G text encoder"} - parts
     if encoders:
         return f"it has no {' and no '.join(sorted(encoders))}: an SDXL checkpoint without its text encoders", ""
-    contexts = sorted({shape[1] for key, shape in shapes.items()
-                       if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight") and len(shape) == 2})
-    if contexts != [CONTEXT_DIM]:
-        return f"its UNet takes {'/'.join(map(str, contexts)) or 'no'}-wide text context, not SDXL's {CONTEXT_DIM}", ""
     vae = "" if "VAE" in parts else " (no VAE: add a Load VAE)"
     return None, f"SDXL checkpoint: UNet, both text encoders{', VAE' if not vae else ''}{vae}"
 
@@ -374,7 +379,7 @@ def check_file_entry(entry: ModelFile, roots: Sequence[Path], target: Path | Non
     if path is None:
         return _missing(entry, target)
     reason, what = problem(path)
-    reason = size_problem(entry, path, layout_checked=True) or reason
+    reason = _joined(reason, size_problem(entry, path, layout_checked=True))
     if reason:
         return _bad(entry, path, reason)
     return Check("ok", entry.id, f"{_found(path)}: {what}")
@@ -489,7 +494,7 @@ def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target
     elif validator is None and reference.class_type == CHECKPOINT_LOADER:
         validator = checkpoint_problem
     reason, what = validator(path) if validator else (None, "")
-    reason = (size_problem(entry, path, layout_checked=validator is not None) if entry else None) or reason
+    reason = _joined(reason, size_problem(entry, path, layout_checked=validator is not None) if entry else None)
     if reason:
         return Check("fail", name, f"{subject}: BROKEN {_found(path)}: {reason}", refetch=refetch)
     return Check("ok", name, f"{subject}: {_found(path)}" + (f": {what}" if what else ""))

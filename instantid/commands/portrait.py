@@ -284,7 +284,7 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
                             prepare=lambda prompt: with_similarity(fill_portrait(prompt, absolute)))
     except NodeFailure as failure:
         # The node's own message says what to do; a face-less photo also has the command's way out.
-        fix = "or pass --on-no-face skip to draw without the identity" if ": NoFaceError: " in str(failure) else ""
+        fix = "with portrait, pass --on-no-face skip" if ": NoFaceError: " in str(failure) else ""
         raise StepFailed("draw the portrait", str(failure), fix) from None
     except RunError as error:
         raise StepFailed("draw the portrait", str(error),
