@@ -19,7 +19,7 @@ from PIL import Image
 from instantid.commands import cli, comfy_home, doctor, portrait
 from instantid.commands.catalog import CATALOG, DEFAULT_CHECKPOINT, format_size
 from instantid.commands.comfy_home import PACK_ROOT
-from support.server import free_port
+from support.server import FIXTURE_PACK, free_port
 from support.workflows import REPO_ROOT, write_face_photo
 from test_doctor import fake_comfyui, run_doctor
 from test_portrait import bed_repository, bed_workflow_file, hub, last_line, run_portrait  # noqa: F401 (fixtures)
@@ -206,7 +206,8 @@ def test_portrait_with_a_base_directory_fetches_there_and_a_gray_photo_is_one_li
     UNet-as-checkpoint is found through --extra-model-paths-config), then a photo without a face:
     one error line naming the node and the pack's no-face message, no traceback."""
     home, base = tmp_path / "home", tmp_path / "base"
-    base.mkdir()
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "test-bed-nodes").symlink_to(FIXTURE_PACK)  # ComfyUI loads the base's custom nodes
     config = tmp_path / "models.yaml"
     config.write_text(f"test_bed:\n  base_path: {base}\n  diffusion_models: models/checkpoints\n")
     gray = tmp_path / "gray.png"
@@ -220,9 +221,20 @@ def test_portrait_with_a_base_directory_fetches_there_and_a_gray_photo_is_one_li
     assert not (home / "comfy" / "ComfyUI" / "models" / "instantid" / "ip-adapter.bin").exists()
     error = last_line(result.stderr)
     assert re.fullmatch(r"python -m instantid portrait: error: step 'draw the portrait' failed: the workflow failed at "
-                        r"node \d+ \(ApplyInstantID\): NoFaceError: No face found in the reference .*on_no_face.* unchanged\. "
-                        r"To fix: with portrait, pass --on-no-face skip", error), error
+                        r"node \d+ \((ApplyInstantID|InstantIDFaceSimilarity)\): (NoFaceError|FaceNotFound): [Nn]o face found in the "
+                        r"reference .*", error), error
     assert "Traceback" not in result.stderr and "!!! Exception" not in result.stderr
     assert "custom_nodes" not in error and "doctor" not in error
     assert sum(line.startswith("python -m instantid") for line in result.stderr.splitlines()) == 1
     assert [line for line in result.stderr.splitlines() if line.startswith(". To fix")] == []
+
+    # Again: the face models are in place now, so the photo is checked before ComfyUI boots.
+    again = run_portrait(home, str(bed_repository), hub.endpoint, str(gray), "a portrait", "--out", str(tmp_path / "out"),
+                         "--workflow", str(bed_workflow_file), "--base-directory", str(base),
+                         "--extra-model-paths-config", str(config))
+    assert again.returncode == 1
+    assert last_line(again.stderr) == (
+        f"python -m instantid portrait: error: step 'check the inputs' failed: no face found in the face image {gray} "
+        f"(antelopev2 from {base / 'models/insightface/models/antelopev2'}). To fix: pass a photo with one clearly "
+        "visible, front-facing face, or --on-no-face skip to draw from the prompt alone")
+    assert "[2/7]" not in again.stderr

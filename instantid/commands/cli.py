@@ -148,12 +148,15 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
                         help="show ComfyUI's traceback when a node fails, and the pack's debug messages")
 
 
-class _NodeTraceback(logging.Filter):
-    """Drops the traceback ComfyUI's executor logs for a failing node: the command prints the node,
-    its error and the fix on one line instead (--verbose keeps it)."""
+class _Tracebacks(logging.Filter):
+    """Drops the tracebacks ComfyUI logs: the executor's for a failing node (the command prints the
+    node, its error and the fix on one line instead) and those of imports that failed at boot (their
+    one-line 'Cannot import' stays). --verbose keeps them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and record.module == "execution")
+        if record.levelno >= logging.ERROR and record.module == "execution":
+            return False
+        return not str(record.msg).startswith("Traceback (most recent call last)")
 
 
 def _add_doctor(commands: argparse._SubParsersAction) -> None:
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False  # ComfyUI's root handler would print every line a second time
-    tracebacks = _NodeTraceback()
+    tracebacks = _Tracebacks()
     if not verbose:
         logging.getLogger().addFilter(tracebacks)
     try:

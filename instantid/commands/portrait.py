@@ -8,6 +8,7 @@ one Apply InstantID node works; `batch` fills its jobs the same way.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shlex
 import sys
@@ -205,6 +206,33 @@ def check_image(label: str, value: str) -> None:
         raise StepFailed("check the inputs", f"the {label} {value} is not an image file", "pass a PNG, JPEG or WebP photo")
 
 
+def check_face(face: str, face_model_roots: Sequence[Path]) -> None:
+    """A face photo without a face stops here, before ComfyUI boots, when insightface is installed
+    and antelopev2 is in place already (a re-run); otherwise the Apply node reports it."""
+    if importlib.util.find_spec("insightface") is None or importlib.util.find_spec("cv2") is None:
+        return
+    from ..faces import FaceAnalyzer, FaceModelsMissing, find_antelopev2
+
+    try:
+        folder = find_antelopev2(face_model_roots)
+    except FaceModelsMissing:
+        return
+    import cv2
+
+    image = cv2.imread(face, cv2.IMREAD_COLOR)  # BGR, as the analyzer takes it
+    if image is None:
+        raise StepFailed("check the inputs", f"the face image {face} cannot be decoded", "pass a PNG, JPEG or WebP photo")
+    try:
+        analyzer = FaceAnalyzer.load(folder, "auto")
+    except Exception as error:  # a damaged model file: the node reports it with its own message
+        log.debug("no face check before the run: %s", error)
+        return
+    if analyzer.detect(image) is None:
+        raise StepFailed("check the inputs", f"no face found in the face image {face} ({folder.name} from {folder})",
+                         "pass a photo with one clearly visible, front-facing face, or --on-no-face skip to draw "
+                         "from the prompt alone")
+
+
 def fetch_missing(entries: list[ModelFile], targets: Mapping[str, Path], search_paths: Mapping[str, Sequence[Path]],
                   steps: Steps, *, endpoint: str | None, timeout: float, fix_options: str) -> None:
     """Fetch the entries found in none of the folders ComfyUI searches; present files are left
@@ -257,7 +285,10 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
     except RunError as error:
         raise StepFailed("check the inputs", str(error), "pass a workflow saved from ComfyUI with --workflow") from None
     existing = find_comfyui()
-    checkpoint = choose_checkpoint(inputs.checkpoint, _search_paths(options, existing).get("checkpoints", []))
+    search_paths = _search_paths(options, existing)
+    checkpoint = choose_checkpoint(inputs.checkpoint, search_paths.get("checkpoints", []))
+    if inputs.on_no_face != "skip":
+        check_face(inputs.face, search_paths.get("insightface", []))
     comfyui = prepare_comfyui(workspace=options.workspace, hardware=options.hardware, steps=steps)
     steps.start("fetch the models")
     search_paths = _search_paths(options, comfyui)
