@@ -63,9 +63,10 @@ def _present(folder: Path) -> list[str]:
     return [name for name in FACE_MODEL_FILES if (folder / name).is_file()]
 
 
-def _stray_copies(roots: Sequence[Path], searched: set[Path]) -> list[Path]:
+def stray_copies(roots: Sequence[Path]) -> list[Path]:
     """Model files a few levels deeper than the accepted layouts (e.g. unzipped twice), so the error
-    can say where they are. Bounded depth keeps this cheap on big model folders."""
+    (and the doctor) can say where they are. Bounded depth keeps this cheap on big model folders."""
+    searched = {folder for root in roots for folder in _candidate_folders(root)}
     found = []
     for root in roots:
         for top in (root / "models" / FACE_MODEL_NAME, root / FACE_MODEL_NAME):
@@ -88,7 +89,7 @@ def _missing_message(roots: Sequence[Path]) -> str:
             missing = [name for name in FACE_MODEL_FILES if name not in present]
             has = f"has {', '.join(present)}" if present else "has neither file"
             lines.append(f"  {folder}: {has}; missing {', '.join(missing)}")
-    for stray in _stray_copies(roots, set(searched)):
+    for stray in stray_copies(roots):
         lines.append(f"  {stray}: too deeply nested, move it to {target / stray.name}")
     lines.append("Searched: " + ", ".join(str(folder) for folder in searched))
     lines.append(f"Get them with `{FETCH_COMMAND}`. This pack does not use insightface's auto-download: "

@@ -99,7 +99,7 @@ def test_no_import_cycle_between_the_command_modules():
 # ------------------------------------------------------------------------------- portrait step 1 --
 
 
-def test_a_wrong_checkpoint_fails_in_step_one_with_nothing_installed(hub, tmp_path):
+def test_a_wrong_checkpoint_fails_in_step_one_with_nothing_installed(hub, tmp_path):  # noqa: F811
     face = write_face_photo(tmp_path / "me.png")
     result = run_portrait(tmp_path / "home", f"http://127.0.0.1:{free_port()}/ComfyUI.git", hub.endpoint, str(face),
                           "a portrait", "--checkpoint", "sdxl_bsae.safetensors")
@@ -200,8 +200,8 @@ def test_doctor_workflow_flags_a_catalog_file_of_the_wrong_size(tmp_path, monkey
 # ------------------------------------------------------------------- portrait end to end (slow) --
 
 
-def test_portrait_with_a_base_directory_fetches_there_and_a_gray_photo_is_one_line(bed_repository, bed_workflow_file,
-                                                                                   hub, tmp_path):
+def test_portrait_with_a_base_directory_fetches_there_and_a_gray_photo_is_one_line(  # noqa: F811 (fixtures)
+        bed_repository, bed_workflow_file, hub, tmp_path):
     """ComfyUI installed from an empty HOME, the models fetched into --base-directory (the test bed's
     UNet-as-checkpoint is found through --extra-model-paths-config), then a photo without a face:
     one error line naming the node and the pack's no-face message, no traceback."""

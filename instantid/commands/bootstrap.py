@@ -84,6 +84,24 @@ def detect_hardware() -> str:
     return "cpu"
 
 
+def torch_accelerator() -> str | None:
+    """The GPU torch in this Python computes on ('CUDA 12.8: NVIDIA H200', 'ROCm 6.2: ...', 'Apple
+    MPS', 'Intel XPU'), or None when it has only the CPU. Imports torch (detect_hardware is the
+    probe for before torch is installed)."""
+    import torch
+
+    if torch.cuda.is_available():
+        build = f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else f"CUDA {torch.version.cuda}"
+        return f"{build}: {torch.cuda.get_device_name(0)}"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "Apple MPS"
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return "Intel XPU"
+    return None
+
+
 def _answers(program: str, *args: str) -> bool:
     found = shutil.which(program)
     if found is None:

@@ -23,13 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+from .bootstrap import torch_accelerator
 from .catalog import CATALOG, DEFAULT_CHECKPOINT, INSTANTID_REPO, WORKFLOW_MODELS, ModelFile, format_size
 from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
 from .fetch import DEFAULT_ENDPOINT, file_url
 from .model_folders import first_existing
 from .workflow_models import FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels
 from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, ONNXRUNTIME, OPENCV, FaceModelsMissing,
-                    SharedModuleDistributions, find_antelopev2, select_providers)
+                    SharedModuleDistributions, find_antelopev2, select_providers, stray_copies)
 from ..paths import ADAPTER_FOLDER
 
 log = logging.getLogger(__name__)
@@ -128,12 +129,9 @@ def check_torch() -> tuple[Check, bool]:
     except ImportError as error:
         return Check("fail", "torch", f"cannot import torch ({error}); install ComfyUI's requirements into this Python",
                      ("pip install -r /path/to/ComfyUI/requirements.txt",)), False
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        return Check("ok", "torch", f"{torch.__version__}, CUDA {torch.version.cuda}: {name}"), True
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return Check("ok", "torch", f"{torch.__version__}, Apple MPS"), False
+    accelerator = torch_accelerator()
+    if accelerator is not None:
+        return Check("ok", "torch", f"{torch.__version__}, {accelerator}"), torch.cuda.is_available()
     build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
     return Check("warn", "torch", f"{torch.__version__} ({build}) sees no GPU: ComfyUI runs on the CPU (--cpu), where "
                                   "an SDXL image takes many minutes; install the torch build for your GPU (see ComfyUI's "
@@ -395,15 +393,6 @@ def _move_command(source: Path, target: Path) -> str:
     return f"mkdir -p {dst} && mv {src}/* {dst}/ && rmdir {src}"
 
 
-def _stray(root: Path, name: str) -> Path | None:
-    """A copy of `name` up to four folders deep under `root` (an archive unzipped one level too deep)."""
-    for depth in range(1, 5):
-        found = sorted(root.glob("*/" * depth + name))
-        if found:
-            return found[0]
-    return None
-
-
 def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target_root: Path | None) -> list[Check]:
     """The two antelopev2 files. Where the pack finds both (faces.find_antelopev2) wins; a pair in
     a nested folder works for this pack but is reported with the command that moves it."""
@@ -427,7 +416,7 @@ def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target
         target = target_for(entry)
         path = folder / name if folder else first_existing(roots, entry.path)
         if path is None:
-            stray = next((s for root in roots if (s := _stray(root, name))), None)
+            stray = next((copy for copy in stray_copies(roots) if copy.name == name), None)
             if stray is not None and target is not None:
                 checks.append(Check("fail", entry.id, f"MISSING at {target}; a copy at {stray} is too deeply nested "
                                                       "for the pack to find", (_move_command(stray.parent, target.parent),)))

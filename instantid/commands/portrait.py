@@ -22,7 +22,7 @@ from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
 from .comfy_home import PACK_ROOT, find_comfyui
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
 from .model_folders import FolderError, comfyui_layout, first_existing, model_folders, model_search_paths
-from .runner import SIMILARITY_NODE, NodeFailure, RunError, RunReport, load_workflow, run_embedded
+from .runner import SIMILARITY_NODE, NodeFailure, RunError, RunReport, describe_node, load_workflow, run_embedded
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class PortraitInputs:
 # --------------------------------------------------------------------------- the workflow graph --
 
 
-def _describe(node_id: str, node: Mapping) -> str:
-    return f"node {node_id} ({node.get('class_type')})"
+def _node(node_id: str, node: Mapping) -> str:
+    return f"node {describe_node(node_id, node)}"
 
 
 def _source(prompt: Mapping[str, dict], node: Mapping, name: str) -> tuple[str, dict] | None:
@@ -80,7 +80,7 @@ def _load_image_feeding(prompt: Mapping[str, dict], apply: tuple[str, dict], nam
     if source is None:
         return None
     if source[1].get("class_type") != "LoadImage":
-        raise RunError(f"the {what} of {_describe(*apply)} comes from {_describe(*source)}, not a Load Image node, so "
+        raise RunError(f"the {what} of {_node(*apply)} comes from {_node(*source)}, not a Load Image node, so "
                        f"there is no file to replace; connect a Load Image node to its '{name}' input")
     return source[1]
 
@@ -92,18 +92,18 @@ def fill_portrait(prompt: Mapping[str, dict], inputs: PortraitInputs) -> dict:
     apply = apply_node(prompt)
     face = _load_image_feeding(prompt, apply, "image", "face image")
     if face is None:
-        raise RunError(f"the face image input of {_describe(*apply)} is not connected; connect a Load Image node")
+        raise RunError(f"the face image input of {_node(*apply)} is not connected; connect a Load Image node")
     face["inputs"]["image"] = inputs.face
     if inputs.pose is not None:
         pose = _load_image_feeding(prompt, apply, "image_kps", "pose image")
         if pose is None:
-            raise RunError(f"a pose was given but {_describe(*apply)} has no keypoint image (image_kps) connected; use "
+            raise RunError(f"a pose was given but {_node(*apply)} has no keypoint image (image_kps) connected; use "
                            f"the posed workflow ({shipped_workflow(True).name}) or connect a Load Image node to it")
         pose["inputs"]["image"] = inputs.pose
     if inputs.prompt is not None:
         encoder = _source(prompt, apply[1], "positive")
         if encoder is None or not isinstance(encoder[1]["inputs"].get("text"), str):
-            raise RunError(f"the 'positive' input of {_describe(*apply)} does not come from a text encoder with a "
+            raise RunError(f"the 'positive' input of {_node(*apply)} does not come from a text encoder with a "
                            "text widget, so the prompt has nowhere to go")
         encoder[1]["inputs"]["text"] = inputs.prompt
     if inputs.seed is not None:
