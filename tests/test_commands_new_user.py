@@ -200,8 +200,8 @@ def test_doctor_workflow_flags_a_catalog_file_of_the_wrong_size(tmp_path, monkey
 # ------------------------------------------------------------------- portrait end to end (slow) --
 
 
-def test_portrait_with_a_base_directory_fetches_there_and_a_gray_photo_is_one_line(  # noqa: F811 (fixtures)
-        bed_repository, bed_workflow_file, hub, tmp_path):
+def test_portrait_with_a_base_directory_fetches_there_and_a_gray_photo_is_one_line(
+        bed_repository, bed_workflow_file, hub, tmp_path):  # noqa: F811 (fixtures of test_portrait)
     """ComfyUI installed from an empty HOME, the models fetched into --base-directory (the test bed's
     UNet-as-checkpoint is found through --extra-model-paths-config), then a photo without a face:
     one error line naming the node and the pack's no-face message, no traceback."""
