@@ -9,7 +9,7 @@ Modules, one job each:
   policy), `apply` (what every Apply node calls), `similarity` (face similarity and ranking),
   `identity` and `identity_files` (FACE_EMBEDS and saved identities), `face_crop` (face crop and
   paste);
-- `paths` (the model folders ComfyUI knows);
+- `paths` (the model folders ComfyUI knows), `file_digest` (a file's sha256);
 - `commands/`: the command line and what only it needs (cli, runner, embedded ComfyUI, doctor,
   fetch, catalog, ComfyUI discovery). It imports the domain; nothing here imports it.
 """
