@@ -178,6 +178,16 @@ def test_with_similarity_adds_one_node_comparing_the_face_with_the_saved_image(c
     assert portrait.with_similarity(added) == added  # a workflow with one already keeps it
 
 
+def test_on_no_face_goes_to_the_apply_node_and_skip_adds_no_similarity(comfy):
+    prompt = shipped_api(comfy, posed=False)
+    apply_id, _ = portrait.apply_node(prompt)
+    skipped = portrait.portrait_prompt(prompt, portrait.PortraitInputs(face="f.png", on_no_face="skip"))
+    assert skipped[apply_id]["inputs"]["on_no_face"] == "skip" and set(skipped) == set(prompt)
+    strict = portrait.portrait_prompt(prompt, portrait.PortraitInputs(face="f.png", on_no_face="error"))
+    assert strict[apply_id]["inputs"]["on_no_face"] == "error"
+    assert [n["class_type"] for i, n in strict.items() if i not in prompt] == ["InstantIDFaceSimilarity"]
+
+
 def test_a_pose_for_a_workflow_without_keypoint_input_is_refused(comfy):
     with pytest.raises(RunError, match="has no keypoint image .image_kps. connected; use the posed workflow"):
         portrait.fill_portrait(shipped_api(comfy, posed=False), portrait.PortraitInputs(face="f.png", pose="p.png"))

@@ -123,6 +123,13 @@ def fill_portrait(prompt: Mapping[str, dict], inputs: PortraitInputs) -> dict:
     return prompt
 
 
+def portrait_prompt(prompt: Mapping[str, dict], inputs: PortraitInputs) -> dict:
+    """The prompt portrait runs: filled, with a face similarity unless a face-less photo is to be
+    skipped (the similarity node would fail on that photo)."""
+    filled = fill_portrait(prompt, inputs)
+    return filled if inputs.on_no_face == "skip" else with_similarity(filled)
+
+
 def with_similarity(prompt: Mapping[str, dict]) -> dict:
     """The prompt with an InstantID Face Similarity node comparing the face image with the saved
     image, unless it has one already (then that one reports)."""
@@ -312,7 +319,7 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
     try:
         return run_embedded(workflow, [], options.out, comfyui=comfyui, cpu=options.cpu, base_directory=run_base,
                             extra_model_paths_configs=configs,
-                            prepare=lambda prompt: with_similarity(fill_portrait(prompt, absolute)))
+                            prepare=lambda prompt: portrait_prompt(prompt, absolute))
     except NodeFailure as failure:
         # The node's own message says what to do; a face-less photo also has the command's way out.
         fix = "with portrait, pass --on-no-face skip" if ": NoFaceError: " in str(failure) else ""
