@@ -13,7 +13,7 @@ Modules, one job each:
   `apply`;
 - the FLUX back end (InfiniteYou): `irse50` (the IR-SE50 recogniser), `infiniteyou` (projection,
   recogniser, InfuseNet check), `flux_apply` (what ApplyInfiniteYou calls);
-- `paths` (the model folders ComfyUI knows);
+- `paths` (the model folders ComfyUI knows), `file_digest` (a file's sha256);
 - `commands/`: the command line and what only it needs (cli, runner, embedded ComfyUI, doctor,
   fetch, catalog, ComfyUI discovery). It imports the domain; nothing here imports it.
 """

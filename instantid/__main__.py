@@ -1,5 +1,5 @@
 """`python -m instantid <command>`: see instantid.commands.cli."""
-from .commands.bootstrap import launch
+from .commands.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(launch())
+    raise SystemExit(main())

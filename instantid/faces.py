@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .paths import ANTELOPEV2_REPO
+from .paths import ANTELOPEV2_REPO, FETCH_COMMAND
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +34,6 @@ FACE_MODEL_NAME = "antelopev2"
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNIZER_FILE = "glintr100.onnx"
 FACE_MODEL_FILES = (DETECTOR_FILE, RECOGNIZER_FILE)
-FETCH_COMMAND = "python -m instantid fetch-models"
 ANTELOPEV2_DOWNLOAD = f"https://huggingface.co/{ANTELOPEV2_REPO}/resolve/main"
 
 # Largest first: 640 is what InstantID was trained with; smaller sizes only rescue faces that fill
@@ -75,9 +74,10 @@ def _present(folder: Path) -> list[str]:
     return [name for name in FACE_MODEL_FILES if (folder / name).is_file()]
 
 
-def _stray_copies(roots: Sequence[Path], searched: set[Path]) -> list[Path]:
+def stray_copies(roots: Sequence[Path]) -> list[Path]:
     """Model files a few levels deeper than the accepted layouts (e.g. unzipped twice), so the error
-    can say where they are. Bounded depth keeps this cheap on big model folders."""
+    (and the doctor) can say where they are. Bounded depth keeps this cheap on big model folders."""
+    searched = {folder for root in roots for folder in _candidate_folders(root)}
     found = []
     for root in roots:
         for top in (root / "models" / FACE_MODEL_NAME, root / FACE_MODEL_NAME):
@@ -100,7 +100,7 @@ def _missing_message(roots: Sequence[Path]) -> str:
             missing = [name for name in FACE_MODEL_FILES if name not in present]
             has = f"has {', '.join(present)}" if present else "has neither file"
             lines.append(f"  {folder}: {has}; missing {', '.join(missing)}")
-    for stray in _stray_copies(roots, set(searched)):
+    for stray in stray_copies(roots):
         lines.append(f"  {stray}: too deeply nested, move it to {target / stray.name}")
     lines.append("Searched: " + ", ".join(str(folder) for folder in searched))
     lines.append("Download them: " + ", ".join(f"{ANTELOPEV2_DOWNLOAD}/{name}" for name in FACE_MODEL_FILES))

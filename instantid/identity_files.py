@@ -12,7 +12,6 @@ input/ and output/ directories.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +21,7 @@ import torch
 
 from . import __version__
 from .faces import COMBINE_MODES, EMBEDDING_SIZE
+from .file_digest import file_sha256
 from .identity import FaceEmbeds, FaceIdentity, as_face_embeds
 
 IDENTITY_FOLDER = "instantid_faces"
@@ -33,7 +33,6 @@ RECOGNIZED = "recognized."
 OUTPUT_MARK = " [output]"
 _SHAPES = {"embeddings": (None, EMBEDDING_SIZE), "kps": (5, 2), "bbox": (4,), "image_size": (2,)}
 _PICKLE_HEADS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
-_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 class IdentityFileError(ValueError):
@@ -95,19 +94,6 @@ def save_path(folder_paths: ModuleType, filename_prefix: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- saving, loading --
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered per path, size and modification time (an adapter is 1.7 GB)."""
-    stat = os.stat(path)
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 22), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
 
 
 def _adapter_metadata(face_embeds: FaceEmbeds) -> dict[str, str]:

@@ -17,6 +17,7 @@ FACE_MODELS_FOLDER = "insightface"
 # insightface's own download URL for antelopev2 is dead; this public mirror holds the same files
 # loose at the repository root (the fetch command and the face-model error both link it).
 ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
+FETCH_COMMAND = "python -m instantid fetch-models"  # what the pack's messages tell a user to run
 
 
 def register_model_folders(folder_paths: ModuleType) -> None:

@@ -5,6 +5,7 @@ then run instead of being skipped."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,12 +130,15 @@ def test_a_python_without_the_packs_packages_is_told_what_to_install_or_gets_the
     doctor = subprocess.run([python, "-m", "instantid", "doctor"], cwd=PACK_ROOT, capture_output=True, text=True,
                             timeout=120)
     assert doctor.returncode == 1
-    assert doctor.stderr == (f"python -m instantid: this Python ({python}) lacks the package 'numpy' that the pack "
-                             f"needs; install the pack's packages: {python} -m pip install --disable-pip-version-check "
-                             f"-r {PACK_ROOT / 'requirements.txt'} {bootstrap.COMFY_CLI_REQUIREMENT}\n")
+    missing = re.fullmatch(r"python -m instantid: this Python \((.+)\) lacks the package '(\w+)' that the pack needs; "
+                           r"install the pack's packages: (.+)\n", doctor.stderr)
+    assert missing is not None, doctor.stderr
+    assert missing[1] == str(python) and missing[2] in ("numpy", "tqdm")
+    assert missing[3] == (f"{python} -m pip install --disable-pip-version-check -r {PACK_ROOT / 'requirements.txt'} "
+                          f"{bootstrap.COMFY_CLI_REQUIREMENT}")
     portrait = subprocess.run([python, "-m", "instantid", "portrait", "face.jpg", "a portrait"], cwd=PACK_ROOT,
                               capture_output=True, text=True, timeout=120)
     assert portrait.returncode == 1
-    assert portrait.stderr.startswith(f"[1/1] install the pack's Python packages into {tmp_path / 'venv'} (it lacks numpy)")
+    assert portrait.stderr.startswith(f"[1/1] install the pack's Python packages into {tmp_path / 'venv'} (it lacks ")
     assert ("python -m instantid portrait: error: step 'install the pack's Python packages' failed: `python -m pip "
             "install") in portrait.stderr and "No module named pip" in portrait.stderr

@@ -73,6 +73,8 @@ def test_missing_nested_and_corrupt_files_are_reported_with_the_fixes(tmp_path, 
         f"is in a nested folder: this pack finds it there, other insightface tools do not; it belongs in {faces}",
         f"{MARK['ok']} antelopev2: insightface loads the detector (5 keypoints) and the recogniser: "
         "detection on CPUExecutionProvider, recognition on CPUExecutionProvider",
+        f"{MARK['warn']} sdxl-base-1.0: not found (6.9 GB); `portrait` fetches it to "
+        f"{base / 'models/checkpoints/sd_xl_base_1.0.safetensors'} (workflows of your own load the checkpoint they name)",
         *[line for line in lines if line.startswith("Summary: ")],
         "To fix, run:",
         *lines[lines.index("To fix, run:") + 1:],
@@ -179,12 +181,12 @@ def test_truncated_or_foreign_identitynet(tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-100])
     full = good.stat().st_size
-    assert doctor.identitynet_problem(truncated)[0] == (f"truncated or padded: the header describes {full} bytes, the file "
-                                                        f"has {full - 100}; the download is incomplete")
+    assert doctor.identitynet_problem(truncated)[0] == (f"truncated or padded: its {full - 100} bytes are not what its "
+                                                        "header describes; the download is incomplete")
     html = tmp_path / "page.safetensors"
     html.write_bytes(b"<html><body>rate limited</body></html>")
-    assert doctor.identitynet_problem(html)[0] == ("not a safetensors file (its first 8 bytes are not a header length); "
-                                                   "the download is damaged or it is another kind of file")
+    assert doctor.identitynet_problem(html)[0] == ("not a safetensors file (its header does not parse); the download is "
+                                                   "damaged or it is another kind of file")
 
 
 def test_adapter_with_the_wrong_layout_gets_the_loaders_message(tmp_path):

@@ -26,7 +26,7 @@ def size_of(path: Path) -> str:
 
 
 def write_models_without_identitynet(base: Path) -> dict[str, Path]:
-    """Every file the basic workflow loads except the IdentityNet (the checkpoint only needs to exist)."""
+    """Every file the basic workflow loads except the IdentityNet (the checkpoint is 1000 bytes: too small)."""
     files = {"checkpoint": base / "models/checkpoints/sd_xl_base_1.0.safetensors",
              "adapter": base / "models/instantid/ip-adapter.bin",
              "faces": base / "models/insightface/models/antelopev2"}
@@ -50,7 +50,9 @@ def test_basic_workflow_without_the_identitynet_names_it_and_where_it_goes(tmp_p
     start = lines.index(f"{MARK['ok']} workflow: {BASIC}: 3 model files named by 3 loader nodes and face analysis "
                         "(antelopev2)")
     assert lines[start + 1:lines.index("To fix, run:")] == [
-        f"{MARK['ok']} node 1 CheckpointLoaderSimple: ckpt_name sd_xl_base_1.0.safetensors: {files['checkpoint']} (1.0 kB)",
+        f"{MARK['fail']} node 1 CheckpointLoaderSimple: ckpt_name sd_xl_base_1.0.safetensors: BROKEN {files['checkpoint']} "
+        "(1.0 kB): not a safetensors file (its header does not parse); the download is damaged or it is another kind of file; 1.0 kB, but stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0.safetensors is 6.9 GB: a different "
+        "file under its name, or a damaged download",
         f"{MARK['ok']} node 4 InstantIDModelLoader: instantid_file ip-adapter.bin: {files['adapter']} "
         f"({size_of(files['adapter'])}): InstantID adapter: face Resampler and 140 projections for SDXL's 70 layers",
         f"{MARK['fail']} node 6 ControlNetLoader: control_net_name instantid/diffusion_pytorch_model.safetensors: MISSING "
@@ -63,10 +65,10 @@ def test_basic_workflow_without_the_identitynet_names_it_and_where_it_goes(tmp_p
         "valid ONNX model",
         f"{MARK['ok']} antelopev2: insightface loads the detector (5 keypoints) and the recogniser: "
         "detection on CPUExecutionProvider, recognition on CPUExecutionProvider",
-        next(line for line in lines if line.startswith("Summary: 1 problem, ")),
+        next(line for line in lines if line.startswith("Summary: 2 problems, ")),
     ]
     assert lines[lines.index("To fix, run:") + 1] == (f"  python -m instantid fetch-models --base-directory {base} "
-                                                      "--only identitynet")
+                                                      "--only sdxl-base-1.0 --only identitynet")
     assert not any(line.startswith(f"{MARK['ok']} adapter:") for line in lines)  # the pack's own list is not checked
 
 

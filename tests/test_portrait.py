@@ -178,6 +178,16 @@ def test_with_similarity_adds_one_node_comparing_the_face_with_the_saved_image(c
     assert portrait.with_similarity(added) == added  # a workflow with one already keeps it
 
 
+def test_on_no_face_goes_to_the_apply_node_and_skip_adds_no_similarity(comfy):
+    prompt = shipped_api(comfy, posed=False)
+    apply_id, _ = portrait.apply_node(prompt)
+    skipped = portrait.portrait_prompt(prompt, portrait.PortraitInputs(face="f.png", on_no_face="skip"))
+    assert skipped[apply_id]["inputs"]["on_no_face"] == "skip" and set(skipped) == set(prompt)
+    strict = portrait.portrait_prompt(prompt, portrait.PortraitInputs(face="f.png", on_no_face="error"))
+    assert strict[apply_id]["inputs"]["on_no_face"] == "error"
+    assert [n["class_type"] for i, n in strict.items() if i not in prompt] == ["InstantIDFaceSimilarity"]
+
+
 def test_a_pose_for_a_workflow_without_keypoint_input_is_refused(comfy):
     with pytest.raises(RunError, match="has no keypoint image .image_kps. connected; use the posed workflow"):
         portrait.fill_portrait(shipped_api(comfy, posed=False), portrait.PortraitInputs(face="f.png", pose="p.png"))
@@ -186,13 +196,14 @@ def test_a_pose_for_a_workflow_without_keypoint_input_is_refused(comfy):
 def test_checkpoint_choice(tmp_path):
     from instantid.commands.bootstrap import StepFailed, Steps
     checkpoints = tmp_path / "models" / "checkpoints"
-    steps = Steps(1, stream=open(os.devnull, "w"))
-    assert portrait.resolve_checkpoint(None, checkpoints, steps) == (CHECKPOINT.path, CHECKPOINT)
+    assert portrait.choose_checkpoint(None, [checkpoints]) == portrait.CheckpointChoice(CHECKPOINT.path, entry=CHECKPOINT)
     own = tmp_path / "elsewhere" / "own.safetensors"
     own.parent.mkdir()
     own.write_bytes(b"weights")
-    assert portrait.resolve_checkpoint(str(own), checkpoints, steps) == ("own.safetensors", None)
+    choice = portrait.choose_checkpoint(str(own), [checkpoints])
+    assert choice == portrait.CheckpointChoice("own.safetensors", file=own)
+    portrait.link_checkpoint(choice.file, checkpoints, Steps(1, stream=open(os.devnull, "w")))
     assert (checkpoints / "own.safetensors").resolve() == own  # linked, so ComfyUI lists it
-    assert portrait.resolve_checkpoint("own.safetensors", checkpoints, steps) == ("own.safetensors", None)
+    assert portrait.choose_checkpoint("own.safetensors", [checkpoints]) == portrait.CheckpointChoice("own.safetensors")
     with pytest.raises(StepFailed, match=f"not a catalog name .{DEFAULT_CHECKPOINT}."):
-        portrait.resolve_checkpoint("nope.safetensors", checkpoints, steps)
+        portrait.choose_checkpoint("nope.safetensors", [checkpoints])

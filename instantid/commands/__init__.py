@@ -3,5 +3,5 @@
 `portrait` (one command from a photo to an image), `bootstrap` (find or install ComfyUI, link the
 pack), `batch` (many jobs over several servers), `doctor` (setup checks) with `workflow_models`
 (the models a workflow loads), `fetch` and `catalog` (the model files and their download),
-`comfy_home` (finding ComfyUI). The shipped workflows' generator is a build tool outside the runtime
+`comfy_home` (finding ComfyUI), `model_folders` (the model folders every command uses). The shipped workflows' generator is a build tool outside the runtime
 package (`workflow_tools/`, run by `scripts/build_workflows.py`). This side imports the domain (`instantid.*`); the domain and the nodes never import it."""

@@ -45,7 +45,8 @@ class StepFailed(RuntimeError):
     """A step that could not be done: what it was, why, and the command that fixes it."""
 
     def __init__(self, step: str, cause: str, fix: str) -> None:
-        super().__init__(f"step '{step}' failed: {cause}. To fix: {fix}")
+        cause = "; ".join(line.strip() for line in cause.strip().splitlines() if line.strip()).rstrip(".")
+        super().__init__(f"step '{step}' failed: {cause}" + (f". To fix: {fix}" if fix else ""))
         self.step, self.cause, self.fix = step, cause, fix
 
 
@@ -81,6 +82,24 @@ def detect_hardware() -> str:
     if Path("/dev/kfd").exists() or _answers("rocminfo"):
         return "amd"
     return "cpu"
+
+
+def torch_accelerator() -> str | None:
+    """The GPU torch in this Python computes on ('CUDA 12.8: NVIDIA H200', 'ROCm 6.2: ...', 'Apple
+    MPS', 'Intel XPU'), or None when it has only the CPU. Imports torch (detect_hardware is the
+    probe for before torch is installed)."""
+    import torch
+
+    if torch.cuda.is_available():
+        build = f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else f"CUDA {torch.version.cuda}"
+        return f"{build}: {torch.cuda.get_device_name(0)}"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "Apple MPS"
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return "Intel XPU"
+    return None
 
 
 def _answers(program: str, *args: str) -> bool:
@@ -295,7 +314,7 @@ def prepare_comfyui(*, workspace: Path | None = None, hardware: str | None = Non
 
 
 def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> int:
-    """`python -m instantid` on a Python without the pack's packages (a fresh clone). For the
+    """A command run on a Python without the pack's packages (a fresh clone). For the
     commands that set everything up, install requirements.txt and comfy-cli into this Python and
     start the command again; for the others, say what to install. Returns the exit code."""
     pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-r", str(PACK_ROOT / "requirements.txt"),
@@ -319,15 +338,3 @@ def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> i
         return 1
     os.environ[_RESTARTED] = "1"  # a second miss is reported, never installed in a loop
     os.execv(sys.executable, [sys.executable, "-m", "instantid", *argv])
-
-
-def launch() -> int:
-    """`python -m instantid`: the command line, or, on a fresh clone whose Python lacks the pack's
-    packages, install_command_packages (this module needs nothing beyond the standard library)."""
-    try:
-        from .cli import main
-    except ModuleNotFoundError as missing:
-        if (missing.name or "instantid").startswith("instantid"):
-            raise
-        return install_command_packages(missing, sys.argv[1:])
-    return main()

@@ -3,143 +3,61 @@
 Each command is a pair of functions: `_add_<command>(commands)` declares its arguments and sets
 `handler`; the handler takes the parsed arguments and returns an exit code, raising CommandError
 for expected failures (printed as one line, no traceback). `build_parser` registers them all.
+
+This module and what it imports at the top need only the standard library, so `--help` works on a
+bare Python; a handler imports what its command needs. A command that finds this Python without
+the pack's packages is handed to bootstrap.install_command_packages.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
+import importlib
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
+from ..paths import FETCH_COMMAND
 from .catalog import CATALOG, ModelFile
-from .comfy_home import (default_base_directory, desktop_base_directory, desktop_models_config, find_comfyui,
-                         why_not_found)
-from ..faces import FETCH_COMMAND
-from .fetch import DEFAULT_RETRIES, DEFAULT_TIMEOUT, FetchError, fetch_models, resolve_endpoint
-from ..paths import ADAPTER_FOLDER, FACE_MODELS_FOLDER
+from .comfy_home import find_comfyui, why_not_found
+from .model_folders import (FolderError, comfyui_base, comfyui_layout, model_folders, model_search_paths,
+                            read_extra_model_paths, registered_folders)
+
+__all__ = ["CommandError", "build_parser", "main", "read_extra_model_paths"]
+
+
+# instantid.face_inputs.ON_NO_FACE, which needs torch to import (test_cli_help checks they agree).
+ON_NO_FACE_CHOICES = ("error", "skip")
 
 
 class CommandError(Exception):
     """An expected failure; the message is one actionable line."""
 
 
-# ComfyUI's folder_paths: the old names extra_model_paths.yaml may still use (map_legacy), and the
-# keys whose default is more than models/<key>.
-LEGACY_FOLDER_KEYS = {"unet": "diffusion_models", "clip": "text_encoders"}
-DEFAULT_MODEL_SUBFOLDERS = {"diffusion_models": ("unet", "diffusion_models"), "text_encoders": ("text_encoders", "clip"),
-                            "controlnet": ("controlnet", "t2i_adapter")}
+class LazyDefault:
+    """A default that lives in a module needing more than the standard library: shown in --help
+    when that module imports, filled in by `main` before the handler runs."""
 
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
 
-def read_extra_model_paths(config: Path) -> dict[str, list[Path]]:
-    """The folders an extra_model_paths.yaml registers, per folder key, in the order ComfyUI's
-    folder_paths would hold them (utils/extra_config.py): `base_path` (relative to the file) joins
-    each newline-separated entry, paths without a base are relative to the file, and sections with
-    `is_default: true` go to the front."""
-    try:
-        import yaml  # ComfyUI requires PyYAML; only this option needs it
-    except ImportError:
-        raise CommandError("reading --extra-model-paths-config needs PyYAML: pip install pyyaml") from None
-    try:
-        document = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
-        raise CommandError(f"cannot read {config}: {error}".replace("\n", " ")) from None
-    if document is None:
-        return {}
-    if not isinstance(document, dict):
-        raise CommandError(f"{config}: expected sections of folder keys, got {type(document).__name__}")
-    config_dir = Path(os.path.abspath(config)).parent  # abspath, not resolve: symlinks as ComfyUI sees them
-    folders: dict[str, list[Path]] = {}
-    for section, entries in document.items():
-        if entries is None:
-            continue
-        if not isinstance(entries, dict):
-            raise CommandError(f"{config}: section {section!r} must map folder keys to paths")
-        entries = dict(entries)
-        base = entries.pop("base_path", None)
-        if base is not None:
-            base = Path(os.path.expandvars(os.path.expanduser(str(base))))
-            base = base if base.is_absolute() else config_dir / base
-        is_default = bool(entries.pop("is_default", False))
-        for key, value in entries.items():
-            if not isinstance(value, str):
-                raise CommandError(f"{config}: {section}.{key} must be a path or newline-separated paths")
-            for line in value.split("\n"):
-                if not line:
-                    continue
-                path = Path(os.path.normpath((base or config_dir) / line))
-                paths = folders.setdefault(LEGACY_FOLDER_KEYS.get(str(key), str(key)), [])
-                if path in paths and is_default:
-                    paths.remove(path)
-                if is_default:
-                    paths.insert(0, path)
-                elif path not in paths:
-                    paths.append(path)
-    return folders
+    def value(self) -> object:
+        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.name)
 
-
-def comfyui_base(base_directory: Path | None, *, required: bool) -> Path | None:
-    """ComfyUI's base directory (models/, custom_nodes/, input/, output/): --base-directory when
-    given, else ComfyUI Desktop's base directory when ComfyUI is Desktop's, else the ComfyUI
-    checkout comfy_home finds. None when there is none and not `required`."""
-    if base_directory is not None:
-        if not base_directory.is_dir():
-            raise CommandError(f"--base-directory {base_directory} is not a directory")
-        return base_directory
-    found = default_base_directory()
-    if found is None and required:
-        raise CommandError(f"{why_not_found()}; or pass --base-directory DIR")
-    return found
-
-
-def registered_folders(configs: Iterable[Path]) -> dict[str, list[Path]]:
-    """The folders several extra_model_paths.yaml files register, per key, in loading order."""
-    merged: dict[str, list[Path]] = {}
-    for config in configs:
-        for key, paths in read_extra_model_paths(config).items():
-            known = merged.setdefault(key, [])
-            known += [path for path in paths if path not in known]
-    return merged
-
-
-def model_folders(keys: Iterable[str], base_directory: Path | None, extra_config: Path | None) -> dict[str, Path]:
-    """Where each folder key's files go: the first folder extra_model_paths registers for it,
-    else <ComfyUI base>/models/<key>. ComfyUI is looked up only when a key needs it."""
-    registered = read_extra_model_paths(extra_config) if extra_config else {}
-    folders = {key: registered[key][0] for key in keys if registered.get(key)}
-    missing = [key for key in keys if key not in folders]
-    if missing:
-        base = comfyui_base(base_directory, required=True)
-        folders.update({key: base / "models" / key for key in missing})
-    return folders
-
-
-def model_search_paths(keys: Iterable[str], base_directory: Path | None,
-                       extra_configs: Sequence[Path]) -> dict[str, list[Path]]:
-    """Every folder ComfyUI searches for each key. ComfyUI's own keys (controlnet) start with its
-    defaults, <base>/models/<key> (DEFAULT_MODEL_SUBFOLDERS for a few keys); the pack's keys
-    (instantid, insightface) list the registered folders first, as paths.register_model_folders
-    does. Without a base only the registered folders."""
-    registered = registered_folders(extra_configs)
-    base = comfyui_base(base_directory, required=False)
-    found = {}
-    for key in keys:
-        default = [base / "models" / folder for folder in DEFAULT_MODEL_SUBFOLDERS.get(key, (key,))] if base else []
-        extra = [path for path in registered.get(key, []) if path not in default]
-        found[key] = [*extra, *default] if key in (ADAPTER_FOLDER, FACE_MODELS_FOLDER) else [*default, *extra]
-    return found
+    def __str__(self) -> str:
+        try:
+            return str(self.value())
+        except ImportError:
+            return f"{self.module}.{self.name}"
 
 
 def _add_server_timing_arguments(parser: argparse.ArgumentParser, when: str, waited_for: str) -> None:
     """--timeout and --max-wait for the commands that talk to a running ComfyUI."""
-    from .runner import DEFAULT_MAX_WAIT, DEFAULT_TIMEOUT
-
-    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_positive_float, default=LazyDefault("runner", "DEFAULT_TIMEOUT"), metavar="SECONDS",
                         help=f"{when}timeout of each HTTP request (default: %(default)s)")
-    parser.add_argument("--max-wait", type=_positive_float, default=DEFAULT_MAX_WAIT, metavar="SECONDS",
+    parser.add_argument("--max-wait", type=_positive_float, default=LazyDefault("runner", "DEFAULT_MAX_WAIT"), metavar="SECONDS",
                         help=f"{when}longest wait for {waited_for} (default: %(default)s)")
 
 
@@ -183,14 +101,16 @@ def _add_fetch_models(commands: argparse._SubParsersAction) -> None:
                         help="Hugging Face endpoint or mirror (default: $HF_ENDPOINT, else https://huggingface.co)")
     parser.add_argument("--only", action="append", choices=[entry.id for entry in CATALOG], metavar="ID",
                         help="fetch only this file; repeatable (ids: %(choices)s; default: every required file)")
-    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help="connect and read timeout for each request (default: %(default)s)")
-    parser.add_argument("--retries", type=_non_negative_int, default=DEFAULT_RETRIES, metavar="N",
+    parser.add_argument("--timeout", type=_positive_float, default=LazyDefault("fetch", "DEFAULT_TIMEOUT"),
+                        metavar="SECONDS", help="connect and read timeout for each request (default: %(default)s)")
+    parser.add_argument("--retries", type=_non_negative_int, default=LazyDefault("fetch", "DEFAULT_RETRIES"), metavar="N",
                         help="tries after a failure that made no progress (default: %(default)s)")
     parser.set_defaults(handler=_fetch_models)
 
 
 def _fetch_models(args: argparse.Namespace) -> int:
+    from .fetch import FetchError, fetch_models, resolve_endpoint
+
     chosen = set(args.only or [])
     entries: list[ModelFile] = [entry for entry in CATALOG if (entry.id in chosen if chosen else entry.required)]
     folders = model_folders({entry.folder for entry in entries}, args.base_directory, args.extra_model_paths_config)
@@ -222,6 +142,22 @@ def _add_model_location_arguments(parser: argparse.ArgumentParser) -> None:
                              "searched too (ComfyUI's own extra_model_paths.yaml is always read)")
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show ComfyUI's traceback when a node fails, and the pack's debug messages")
+
+
+class _Tracebacks(logging.Filter):
+    """Drops the tracebacks ComfyUI logs: the executor's for a failing node (the command prints the
+    node, its error and the fix on one line instead) and those of imports that failed at boot (their
+    one-line 'Cannot import' stays). --verbose keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.module == "execution":
+            return False
+        return not str(record.msg).startswith("Traceback (most recent call last)")
+
+
 def _add_doctor(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "doctor", help="check that ComfyUI, the Python packages and the model files are in place",
@@ -242,8 +178,7 @@ def _doctor(args: argparse.Namespace) -> int:
     comfyui = find_comfyui(args.base_directory)
     base = comfyui_base(args.base_directory, required=False)
     own_config = comfyui / "extra_model_paths.yaml" if comfyui else None
-    desktop_config = desktop_models_config(base) if base else None  # ComfyUI Desktop passes it to ComfyUI
-    configs = [c for c in (own_config, desktop_config) if c and c.is_file()]
+    configs = [c for c in (own_config, *comfyui_layout(base, None)[1]) if c and c.is_file()]
     configs += [c for c in (args.extra_model_paths_config,) if c]
     workflow = None
     if args.workflow is not None:
@@ -256,7 +191,7 @@ def _doctor(args: argparse.Namespace) -> int:
     keys = sorted({entry.folder for entry in CATALOG} | {ref.folder for ref in (workflow[1].files if workflow else ())})
     try:
         targets = model_folders(keys, args.base_directory, args.extra_model_paths_config)
-    except CommandError:
+    except FolderError:
         targets = {}  # the report says that no folder is known
     custom_nodes = ([base / "custom_nodes"] if base else []) + registered_folders(configs).get("custom_nodes", [])
     fetch = FETCH_COMMAND + "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in (
@@ -293,6 +228,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--comfyui", metavar="URL",
                         help="send the workflow to this running ComfyUI (e.g. http://127.0.0.1:8188) instead")
     _add_server_timing_arguments(parser, "with --comfyui: ", "the workflow to finish")
+    _add_verbose(parser)
     parser.set_defaults(handler=_run)
 
 
@@ -315,10 +251,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise CommandError(f"{why_not_found(args.base_directory)}; or send the workflow to a running ComfyUI "
                                    "with --comfyui URL")
             comfyui_base(args.base_directory, required=False)  # a wrong --base-directory fails here, not in ComfyUI
-            # ComfyUI Desktop's ComfyUI runs on the user's base directory with Desktop's model paths.
-            base = args.base_directory or desktop_base_directory()
-            desktop_config = desktop_models_config(base) if base else None
-            configs = [c for c in (desktop_config, args.extra_model_paths_config) if c]
+            base, configs = comfyui_layout(args.base_directory, args.extra_model_paths_config)
             report = runner.run_embedded(workflow, overrides, args.out, comfyui=comfyui,
                                          base_directory=base, extra_model_paths_configs=configs,
                                          cpu=args.cpu)
@@ -393,6 +326,11 @@ def _add_portrait(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--endpoint", metavar="URL",
                         help="Hugging Face endpoint or mirror for the models (default: $HF_ENDPOINT, else huggingface.co)")
     parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (automatic without a GPU)")
+    parser.add_argument("--on-no-face", choices=ON_NO_FACE_CHOICES, default="error",
+                        help="when the face photo shows no face: stop with an error, or skip InstantID and draw from the "
+                             "prompt alone (default: %(default)s)")
+    _add_model_location_arguments(parser)
+    _add_verbose(parser)
     parser.set_defaults(handler=_portrait)
 
 
@@ -400,9 +338,11 @@ def _portrait(args: argparse.Namespace) -> int:
     from .bootstrap import StepFailed
     from .portrait import PortraitInputs, PortraitOptions, make_portrait
 
-    inputs = PortraitInputs(face=args.face, prompt=args.prompt, pose=args.pose, seed=args.seed, checkpoint=args.checkpoint)
+    inputs = PortraitInputs(face=args.face, prompt=args.prompt, pose=args.pose, seed=args.seed, checkpoint=args.checkpoint,
+                            on_no_face=args.on_no_face)
     options = PortraitOptions(inputs, args.out, workflow=args.workflow, workspace=args.workspace,
-                              hardware=args.hardware, endpoint=args.endpoint, cpu=args.cpu)
+                              hardware=args.hardware, endpoint=args.endpoint, cpu=args.cpu,
+                              base_directory=args.base_directory, extra_model_paths_config=args.extra_model_paths_config)
     try:
         report = make_portrait(options)
     except StepFailed as error:
@@ -413,28 +353,27 @@ def _portrait(args: argparse.Namespace) -> int:
 
 
 def _add_batch(commands: argparse._SubParsersAction) -> None:
-    from .batch import DEFAULT_PER_SERVER, DEFAULT_RETRIES, DEFAULT_RETRY_DELAY, DEFAULT_SERVER_RETRIES, RESULTS_NAME
-
+    results_name = LazyDefault("batch", "RESULTS_NAME")
     parser = commands.add_parser(
         "batch", help="many portraits over one or more running ComfyUI servers",
         description="Run the jobs of JOBS.jsonl (one JSON object a line: face, and optionally prompt, pose, seed, "
                     "workflow, checkpoint, set, id) on running ComfyUI servers. Images are uploaded to the server "
                     "that runs the job; a job whose server stops answering is retried on another, and that server "
-                    f"again after a pause. Finished jobs go to DIR/{RESULTS_NAME}, one line each, and a re-run skips "
+                    f"again after a pause. Finished jobs go to DIR/{results_name}, one line each, and a re-run skips "
                     "them; a job without a seed gets one at its first try, kept there for re-runs. Ctrl-C cancels "
                     "every prompt the run queued.")
     parser.add_argument("jobs", type=Path, metavar="JOBS.jsonl", help="the jobs, one JSON object per line")
     parser.add_argument("--comfyui", action="append", required=True, metavar="URL",
                         help="a running ComfyUI (e.g. http://127.0.0.1:8188); repeat for several servers")
     parser.add_argument("--out", type=Path, default=Path("batch-out"), metavar="DIR",
-                        help=f"folder for {RESULTS_NAME} and one subfolder of images per job (default: %(default)s)")
-    parser.add_argument("--per-server", type=_positive_int, default=DEFAULT_PER_SERVER, metavar="N",
+                        help=f"folder for {results_name} and one subfolder of images per job (default: %(default)s)")
+    parser.add_argument("--per-server", type=_positive_int, default=LazyDefault("batch", "DEFAULT_PER_SERVER"), metavar="N",
                         help="jobs each server holds at once, queued or running (default: %(default)s)")
-    parser.add_argument("--retries", type=_non_negative_int, default=DEFAULT_RETRIES, metavar="N",
+    parser.add_argument("--retries", type=_non_negative_int, default=LazyDefault("batch", "DEFAULT_RETRIES"), metavar="N",
                         help="other servers to try when a job's server stops answering (default: %(default)s)")
-    parser.add_argument("--retry-delay", type=_positive_float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
+    parser.add_argument("--retry-delay", type=_positive_float, default=LazyDefault("batch", "DEFAULT_RETRY_DELAY"), metavar="SECONDS",
                         help="first pause before a server that stopped answering is tried again; the pause doubles "
-                             f"at each failure, and a server is left out after {DEFAULT_SERVER_RETRIES} failures in a "
+                             f"at each failure, and a server is left out after {LazyDefault('batch', 'DEFAULT_SERVER_RETRIES')} failures in a "
                              "row (default: %(default)s)")
     _add_server_timing_arguments(parser, "", "one job (past it, the job is cancelled on its server)")
     parser.set_defaults(handler=_batch)
@@ -475,28 +414,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, --version, or a usage error argparse has already explained
         return stop.code if isinstance(stop.code, int) else 2
+    verbose = getattr(args, "verbose", False)
     # The library logs progress and retries; show them on stderr for the duration of the command.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("instantid")
     previous_level, previous_propagate = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False  # ComfyUI's root handler would print every line a second time
+    tracebacks = _Tracebacks()
+    if not verbose:
+        logging.getLogger().addFilter(tracebacks)
     try:
+        for name, value in vars(args).items():
+            if isinstance(value, LazyDefault):
+                setattr(args, name, value.value())
         return args.handler(args)
-    except CommandError as error:
+    except (CommandError, FolderError) as error:
         sys.stderr.write(f"{parser.prog} {args.command}: error: {error}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{parser.prog} {args.command}: interrupted; run it again to resume\n")
         return 130
+    except ModuleNotFoundError as missing:
+        if (missing.name or "instantid").split(".")[0] == "instantid":
+            raise
+        from .bootstrap import install_command_packages
+
+        return install_command_packages(missing, argv)
     finally:
+        logging.getLogger().removeFilter(tracebacks)
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
         logger.propagate = previous_propagate

@@ -8,6 +8,7 @@ and `--extra-model-paths-config` set to extra_models_config.yaml in its app-data
 config.json whose `basePath` names that base directory (github.com/Comfy-Org/desktop, README)."""
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import sys
@@ -100,14 +101,45 @@ def comfyui_candidates(base_directory: Path | None = None) -> list[tuple[str, Pa
     if _above_custom_nodes() is not None:
         found.append(("the folder above custom_nodes/", _above_custom_nodes()))
     found += [("ComfyUI Desktop's bundled ComfyUI", folder) for folder in desktop_bundled_comfyui()]
-    found.append(("comfy-cli's default workspace", default_workspace()))
+    settings = comfy_cli_settings()
+    for key, source in (("default_workspace", "comfy-cli's default workspace (comfy set-default)"),
+                        ("recent_workspace", "comfy-cli's most recent workspace")):
+        if settings.get(key):
+            found.append((source, Path(settings[key]).expanduser()))
+    found.append(("comfy-cli's default workspace", comfy_cli_builtin_workspace()))
     return found
 
 
-def default_workspace() -> Path:
-    """comfy-cli's default workspace: ~/comfy/ComfyUI, under ~/Documents on macOS and Windows."""
+def comfy_cli_config() -> Path:
+    """comfy-cli's config.ini (comfy_cli.constants.DEFAULT_CONFIG)."""
+    if sys.platform == "win32":
+        return Path.home() / "AppData" / "Local" / "comfy-cli" / "config.ini"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "comfy-cli" / "config.ini"
+    return Path.home() / ".config" / "comfy-cli" / "config.ini"
+
+
+def comfy_cli_settings() -> dict[str, str]:
+    """The DEFAULT section of comfy-cli's config.ini, where `comfy set-default` writes
+    default_workspace and every comfy-cli command its recent_workspace ({} when there is none)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(comfy_cli_config(), encoding="utf-8")
+    except (OSError, configparser.Error):
+        return {}
+    return dict(parser["DEFAULT"])
+
+
+def comfy_cli_builtin_workspace() -> Path:
+    """comfy-cli's built-in default workspace: ~/comfy/ComfyUI, under ~/Documents on macOS and Windows."""
     documents = ("Documents",) if sys.platform in ("darwin", "win32") else ()
     return Path.home().joinpath(*documents, "comfy", "ComfyUI")
+
+
+def default_workspace() -> Path:
+    """Where comfy-cli installs ComfyUI: the workspace chosen with `comfy set-default`, else its built-in one."""
+    chosen = comfy_cli_settings().get("default_workspace")
+    return Path(chosen).expanduser() if chosen else comfy_cli_builtin_workspace()
 
 
 def find_comfyui(base_directory: Path | None = None) -> Path | None:

@@ -10,13 +10,11 @@ antelopev2 files are opened with onnxruntime and insightface, as the Face Analys
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import re
 import shlex
-import struct
 import sys
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -25,12 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from .catalog import CATALOG, INSTANTID_REPO, ModelFile, format_size
+from .bootstrap import torch_accelerator
+from .catalog import CATALOG, DEFAULT_CHECKPOINT, INSTANTID_REPO, WORKFLOW_MODELS, ModelFile, format_size
 from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
 from .fetch import DEFAULT_ENDPOINT, file_url
+from .model_folders import first_existing
 from .workflow_models import FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels
 from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, ONNXRUNTIME, OPENCV, FaceModelsMissing,
-                    SharedModuleDistributions, find_antelopev2, select_providers)
+                    SharedModuleDistributions, find_antelopev2, select_providers, stray_copies)
 from ..paths import ADAPTER_FOLDER
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,10 @@ ASCII_MARKERS = {"ok": "OK", "warn": "WARN", "fail": "FAIL"}
 GPU_ONNXRUNTIME = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
 CONTEXT_DIM = 2048  # SDXL's text context width (instantid.sdxl.CONTEXT_DIM, which needs torch to import)
 ADM_CHANNELS = 2816  # SDXL's size conditioning width
-_MAX_SAFETENSORS_HEADER = 100 * 2**20
+SIZE_TOLERANCE = 0.1  # catalog sizes are rounded; a wrong file is off by far more
+# The prefixes of an SDXL checkpoint's parts (ComfyUI's supported_models.SDXL).
+CHECKPOINT_PARTS = {"UNet": "model.diffusion_model.", "CLIP-L text encoder": "conditioner.embedders.0.",
+                    "OpenCLIP-G text encoder": "conditioner.embedders.1.", "VAE": "first_stage_model."}
 
 
 @dataclass(frozen=True)
@@ -126,12 +129,9 @@ def check_torch() -> tuple[Check, bool]:
     except ImportError as error:
         return Check("fail", "torch", f"cannot import torch ({error}); install ComfyUI's requirements into this Python",
                      ("pip install -r /path/to/ComfyUI/requirements.txt",)), False
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        return Check("ok", "torch", f"{torch.__version__}, CUDA {torch.version.cuda}: {name}"), True
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return Check("ok", "torch", f"{torch.__version__}, Apple MPS"), False
+    accelerator = torch_accelerator()
+    if accelerator is not None:
+        return Check("ok", "torch", f"{torch.__version__}, {accelerator}"), torch.cuda.is_available()
     build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
     return Check("warn", "torch", f"{torch.__version__} ({build}) sees no GPU: ComfyUI runs on the CPU (--cpu), where "
                                   "an SDXL image takes many minutes; install the torch build for your GPU (see ComfyUI's "
@@ -272,42 +272,70 @@ def adapter_problem(path: Path) -> str | None:
     return None
 
 
-def safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor entries of a safetensors file's header (no tensor data is read). ValueError
-    says why the file is not a complete safetensors file."""
-    size = path.stat().st_size
-    with open(path, "rb") as stream:
-        prefix = stream.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{size} bytes is too short for a safetensors file")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
-            raise ValueError("not a safetensors file (its first 8 bytes are not a header length); "
-                             "the download is damaged or it is another kind of file")
-        try:
-            header = json.loads(stream.read(length))
-        except ValueError:
-            raise ValueError("its safetensors header is not valid JSON; the download is damaged") from None
-    if not isinstance(header, dict):
-        raise ValueError("its safetensors header is not a table of tensors; the download is damaged")
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape from a safetensors file's header, read with safetensors.safe_open (no
+    tensor data is read). ValueError says why the file is not a complete safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise ValueError("its safetensors header has malformed tensor entries; the download is damaged") from None
-    if 8 + length + end != size:
-        raise ValueError(f"truncated or padded: the header describes {8 + length + end} bytes, the file has {size}; "
-                         "the download is incomplete")
-    return tensors
+        with safe_open(str(path), framework="numpy") as tensors:
+            return {key: list(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
+    except SafetensorError as error:
+        if "not fully covered" in str(error) or "incomplete" in str(error):
+            raise ValueError(f"truncated or padded: its {path.stat().st_size} bytes are not what its header describes; "
+                             "the download is incomplete") from None
+        raise ValueError("not a safetensors file (its header does not parse); the download is damaged or it is "
+                         "another kind of file") from None
+
+
+def size_problem(entry: ModelFile, path: Path, *, layout_checked: bool) -> str | None:
+    """Why a file named as a catalog entry is not that file by its size (more than 10% off the
+    published size), or None. A file whose layout is checked is sized only when the catalog pins
+    its content (sha256, exact size): a layout check already tells a wrong file."""
+    if layout_checked and entry.sha256 is None:
+        return None
+    size = path.stat().st_size
+    if abs(size - entry.approx_bytes) <= SIZE_TOLERANCE * entry.approx_bytes:
+        return None
+    return (f"{format_size(size)}, but {entry.repo}/{entry.file} is {entry.approx_size}: a different file under its name, "
+            "or a damaged download")
+
+
+def _joined(*reasons: str | None) -> str | None:
+    return "; ".join(reason for reason in reasons if reason) or None
+
+
+def checkpoint_problem(path: Path) -> tuple[str | None, str]:
+    """(why Load Checkpoint cannot draw SDXL with it, or None; what it is): a full SDXL checkpoint
+    holds the UNet, both text encoders and the VAE."""
+    try:
+        shapes = safetensors_shapes(path)
+    except ValueError as error:
+        return str(error), ""
+    parts = {part for part, prefix in CHECKPOINT_PARTS.items() if any(key.startswith(prefix) for key in shapes)}
+    if "UNet" not in parts:
+        return "it has no UNet (no model.diffusion_model.* tensors): it is not a checkpoint", ""
+    contexts = sorted({shape[1] for key, shape in shapes.items()
+                       if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight") and len(shape) == 2})
+    if contexts != [CONTEXT_DIM]:
+        return (f"its UNet takes {'/'.join(map(str, contexts)) or 'no'}-wide text context (SD1.5 is 768, SD2 1024), not "
+                f"SDXL's {CONTEXT_DIM}: it is not an SDXL checkpoint"), ""
+    if parts == {"UNet"}:
+        return ("it is a UNet-only file (no text encoders, no VAE): Load Checkpoint cannot use it; load it with Load "
+                "Diffusion Model, or pass a full SDXL checkpoint"), ""
+    encoders = {"CLIP-L text encoder", "OpenCLIP-G text encoder"} - parts
+    if encoders:
+        return f"it has no {' and no '.join(sorted(encoders))}: an SDXL checkpoint without its text encoders", ""
+    vae = "" if "VAE" in parts else " (no VAE: add a Load VAE)"
+    return None, f"SDXL checkpoint: UNet, both text encoders{', VAE' if not vae else ''}{vae}"
 
 
 def identitynet_problem(path: Path) -> tuple[str | None, str]:
     """(why it is not an SDXL ControlNet with 2048-wide context, or None; what it is)."""
     try:
-        tensors = safetensors_header(path)
+        shapes = safetensors_shapes(path)
     except ValueError as error:
         return str(error), ""
-    shapes = {key: entry.get("shape") for key, entry in tensors.items()}
     if "controlnet_cond_embedding.conv_in.weight" in shapes:
         layout, adm_key = "diffusers", "add_embedding.linear_1.weight"
     elif "input_hint_block.0.weight" in shapes:
@@ -342,17 +370,14 @@ def onnx_problem(path: Path) -> str | None:
     return None
 
 
-def _first_existing(roots: Sequence[Path], relative: str) -> Path | None:
-    return next((root / relative for root in roots if (root / relative).is_file()), None)
-
-
 def check_file_entry(entry: ModelFile, roots: Sequence[Path], target: Path | None,
                      problem: Callable[[Path], tuple[str | None, str]]) -> Check:
     """Found (first root holding entry.path, as ComfyUI searches) and valid, else what is wrong."""
-    path = _first_existing(roots, entry.path)
+    path = first_existing(roots, entry.path)
     if path is None:
         return _missing(entry, target)
     reason, what = problem(path)
+    reason = _joined(reason, size_problem(entry, path, layout_checked=True))
     if reason:
         return _bad(entry, path, reason)
     return Check("ok", entry.id, f"{_found(path)}: {what}")
@@ -366,15 +391,6 @@ def _adapter_check(path: Path) -> tuple[str | None, str]:
 def _move_command(source: Path, target: Path) -> str:
     src, dst = shlex.quote(str(source)), shlex.quote(str(target))
     return f"mkdir -p {dst} && mv {src}/* {dst}/ && rmdir {src}"
-
-
-def _stray(root: Path, name: str) -> Path | None:
-    """A copy of `name` up to four folders deep under `root` (an archive unzipped one level too deep)."""
-    for depth in range(1, 5):
-        found = sorted(root.glob("*/" * depth + name))
-        if found:
-            return found[0]
-    return None
 
 
 def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target_root: Path | None) -> list[Check]:
@@ -398,9 +414,9 @@ def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target
     for entry in entries:
         name = Path(entry.path).name
         target = target_for(entry)
-        path = folder / name if folder else _first_existing(roots, entry.path)
+        path = folder / name if folder else first_existing(roots, entry.path)
         if path is None:
-            stray = next((s for root in roots if (s := _stray(root, name))), None)
+            stray = next((copy for copy in stray_copies(roots) if copy.name == name), None)
             if stray is not None and target is not None:
                 checks.append(Check("fail", entry.id, f"MISSING at {target}; a copy at {stray} is too deeply nested "
                                                       "for the pack to find", (_move_command(stray.parent, target.parent),)))
@@ -435,12 +451,14 @@ def _insightface_load(folder: Path) -> Check:
 
 # ------------------------------------------------------------------------------ a workflow's models --
 
-_VALIDATORS: dict[str, Callable[[Path], tuple[str | None, str]]] = {"adapter": _adapter_check,
+CHECKPOINT_LOADER = "CheckpointLoaderSimple"
+_VALIDATORS: dict[str, Callable[[Path], tuple[str | None, str]]] = {DEFAULT_CHECKPOINT: checkpoint_problem,
+                                                                    "adapter": _adapter_check,
                                                                     "identitynet": identitynet_problem}
 
 
 def _catalog_entry(reference: ModelReference) -> ModelFile | None:
-    return next((entry for entry in CATALOG
+    return next((entry for entry in (*CATALOG, *WORKFLOW_MODELS)
                  if (entry.folder, entry.path) == (reference.folder, reference.relative_path)), None)
 
 
@@ -451,7 +469,7 @@ def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target
     name = f"node {reference.node} {reference.class_type}"
     subject = f"{reference.input} {reference.file}"
     refetch = (entry.id,) if entry else ()
-    path = _first_existing(roots, reference.relative_path)
+    path = first_existing(roots, reference.relative_path)
     if path is None:
         target = target_folder / reference.relative_path if target_folder else None
         if entry is None:
@@ -459,8 +477,13 @@ def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target
         return Check("fail", name, f"{subject}: {_missing_detail(entry, target)}; "
                                    f"download {file_url(entry, DEFAULT_ENDPOINT)}", refetch=refetch)
     # The adapter is checked whatever its name: InstantIDModelLoader loads nothing else.
-    validator = _VALIDATORS.get(entry.id) if entry else _adapter_check if reference.folder == ADAPTER_FOLDER else None
+    validator = _VALIDATORS.get(entry.id) if entry else None
+    if validator is None and reference.folder == ADAPTER_FOLDER:
+        validator = _adapter_check
+    elif validator is None and reference.class_type == CHECKPOINT_LOADER:
+        validator = checkpoint_problem
     reason, what = validator(path) if validator else (None, "")
+    reason = _joined(reason, size_problem(entry, path, layout_checked=validator is not None) if entry else None)
     if reason:
         return Check("fail", name, f"{subject}: BROKEN {_found(path)}: {reason}", refetch=refetch)
     return Check("ok", name, f"{subject}: {_found(path)}" + (f": {what}" if what else ""))
@@ -503,7 +526,7 @@ def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_confi
     report.checks += [torch_check, check_packages(), check_installs(OPENCV)]
     by_id = {entry.id: entry for entry in CATALOG}
     face_roots = list(search_paths.get("insightface", []))
-    detector = _first_existing(face_roots, by_id["antelopev2-detector"].path)
+    detector = first_existing(face_roots, by_id["antelopev2-detector"].path)
     if detector is None:
         try:
             detector = find_antelopev2(face_roots) / DETECTOR_FILE if face_roots else None
@@ -520,7 +543,18 @@ def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_confi
                                           _target(targets, by_id["identitynet"]), identitynet_problem))
     faces = [entry for entry in CATALOG if entry.folder == "insightface"]
     report.checks += check_antelopev2(faces, face_roots, targets.get("insightface"))
+    report.checks.append(check_portrait_checkpoint(by_id[DEFAULT_CHECKPOINT], search_paths.get("checkpoints", []),
+                                                   _target(targets, by_id[DEFAULT_CHECKPOINT])))
     return report
+
+
+def check_portrait_checkpoint(entry: ModelFile, roots: Sequence[Path], target: Path | None) -> Check:
+    """The checkpoint `portrait` draws with: checked when present; missing is a warning, since
+    portrait fetches it and the nodes do not need it."""
+    if first_existing(roots, entry.path) is None:
+        return Check("warn", entry.id, f"not found ({entry.approx_size}); `portrait` fetches it to {target or 'models/checkpoints'} "
+                                       "(workflows of your own load the checkpoint they name)")
+    return check_file_entry(entry, roots, target, checkpoint_problem)
 
 
 def _target(targets: Mapping[str, Path], entry: ModelFile) -> Path | None:

@@ -31,9 +31,16 @@ class RunResult:
         if self.refused is not None or self.node_errors:
             return refusal_text(self.refused, self.node_errors)
         if self.error:
-            return (f"node {self.error.get('node_id')} ({self.error.get('node_type')}): "
-                    f"{self.error.get('exception_type')}: {self.error.get('exception_message')}")
+            return node_failure_text(self.error)
         return ""
+
+
+def node_failure_text(error: dict[str, Any]) -> str:
+    """ComfyUI's execution_error payload as one line: the node, the exception's own class name
+    (ComfyUI prefixes it with the module, which for a custom node pack is a file path) and message."""
+    name = str(error.get("exception_type") or "Exception").rsplit(".", 1)[-1]
+    message = " ".join(str(error.get("exception_message") or "").split())
+    return f"node {error.get('node_id')} ({error.get('node_type')}): {name}: {message}"
 
 
 def refusal_text(error: Any, node_errors: dict[str, Any] | None) -> str:

@@ -9,7 +9,6 @@ has a timeout.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..file_digest import file_sha256
 from .catalog import ModelFile
 
 log = logging.getLogger(__name__)
@@ -136,16 +136,8 @@ def published(entry: ModelFile, endpoint: str, timeout: float, retries: int, ret
     return Published(size=metadata.size, sha256=etag if _SHA256.fullmatch(etag) else None)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _matches(path: Path, expected: Published) -> bool:
-    return path.stat().st_size == expected.size and (expected.sha256 is None or sha256_of(path) == expected.sha256)
+    return path.stat().st_size == expected.size and (expected.sha256 is None or file_sha256(path) == expected.sha256)
 
 
 def staging_folder(destination: Path) -> Path:
@@ -207,7 +199,7 @@ def _verify(part: Path, destination: Path, expected: Published, url: str) -> Non
         raise FetchError(f"{destination}: size mismatch: expected {expected.size} bytes, got {got} from {url}; "
                          "the download was deleted, run again")
     if expected.sha256 is not None:
-        digest = sha256_of(part)
+        digest = file_sha256(part)
         if digest != expected.sha256:
             part.unlink()
             raise FetchError(f"{destination}: sha256 mismatch: expected {expected.sha256}, got {digest} from {url}; "

@@ -8,23 +8,26 @@ one Apply InstantID node works; `batch` fills its jobs the same way.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from .bootstrap import Steps, StepFailed, prepare_comfyui
 from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
-from .comfy_home import PACK_ROOT
+from .comfy_home import PACK_ROOT, find_comfyui
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
-from .runner import SIMILARITY_NODE, RunError, RunReport, load_workflow, run_embedded
+from .model_folders import FolderError, comfyui_layout, first_existing, model_folders, model_search_paths
+from .runner import SIMILARITY_NODE, NodeFailure, RunError, RunReport, describe_node, load_workflow, run_embedded
 
 log = logging.getLogger(__name__)
 
 APPLY_TYPES = ("ApplyInstantID", "ApplyInstantIDAdvanced")
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 SEED_INPUTS = ("seed", "noise_seed")
 # The shipped workflows portrait and batch run (workflow_tools/specs.py names its files after these).
@@ -45,13 +48,14 @@ class PortraitInputs:
     pose: str | None = None
     seed: int | None = None
     checkpoint: str | None = None
+    on_no_face: str | None = None
 
 
 # --------------------------------------------------------------------------- the workflow graph --
 
 
-def _describe(node_id: str, node: Mapping) -> str:
-    return f"node {node_id} ({node.get('class_type')})"
+def _node(node_id: str, node: Mapping) -> str:
+    return f"node {describe_node(node_id, node)}"
 
 
 def _source(prompt: Mapping[str, dict], node: Mapping, name: str) -> tuple[str, dict] | None:
@@ -76,7 +80,7 @@ def _load_image_feeding(prompt: Mapping[str, dict], apply: tuple[str, dict], nam
     if source is None:
         return None
     if source[1].get("class_type") != "LoadImage":
-        raise RunError(f"the {what} of {_describe(*apply)} comes from {_describe(*source)}, not a Load Image node, so "
+        raise RunError(f"the {what} of {_node(*apply)} comes from {_node(*source)}, not a Load Image node, so "
                        f"there is no file to replace; connect a Load Image node to its '{name}' input")
     return source[1]
 
@@ -88,18 +92,18 @@ def fill_portrait(prompt: Mapping[str, dict], inputs: PortraitInputs) -> dict:
     apply = apply_node(prompt)
     face = _load_image_feeding(prompt, apply, "image", "face image")
     if face is None:
-        raise RunError(f"the face image input of {_describe(*apply)} is not connected; connect a Load Image node")
+        raise RunError(f"the face image input of {_node(*apply)} is not connected; connect a Load Image node")
     face["inputs"]["image"] = inputs.face
     if inputs.pose is not None:
         pose = _load_image_feeding(prompt, apply, "image_kps", "pose image")
         if pose is None:
-            raise RunError(f"a pose was given but {_describe(*apply)} has no keypoint image (image_kps) connected; use "
+            raise RunError(f"a pose was given but {_node(*apply)} has no keypoint image (image_kps) connected; use "
                            f"the posed workflow ({shipped_workflow(True).name}) or connect a Load Image node to it")
         pose["inputs"]["image"] = inputs.pose
     if inputs.prompt is not None:
         encoder = _source(prompt, apply[1], "positive")
         if encoder is None or not isinstance(encoder[1]["inputs"].get("text"), str):
-            raise RunError(f"the 'positive' input of {_describe(*apply)} does not come from a text encoder with a "
+            raise RunError(f"the 'positive' input of {_node(*apply)} does not come from a text encoder with a "
                            "text widget, so the prompt has nowhere to go")
         encoder[1]["inputs"]["text"] = inputs.prompt
     if inputs.seed is not None:
@@ -114,7 +118,16 @@ def fill_portrait(prompt: Mapping[str, dict], inputs: PortraitInputs) -> dict:
             node["inputs"]["ckpt_name"] = inputs.checkpoint
         if not loaders:
             log.info("the workflow has no Load Checkpoint node; it draws with the models it loads itself")
+    if inputs.on_no_face is not None:
+        apply[1]["inputs"]["on_no_face"] = inputs.on_no_face
     return prompt
+
+
+def portrait_prompt(prompt: Mapping[str, dict], inputs: PortraitInputs) -> dict:
+    """The prompt portrait runs: filled, with a face similarity unless a face-less photo is to be
+    skipped (the similarity node would fail on that photo)."""
+    filled = fill_portrait(prompt, inputs)
+    return filled if inputs.on_no_face == "skip" else with_similarity(filled)
 
 
 def with_similarity(prompt: Mapping[str, dict]) -> dict:
@@ -144,55 +157,105 @@ def checkpoint_entry(name: str) -> ModelFile | None:
     return next((entry for entry in CHECKPOINTS if entry.id == name), None)
 
 
-def resolve_checkpoint(choice: str | None, checkpoints: Path, steps: Steps) -> tuple[str, ModelFile | None]:
-    """The ckpt_name for the workflow and the catalog entry to fetch (None: nothing to fetch).
-    `choice` is a catalog id, a file name already in models/checkpoints, or a path to a file
-    (linked into models/checkpoints so ComfyUI lists it)."""
+@dataclass(frozen=True)
+class CheckpointChoice:
+    """What --checkpoint names: the ckpt_name the workflow gets, the catalog entry to fetch, or the
+    user's own file to link into models/checkpoints (both None: a file already in ComfyUI's folders)."""
+    name: str
+    entry: ModelFile | None = None
+    file: Path | None = None
+
+
+def choose_checkpoint(choice: str | None, checkpoint_folders: Sequence[Path]) -> CheckpointChoice:
+    """`choice` checked before anything is installed: a catalog id, a file, or a name in the
+    checkpoints folders of the ComfyUI already there (none before an install)."""
     entry = checkpoint_entry(choice or DEFAULT_CHECKPOINT)
     if entry is not None:
-        return entry.path, entry
+        return CheckpointChoice(entry.path, entry=entry)
     assert choice is not None
-    if not Path(choice).is_absolute() and (checkpoints / choice).is_file():
-        return choice, None
+    if not Path(choice).is_absolute() and first_existing(checkpoint_folders, choice) is not None:
+        return CheckpointChoice(choice)
     path = Path(choice).expanduser()
     if not path.is_file():
         ids = ", ".join(entry.id for entry in CHECKPOINTS)
-        raise StepFailed("choose the checkpoint", f"--checkpoint {choice!r} is not a file, not in {checkpoints} and "
-                                                  f"not a catalog name ({ids})",
-                         f"pass a .safetensors file, a file name from {checkpoints}, or one of: {ids}")
+        where = f"not in {', '.join(map(str, checkpoint_folders))}" if checkpoint_folders else "(no ComfyUI yet to look in)"
+        raise StepFailed("check the inputs", f"--checkpoint {choice!r} is not a file, {where} and not a catalog name "
+                                             f"({ids})", f"pass a .safetensors file, a file name from ComfyUI's "
+                                                         f"models/checkpoints, or one of: {ids}")
+    return CheckpointChoice(path.name, file=path.resolve())
+
+
+def link_checkpoint(path: Path, checkpoints: Path, steps: Steps) -> None:
+    """Link the user's own checkpoint file into models/checkpoints, so ComfyUI lists it."""
     link = checkpoints / path.name
     if link.exists() and not link.samefile(path):
-        raise StepFailed("choose the checkpoint", f"{link} exists and is another file",
+        raise StepFailed("fetch the models", f"{link} exists and is another file",
                          f"rename {path} or pass --checkpoint {path.name} to use the one in {checkpoints}")
     if not link.exists():
         checkpoints.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path.resolve())
-        steps.say(f"    linked {link} -> {path.resolve()}")
-    return path.name, None
+        link.symlink_to(path)
+        steps.say(f"    linked {link} -> {path}")
 
 
-def model_folders(comfyui: Path) -> dict[str, Path]:
-    """Where each catalog folder key lives in this ComfyUI: models/<key>."""
-    return {key: comfyui / "models" / key for key in {entry.folder for entry in CATALOG}}
+def check_image(label: str, value: str) -> None:
+    """A photo that exists and starts like an image file (PNG, JPEG, GIF, BMP, WebP, TIFF); its
+    pixels are ComfyUI's Load Image's to read (PIL may not be installed yet)."""
+    path = Path(value)
+    if not path.is_file():
+        raise StepFailed("check the inputs", f"the {label} {value} does not exist", "pass the path of a photo")
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(12)
+    except OSError as error:
+        raise StepFailed("check the inputs", f"the {label} {value} cannot be read ({error.strerror or error})",
+                         "check its permissions") from None
+    if not head.startswith(IMAGE_SIGNATURES) or (head.startswith(b"RIFF") and head[8:12] != b"WEBP"):
+        raise StepFailed("check the inputs", f"the {label} {value} is not an image file", "pass a PNG, JPEG or WebP photo")
 
 
-def fetch_missing(entries: list[ModelFile], comfyui: Path, steps: Steps, *, endpoint: str | None,
-                  timeout: float) -> None:
-    """Fetch the entries whose file is not in place; present files are left alone (doctor checks them)."""
-    folders = model_folders(comfyui)
-    missing = [entry for entry in entries if not (folders[entry.folder] / entry.path).is_file()]
+def check_face(face: str, face_model_roots: Sequence[Path]) -> None:
+    """A face photo without a face stops here, before ComfyUI boots, when insightface is installed
+    and antelopev2 is in place already (a re-run); otherwise the Apply node reports it."""
+    if importlib.util.find_spec("insightface") is None or importlib.util.find_spec("cv2") is None:
+        return
+    from ..faces import FaceAnalyzer, FaceModelsMissing, find_antelopev2
+
+    try:
+        folder = find_antelopev2(face_model_roots)
+    except FaceModelsMissing:
+        return
+    import cv2
+
+    image = cv2.imread(face, cv2.IMREAD_COLOR)  # BGR, as the analyzer takes it
+    if image is None:
+        raise StepFailed("check the inputs", f"the face image {face} cannot be decoded", "pass a PNG, JPEG or WebP photo")
+    try:
+        analyzer = FaceAnalyzer.load(folder, "auto")
+    except Exception as error:  # a damaged model file: the node reports it with its own message
+        log.debug("no face check before the run: %s", error)
+        return
+    if analyzer.detect(image) is None:
+        raise StepFailed("check the inputs", f"no face found in the face image {face} ({folder.name} from {folder})",
+                         "pass a photo with one clearly visible, front-facing face, or --on-no-face skip to draw "
+                         "from the prompt alone")
+
+
+def fetch_missing(entries: list[ModelFile], targets: Mapping[str, Path], search_paths: Mapping[str, Sequence[Path]],
+                  steps: Steps, *, endpoint: str | None, timeout: float, fix_options: str) -> None:
+    """Fetch the entries found in none of the folders ComfyUI searches; present files are left
+    alone (doctor checks them)."""
+    missing = [entry for entry in entries if first_existing(search_paths.get(entry.folder, ()), entry.path) is None]
     if not missing:
         steps.say("    all present")
         return
     for entry in missing:
-        steps.say(f"    {entry.id} ({entry.approx_size}) -> {folders[entry.folder] / entry.path}; licence: {entry.license}")
+        steps.say(f"    {entry.id} ({entry.approx_size}) -> {targets[entry.folder] / entry.path}; licence: {entry.license}")
     try:
-        fetch_models(missing, folders, endpoint=endpoint, timeout=timeout)
+        fetch_models(missing, targets, endpoint=endpoint, timeout=timeout)
     except FetchError as error:
         only = "".join(f" --only {entry.id}" for entry in missing)
         raise StepFailed("fetch the models", str(error),
-                         f"run again to resume, or fetch them alone: python -m instantid fetch-models --base-directory "
-                         f"{shlex.quote(str(comfyui))}{only}") from None
+                         f"run again to resume, or fetch them alone: python -m instantid fetch-models{fix_options}{only}") from None
 
 
 # ------------------------------------------------------------------------------------ command --
@@ -208,34 +271,73 @@ class PortraitOptions:
     endpoint: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     cpu: bool = False
+    base_directory: Path | None = None
+    extra_model_paths_config: Path | None = None
 
 
 def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> RunReport:
-    """Every step of the portrait command; StepFailed or RunError on a failure."""
+    """Every step of the portrait command; StepFailed on a failure."""
     inputs = options.inputs
     steps = Steps(7, stream)
     steps.start("check the inputs")
     for label, value in (("face image", inputs.face), ("pose image", inputs.pose)):
-        if value is not None and not Path(value).is_file():
-            raise StepFailed("check the inputs", f"the {label} {value} does not exist", "pass the path of a photo")
+        if value is not None:
+            check_image(label, value)
+    if options.base_directory is not None and not options.base_directory.is_dir():
+        raise StepFailed("check the inputs", f"--base-directory {options.base_directory} is not a directory",
+                         "create it or pass ComfyUI's base directory")
     workflow_path = options.workflow or shipped_workflow(posed=inputs.pose is not None)
     try:
         workflow = load_workflow(workflow_path)
     except RunError as error:
         raise StepFailed("check the inputs", str(error), "pass a workflow saved from ComfyUI with --workflow") from None
+    existing = find_comfyui()
+    search_paths = _search_paths(options, existing)
+    checkpoint = choose_checkpoint(inputs.checkpoint, search_paths.get("checkpoints", []))
+    if inputs.on_no_face != "skip":
+        check_face(inputs.face, search_paths.get("insightface", []))
     comfyui = prepare_comfyui(workspace=options.workspace, hardware=options.hardware, steps=steps)
     steps.start("fetch the models")
-    ckpt_name, checkpoint = resolve_checkpoint(inputs.checkpoint, model_folders(comfyui)["checkpoints"], steps)
-    wanted = [entry for entry in CATALOG if entry.required] + ([checkpoint] if checkpoint else [])
-    fetch_missing(wanted, comfyui, steps, endpoint=options.endpoint, timeout=options.timeout)
+    search_paths = _search_paths(options, comfyui)
+    base = options.base_directory or comfyui_layout(None, None)[0] or comfyui
+    try:
+        targets = model_folders({entry.folder for entry in CATALOG}, base, options.extra_model_paths_config)
+    except FolderError as error:
+        raise StepFailed("fetch the models", str(error), "pass --base-directory DIR") from None
+    if checkpoint.file is not None:
+        link_checkpoint(checkpoint.file, targets["checkpoints"], steps)
+    wanted = [entry for entry in CATALOG if entry.required] + ([checkpoint.entry] if checkpoint.entry else [])
+    fix_options = "".join(f" --{flag} {shlex.quote(str(value))}" for flag, value in (
+        ("base-directory", base), ("extra-model-paths-config", options.extra_model_paths_config)) if value)
+    fetch_missing(wanted, targets, search_paths, steps, endpoint=options.endpoint, timeout=options.timeout,
+                  fix_options=fix_options)
     steps.start(f"draw the portrait with {workflow_path.name} (ComfyUI embedded)")
     absolute = PortraitInputs(face=str(Path(inputs.face).resolve()), prompt=inputs.prompt,
                               pose=str(Path(inputs.pose).resolve()) if inputs.pose else None, seed=inputs.seed,
-                              checkpoint=ckpt_name)
+                              checkpoint=checkpoint.name, on_no_face=inputs.on_no_face)
+    run_base, configs = comfyui_layout(options.base_directory, options.extra_model_paths_config)
     try:
-        return run_embedded(workflow, [], options.out, comfyui=comfyui, cpu=options.cpu,
-                            prepare=lambda prompt: with_similarity(fill_portrait(prompt, absolute)))
+        return run_embedded(workflow, [], options.out, comfyui=comfyui, cpu=options.cpu, base_directory=run_base,
+                            extra_model_paths_configs=configs,
+                            prepare=lambda prompt: portrait_prompt(prompt, absolute))
+    except NodeFailure as failure:
+        # The node's own message says what to do; a face-less photo also has the command's way out.
+        fix = "with portrait, pass --on-no-face skip" if ": NoFaceError: " in str(failure) else ""
+        raise StepFailed("draw the portrait", str(failure), fix) from None
     except RunError as error:
         raise StepFailed("draw the portrait", str(error),
                          f"act on the cause; {shlex.quote(sys.executable)} -m instantid doctor checks ComfyUI, the "
                          "packages and the models") from None
+
+
+def _search_paths(options: PortraitOptions, comfyui: Path | None) -> dict[str, list[Path]]:
+    """The folders ComfyUI searches for the catalog's keys; only the registered ones without a ComfyUI."""
+    configs = [config for config in (comfyui / "extra_model_paths.yaml" if comfyui else None,
+                                     *comfyui_layout(options.base_directory, options.extra_model_paths_config)[1])
+               if config and config.is_file()]
+    keys = {entry.folder for entry in CATALOG}
+    base = options.base_directory or comfyui_layout(None, None)[0] or comfyui
+    try:
+        return model_search_paths(keys, base, configs)
+    except FolderError as error:
+        raise StepFailed("check the inputs", str(error), "pass --base-directory DIR") from None

@@ -29,13 +29,8 @@ from typing import Any
 from tqdm import tqdm
 
 from .. import __version__
-from .embedded import (
-    EmbeddedComfyUI,
-    WorkflowError,
-    is_ui_format,
-    refusal_text,
-    ui_to_api,
-)
+from .bootstrap import torch_accelerator
+from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, node_failure_text, refusal_text, ui_to_api
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +46,10 @@ SchemaInputs = Callable[[str], Collection[str]]
 
 class RunError(RuntimeError):
     """An expected failure; the message says what is wrong and what to do."""
+
+
+class NodeFailure(RunError):
+    """A node of the workflow raised while it ran; the message names the node and its error."""
 
 
 class ServerUnreachable(RunError):
@@ -140,7 +139,8 @@ def parse_value(raw: str, current: Any) -> Any:
     return raw if isinstance(current, str) and not isinstance(value, str) else value
 
 
-def _describe(node_id: str, node: Mapping) -> str:
+def describe_node(node_id: str, node: Mapping) -> str:
+    """'12 KSampler' or '12 KSampler ('Sampler')': a node as messages name it."""
     title = (node.get("_meta") or {}).get("title")
     kind = node.get("class_type", "?")
     return f"{node_id} {kind}" + (f" ({title!r})" if title and title != kind else "")
@@ -160,8 +160,8 @@ def resolve_node(prompt: Mapping[str, Mapping], spec: str, text: str) -> str:
             return matches[0]
         if matches:
             raise RunError(f"--set {text!r}: {len(matches)} nodes have the {label} {spec!r} "
-                           f"({', '.join(_describe(i, prompt[i]) for i in _sorted_ids(matches))}); use the node id")
-    choices = "; ".join(_describe(i, prompt[i]) for i in _sorted_ids(prompt))
+                           f"({', '.join(describe_node(i, prompt[i]) for i in _sorted_ids(matches))}); use the node id")
+    choices = "; ".join(describe_node(i, prompt[i]) for i in _sorted_ids(prompt))
     raise RunError(f"--set {text!r}: the workflow has no node {spec!r}. Name a node by id, title or class type; "
                    f"its nodes are: {choices}")
 
@@ -182,11 +182,11 @@ def apply_overrides(prompt: Mapping[str, dict], overrides: Sequence[Override],
         known = set(inputs) | set(schema_inputs(node["class_type"]) if schema_inputs else ())
         if override.input not in known:
             widgets = sorted(name for name in known if not _is_link(inputs.get(name)))
-            raise RunError(f"--set {override.text!r}: node {_describe(node_id, node)} has no input {override.input!r}; "
+            raise RunError(f"--set {override.text!r}: node {describe_node(node_id, node)} has no input {override.input!r}; "
                            f"the inputs --set can change are: {', '.join(widgets) or 'none'}")
         current = inputs.get(override.input)
         if _is_link(current):
-            raise RunError(f"--set {override.text!r}: input {override.input!r} of node {_describe(node_id, node)} is "
+            raise RunError(f"--set {override.text!r}: input {override.input!r} of node {describe_node(node_id, node)} is "
                            f"connected to node {current[0]}; --set changes widget values only, so change the "
                            "connected node instead")
         inputs[override.input] = parse_value(override.raw, current)
@@ -225,7 +225,7 @@ def check_override_numbers(prompt: Mapping[str, dict], overrides: Sequence[Overr
                     and all(isinstance(v, (int, float)) for v in (start, end))):
                 check_schedule(start, end)
         except SettingError as error:
-            raise RunError(f"--set {override.text!r}: node {_describe(node_id, node)}: {error}") from None
+            raise RunError(f"--set {override.text!r}: node {describe_node(node_id, node)}: {error}") from None
 
 
 def _input_spec(info: Mapping, name: str) -> dict:
@@ -314,15 +314,6 @@ class StepProgress:
 # ------------------------------------------------------------------------------------ embedded --
 
 
-def _has_gpu() -> bool:
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available())
-                or (xpu is not None and xpu.is_available()))
-
-
 def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *, comfyui: Path,
                  base_directory: Path | None = None, extra_model_paths_configs: Sequence[Path] = (),
                  cpu: bool = False, progress_stream: Any = None, prepare: Prepare | None = None) -> RunReport:
@@ -336,7 +327,7 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
         # ComfyUI lists <base>/custom_nodes at boot and fails when it is missing.
         log.info("creating %s (ComfyUI needs the folder, even empty)", base_directory / "custom_nodes")
         (base_directory / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    if not cpu and not _has_gpu():
+    if not cpu and torch_accelerator() is None:
         log.warning("torch sees no GPU; running on the CPU (--cpu). An SDXL image takes many minutes this way.")
         cpu = True
     try:
@@ -368,7 +359,7 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     if result.refused is not None:
         raise RunError(f"ComfyUI refused the workflow: {result.error_text()}")
     if not result.success:
-        raise RunError(f"the workflow failed at {result.error_text()}")
+        raise (NodeFailure if result.error else RunError)(f"the workflow failed at {result.error_text()}")
     report = RunReport(result.prompt_id, prompt, similarities=similarity_results(prompt, result.outputs))
     for _, image in output_images(result.outputs):
         source = Path(comfy.folder_paths.get_directory_by_type(image.get("type", "output")))
@@ -540,8 +531,7 @@ def _execution_error(entry: Mapping) -> str:
     messages = (entry.get("status") or {}).get("messages") or []
     for event, data in messages:
         if event == "execution_error":
-            return (f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_type')}: "
-                    f"{data.get('exception_message')}")
+            return node_failure_text(data)
     return "ComfyUI reported an error without details; see its console"
 
 
@@ -591,7 +581,7 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
         entry = _wait_for(server, prompt_id, max_wait, poll_interval, stopped)
     status = entry.get("status") or {}
     if status.get("status_str") == "error":
-        raise RunError(f"the workflow failed at {_execution_error(entry)}")
+        raise NodeFailure(f"the workflow failed at {_execution_error(entry)}")
     outputs = entry.get("outputs") or {}
     report = RunReport(prompt_id, prompt, similarities=similarity_results(prompt, outputs))
     for _, image in output_images(outputs):
