@@ -119,6 +119,8 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
                 ("TestBedTinyCheckpoint", {"unet_name": unet_name})
         elif kind == "ControlNetLoader":
             inputs["control_net_name"] = INFUSENET_NAME if flux else IDENTITYNET_NAME
+        elif kind == "InfiniteYouModelLoader":  # the bed's files (support.infiniteyou_models) at models/infiniteyou/
+            inputs.update(projection_file="image_proj_model.bin", recognizer_file="recognition_arcface_ir_se50.pth")
         elif kind == "LoraLoader":
             write_tiny_lora(models / "loras" / inputs["lora_name"])
             _swap_lora_loader(prompt, node_id)
