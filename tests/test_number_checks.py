@@ -21,8 +21,9 @@ from test_apply import Kit, load_kit, seeded_conditioning
 
 BAD_NUMBERS = {"nan": (math.nan, "NaN (not a number)"), "+inf": (math.inf, "inf (infinite)"),
                "-inf": (-math.inf, "-inf (infinite)")}
-# The nodes with FLOAT inputs (a test below keeps this list complete); the first four have a start_at..end_at window.
-NODES_WITH_SCHEDULE = ("ApplyInstantID", "ApplyInstantIDAdvanced", "InstantIDAttentionPatch", "ApplyInstantIDControlNet")
+# The nodes with FLOAT inputs (a test below keeps this list complete); the first five have a start_at..end_at window.
+NODES_WITH_SCHEDULE = ("ApplyInstantID", "ApplyInstantIDAdvanced", "InstantIDAttentionPatch", "ApplyInstantIDControlNet",
+                       "ApplyInfiniteYou")
 NODES_WITH_NUMBERS = (*NODES_WITH_SCHEDULE, "InstantIDFaceCrop")
 
 
@@ -41,6 +42,11 @@ def good_inputs(kit: Kit, node_id: str) -> dict[str, Any]:
     conditioning = dict(positive=seeded_conditioning(1), negative=seeded_conditioning(2))
     if node_id == "InstantIDFaceCrop":
         return dict(image=kit.image, faceanalysis=kit.analyzer, face_index=0, padding=0.6, size=64)
+    if node_id == "ApplyInfiniteYou":
+        # The number checks run first, before any model is used: SDXL stand-ins for the FLUX models
+        # show that nothing else stopped the node (test_infiniteyou_apply runs it on FLUX models).
+        return dict(infiniteyou=None, control_net=kit.control_net, vae=None, insightface=kit.analyzer, image=kit.image,
+                    strength=1.0, start_at=0.0, end_at=1.0, infusenet_guidance=1.0, **conditioning)
     if node_id == "ApplyInstantIDControlNet":
         (_, face_embeds) = kit.apply("InstantIDAttentionPatch")
         return dict(face_embeds=face_embeds, control_net=kit.control_net, image_kps=torch.zeros(1, 64, 64, 3),
