@@ -283,6 +283,7 @@ def open_search_box(page, attempts: int = 3) -> None:
     ("pose", {"InstantID Face Keypoints (Pose)"}),
     ("keypoints", {"InstantID Face Keypoints (Pose)"}),
     ("face keypoints preprocessor", {"InstantID Face Keypoints (Pose)"}),
+    ("infiniteyou", {"InstantID Load InfiniteYou Model (FLUX)", "InstantID Apply InfiniteYou (FLUX)"}),
 ])
 def test_node_search_finds_what_users_type(page, query, expected):
     page.evaluate("() => window.app.graph.clear()")

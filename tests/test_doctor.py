@@ -75,6 +75,7 @@ def test_missing_nested_and_corrupt_files_are_reported_with_the_fixes(tmp_path, 
         "detection on CPUExecutionProvider, recognition on CPUExecutionProvider",
         f"{MARK['warn']} sdxl-base-1.0: not found (6.9 GB); `portrait` fetches it to "
         f"{base / 'models/checkpoints/sd_xl_base_1.0.safetensors'} (workflows of your own load the checkpoint they name)",
+        *[line for line in lines if "(optional, for FLUX/InfiniteYou: " in line],
         *[line for line in lines if line.startswith("Summary: ")],
         "To fix, run:",
         *lines[lines.index("To fix, run:") + 1:],
@@ -433,3 +434,30 @@ def test_registry_zip_holds_what_comfyui_loads_and_no_tests(tmp_path, monkeypatc
     assert not [n for n in names if n.startswith(("tests/", "scripts/", ".ci/", ".github/"))]
     assert not {"requirements-test.txt", "run-tests"} & names
     assert names <= files  # nothing untracked
+
+
+def test_flux_files_are_optional_warnings_and_checked_by_layout(tmp_path):
+    """The FLUX (InfiniteYou) default set: missing → a warning naming its --only id (SDXL users stay
+    ready); the InfuseNet's released layout and InfiniteYou's archives pass; a wrong file fails."""
+    from instantid.commands.catalog import FLUX_CATALOG, FLUX_DEFAULT
+    from instantid.commands.doctor import check_flux_files
+    from support.flux_bed import cached_flux_files
+    from support.infiniteyou_models import write_infiniteyou_files
+    missing = check_flux_files({}, {})
+    assert [(c.status, c.name) for c in missing] == [("warn", i) for i in FLUX_DEFAULT]
+    assert all(f"--only {c.name}" in c.detail and not c.refetch for c in missing)
+    entries = {e.id: e for e in FLUX_CATALOG}
+    flux, infusenet = cached_flux_files()
+    for entry_id, source in (("infusenet-aes-fp8", infusenet), ("flux1-dev-fp8", infusenet)):
+        target = tmp_path / entries[entry_id].folder / entries[entry_id].path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
+    write_infiniteyou_files(tmp_path / "scratch")
+    (tmp_path / "infiniteyou" / "aes_stage2").mkdir(parents=True)
+    (tmp_path / "scratch" / "image_proj_model.bin").rename(tmp_path / "infiniteyou" / "aes_stage2" / "image_proj_model.bin")
+    (tmp_path / "infiniteyou" / "recognition_arcface_ir_se50.pth").write_bytes(b"not a torch archive")
+    checks = {c.name: c for c in check_flux_files({k: [tmp_path / k] for k in ("controlnet", "checkpoints", "infiniteyou")}, {})}
+    assert checks["infusenet-aes-fp8"].status == "ok" and checks["infiniteyou-projection-aes"].status == "ok"
+    assert checks["irse50"].status == "fail" and "not a PyTorch archive" in checks["irse50"].detail
+    # The InfuseNet under the checkpoint's name: no FLUX checkpoint key.
+    assert checks["flux1-dev-fp8"].status == "fail" and checks["flux1-dev-fp8"].refetch == ("flux1-dev-fp8",)

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from instantid.commands import portrait
-from instantid.commands.catalog import CATALOG, DEFAULT_CHECKPOINT
+from instantid.commands.catalog import CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG
 from instantid.commands.runner import RunError
 from support.comfy_repo import make_comfyui_repository
 from support.hub import serve_hub
@@ -61,7 +61,7 @@ def hub(comfy):
     """The loopback hub serving the test bed's model files (the checkpoint is the tiny UNet)."""
     with serve_hub() as state:
         models = comfy.base / "models"
-        for entry in CATALOG:
+        for entry in (entry for entry in CATALOG if entry not in FLUX_CATALOG):  # portrait is SDXL-only
             source = models / "diffusion_models" / UNET_NAME if entry is CHECKPOINT else models / entry.folder / entry.path
             state.files[(entry.repo, entry.file)] = source.read_bytes()
         yield state

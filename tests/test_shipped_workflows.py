@@ -92,6 +92,14 @@ def test_shipped_workflow_runs_on_the_test_bed(comfy, sampler_spy, path):
     assert saved
     assert len(sampler_spy) == kinds.count("KSampler")
     final = sampler_spy[-1]
+    if "ApplyInfiniteYou" in kinds:
+        # FLUX: no base-model patch; one InfuseNet control per Apply InfiniteYou on every row.
+        from comfy.ldm.flux.model import Flux
+        assert isinstance(final["model"].model.diffusion_model, Flux)
+        assert "patches_replace" not in final["model"].model_options.get("transformer_options", {})
+        for entry in final["positive"] + final["negative"]:
+            assert controls(entry) == kinds.count("ApplyInfiniteYou")
+        return
     identities = sum(kinds.count(k) for k in ("ApplyInstantID", "ApplyInstantIDAdvanced", "InstantIDAttentionPatch"))
     patches = final["model"].model_options["transformer_options"]["patches_replace"]["attn2"]
     assert set(patches) == set(ATTN2_KEYS)

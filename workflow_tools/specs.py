@@ -307,4 +307,103 @@ SAVE_IDENTITY = WorkflowSpec(
            "keypoints.IMAGE -> preview.images"))
 
 WORKFLOWS: tuple[WorkflowSpec, ...] = (BASIC, POSED, POSE_FREE, SPLIT, STYLE_LORA_WORKFLOW, CANNY, BEST_OF_FOUR, SAVED_IDENTITY,
-                                        TWO_PEOPLE, FACE_REPAIR, SAVE_IDENTITY)
+                                        TWO_PEOPLE, FACE_REPAIR)
+
+# ------------------------------------------------------------------------------ FLUX (InfiniteYou) --
+_FLUX = {entry.id: entry.path for entry in CATALOG}
+FLUX_CHECKPOINT = _FLUX["flux1-dev-fp8"]
+INFUSENET = _FLUX["infusenet-aes-fp8"]
+PROJECTION = _FLUX["infiniteyou-projection-aes"]
+RECOGNIZER = _FLUX["irse50"]
+FLUX_PROMPT = "analog film photo of a man in a denim jacket, city street at dusk, detailed skin, 35mm"
+# The reference pipeline's defaults: 30 steps, guidance 3.5 (FluxGuidance), cfg 1 (FLUX-dev is guidance-distilled).
+FLUX_SAMPLER = {"seed": 42, "steps": 30, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
+FLUX_MODELS_TEXT = (f"Models: {FLUX_CHECKPOINT} (FLUX.1-dev single file) in models/checkpoints; {INFUSENET} in "
+                    f"models/controlnet; {PROJECTION} and {RECOGNIZER} in models/infiniteyou; antelopev2 in "
+                    "models/insightface/models/antelopev2. `python -m instantid fetch-models --only infusenet-aes-fp8 "
+                    "--only infiniteyou-projection-aes --only irse50 --only flux1-dev-fp8` fetches them. InfiniteYou "
+                    "weights: CC-BY-NC-4.0; FLUX.1-dev: non-commercial licence.")
+
+
+def flux_models() -> tuple[NodeSpec, ...]:
+    return (_node("checkpoint", "CheckpointLoaderSimple", "models", ckpt_name=FLUX_CHECKPOINT),
+            _node("infiniteyou", "InfiniteYouModelLoader", "models", projection_file=PROJECTION,
+                  recognizer_file=RECOGNIZER),
+            face_analysis(),
+            _node("infusenet", "ControlNetLoader", "models", title="Load InfuseNet", control_net_name=INFUSENET))
+
+
+def flux_prompts(text: str) -> tuple[NodeSpec, ...]:
+    return (_node("positive", "CLIPTextEncode", "sampling", title="Prompt", text=text),
+            _node("guidance", "FluxGuidance", "sampling", guidance=3.5),
+            _node("negative", "ConditioningZeroOut", "sampling", title="Negative (zero: cfg 1)"))
+
+
+def flux_sampling(width: int, height: int, prefix: str) -> tuple[NodeSpec, ...]:
+    return (_node("latent", "EmptySD3LatentImage", "sampling", width=width, height=height, batch_size=1),
+            _node("sampler", "KSampler", "sampling", **FLUX_SAMPLER),
+            _node("decode", "VAEDecode", "sampling"),
+            _node("save", "SaveImage", "sampling", filename_prefix=prefix))
+
+
+FLUX_PROMPT_LINKS = ("checkpoint.CLIP -> positive.clip", "positive.CONDITIONING -> guidance.conditioning",
+                     "positive.CONDITIONING -> negative.conditioning")
+
+
+def flux_apply_links(apply: str, reference: str = "reference") -> tuple[str, ...]:
+    """An Apply InfiniteYou node fed by the shared loaders (its hint encoded by the checkpoint's VAE)."""
+    return (f"infiniteyou.INFINITEYOU -> {apply}.infiniteyou", f"infusenet.CONTROL_NET -> {apply}.control_net",
+            f"checkpoint.VAE -> {apply}.vae", f"faces.FACEANALYSIS -> {apply}.insightface",
+            f"{reference}.IMAGE -> {apply}.image")
+
+
+FLUX_SAMPLING_LINKS = ("checkpoint.MODEL -> sampler.model", *SAMPLING_LINKS)
+
+FLUX_PORTRAIT = WorkflowSpec(
+    name="11 FLUX portrait InfiniteYou",
+    tag="flux-portrait",
+    note="One face photo and a prompt: FLUX.1-dev draws that person (InfiniteYou's InfuseNet, the IdentityNet "
+         "carried to FLUX). Apply InfiniteYou strength 1.0, FluxGuidance 3.5, cfg 1, 30 steps, 864x1152 (the "
+         "reference pipeline's defaults). Likeness or look off: start_at 0.1, then strength 0.9; the sim_stage1 "
+         "files give more likeness.\n" + FLUX_MODELS_TEXT,
+    nodes=(*flux_models(), *flux_prompts(FLUX_PROMPT), image("reference", "Reference face", "face.png"),
+           _node("apply", "ApplyInfiniteYou", "identity"), *flux_sampling(864, 1152, "instantid_flux")),
+    links=(*FLUX_PROMPT_LINKS, *flux_apply_links("apply"), "guidance.CONDITIONING -> apply.positive",
+           "negative.CONDITIONING -> apply.negative", "apply.positive -> sampler.positive",
+           "apply.negative -> sampler.negative", *FLUX_SAMPLING_LINKS))
+
+FLUX_TWO_PEOPLE = WorkflowSpec(
+    name="12 FLUX two people InfiniteYou",
+    tag="flux-two-people",
+    note="Two people, two identities on FLUX: each Apply InfiniteYou draws its face in its half of the picture "
+         "(mask, mask_scope 'identity only': the InfuseNet acts only inside its mask, the prompt everywhere). "
+         "Each keeps its own identity tokens; the keypoints come from the two-person pose photo (face_index 1 = "
+         "left, 2 = right).\n" + FLUX_MODELS_TEXT,
+    nodes=(*flux_models(), *flux_prompts("photo of two friends side by side in a park, natural light, 35mm"),
+           image("reference", "Left person's face", "face.png"),
+           image("reference_right", "Right person's face", "face_right.png"),
+           image("pose", "Two-person pose photo", "two_people.png"),
+           _node("kps_left", "FaceKeypointsPreprocessor", "identity", title="Keypoints, left face", width=1152,
+                 height=864, face_index=1),
+           _node("kps_right", "FaceKeypointsPreprocessor", "identity", title="Keypoints, right face", width=1152,
+                 height=864, face_index=2),
+           _node("empty_mask", "SolidMask", "identity", title="Empty mask", value=0.0, width=1152, height=864),
+           _node("half_mask", "SolidMask", "identity", title="Half mask", value=1.0, width=576, height=864),
+           _node("mask_left", "MaskComposite", "identity", title="Left half", x=0, y=0, operation="add"),
+           _node("mask_right", "MaskComposite", "identity", title="Right half", x=576, y=0, operation="add"),
+           _node("apply", "ApplyInfiniteYou", "identity", title="Apply InfiniteYou (left)", mask_scope="identity only"),
+           _node("apply_right", "ApplyInfiniteYou", "identity", title="Apply InfiniteYou (right)",
+                 mask_scope="identity only"),
+           *flux_sampling(1152, 864, "instantid_flux_two")),
+    links=(*FLUX_PROMPT_LINKS, *flux_apply_links("apply"), *flux_apply_links("apply_right", "reference_right"),
+           "faces.FACEANALYSIS -> kps_left.faceanalysis", "faces.FACEANALYSIS -> kps_right.faceanalysis",
+           "pose.IMAGE -> kps_left.image", "pose.IMAGE -> kps_right.image", "kps_left.IMAGE -> apply.image_kps",
+           "kps_right.IMAGE -> apply_right.image_kps", "empty_mask.MASK -> mask_left.destination",
+           "half_mask.MASK -> mask_left.source", "empty_mask.MASK -> mask_right.destination",
+           "half_mask.MASK -> mask_right.source", "mask_left.MASK -> apply.mask", "mask_right.MASK -> apply_right.mask",
+           "guidance.CONDITIONING -> apply.positive", "negative.CONDITIONING -> apply.negative",
+           "apply.positive -> apply_right.positive", "apply.negative -> apply_right.negative",
+           "apply_right.positive -> sampler.positive", "apply_right.negative -> sampler.negative",
+           *FLUX_SAMPLING_LINKS))
+
+WORKFLOWS += (FLUX_PORTRAIT, FLUX_TWO_PEOPLE, SAVE_IDENTITY)

@@ -22,6 +22,14 @@ ANTELOPEV2_LICENSE_URL = "https://github.com/deepinsight/insightface#license"
 SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_LICENSE = "CreativeML Open RAIL++-M (use-based restrictions; read it before use)"
 SDXL_LICENSE_URL = "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/LICENSE.md"
+INFINITEYOU_REPO = "ByteDance/InfiniteYou"
+INFINITEYOU_LICENSE = "CC-BY-NC-4.0 (weights; non-commercial use only)"
+INFINITEYOU_LICENSE_URL = "https://huggingface.co/ByteDance/InfiniteYou"
+# facexlib publishes the IR-SE50 only as a GitHub release asset; this public Hub copy holds the same file name.
+IRSE50_REPO = "camenduru/PuLID"
+FLUX_DEV_REPO = "Comfy-Org/flux1-dev"
+FLUX_DEV_LICENSE = "FLUX.1 [dev] Non-Commercial License (Black Forest Labs)"
+FLUX_DEV_LICENSE_URL = "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,62 @@ CATALOG: tuple[ModelFile, ...] = (
     ),
 )
 
-CHECKPOINTS: tuple[ModelFile, ...] = tuple(entry for entry in CATALOG if entry.folder == "checkpoints")
+
+
+def _infiniteyou(id: str, description: str, file: str, approx_bytes: int, folder: str = "controlnet") -> ModelFile:
+    return ModelFile(id=id, description=description, folder=folder,
+                     path=f"infiniteyou/{file.split('/')[-1]}" if folder == "controlnet" else file,
+                     repo=INFINITEYOU_REPO, file=f"infu_flux_v1.0/{file}", approx_bytes=approx_bytes,
+                     license=INFINITEYOU_LICENSE, license_url=INFINITEYOU_LICENSE_URL, required=False)
+
+
+# InfiniteYou on FLUX (ApplyInfiniteYou): `fetch-models --only ID` for each; FLUX_DEFAULT is the set the
+# FLUX workflows load (aes_stage2 InfuseNet in fp8). Sizes are approximate: the published sizes and
+# sha256 digests were not available when the entries were written, so fetch checks the Hub's listing.
+FLUX_CATALOG: tuple[ModelFile, ...] = (
+    _infiniteyou("infusenet-aes-fp8", "InfiniteYou InfuseNet, aes_stage2 (prompt-following, looks), fp8: the FLUX "
+                 "ControlNet driven by identity tokens", "aes_stage2/infusenet_aes_fp8e4m3fn.safetensors", 2_950_000_000),
+    _infiniteyou("infusenet-aes-bf16", "InfiniteYou InfuseNet, aes_stage2, bf16",
+                 "aes_stage2/infusenet_aes_bf16.safetensors", 5_910_000_000),
+    _infiniteyou("infusenet-sim-fp8", "InfiniteYou InfuseNet, sim_stage1 (more likeness), fp8",
+                 "sim_stage1/infusenet_sim_fp8e4m3fn.safetensors", 2_950_000_000),
+    _infiniteyou("infusenet-sim-bf16", "InfiniteYou InfuseNet, sim_stage1, bf16",
+                 "sim_stage1/infusenet_sim_bf16.safetensors", 5_910_000_000),
+    _infiniteyou("infiniteyou-projection-aes", "InfiniteYou projection (face embedding to 8 identity tokens), aes_stage2",
+                 "aes_stage2/image_proj_model.bin", 338_000_000, folder="infiniteyou"),
+    _infiniteyou("infiniteyou-projection-sim", "InfiniteYou projection, sim_stage1",
+                 "sim_stage1/image_proj_model.bin", 338_000_000, folder="infiniteyou"),
+    ModelFile(
+        id="irse50",
+        description="facexlib's ArcFace IR-SE50, the face embedding InfiniteYou's projection reads",
+        folder="infiniteyou",
+        path="recognition_arcface_ir_se50.pth",
+        repo=IRSE50_REPO,
+        file="facexlib/recognition_arcface_ir_se50.pth",
+        approx_bytes=175_000_000,  # 43.8 M float32 parameters
+        license="MIT (facexlib); the weights come from InsightFace's ArcFace training",
+        license_url="https://github.com/xinntao/facexlib",
+        required=False,
+    ),
+    ModelFile(
+        id="flux1-dev-fp8",
+        description="FLUX.1-dev checkpoint in ComfyUI's single-file layout (model, CLIP-L, T5-XXL, VAE), fp8",
+        folder="checkpoints",
+        path="flux1-dev-fp8.safetensors",
+        repo=FLUX_DEV_REPO,
+        file="flux1-dev-fp8.safetensors",
+        approx_bytes=17_200_000_000,
+        license=FLUX_DEV_LICENSE,
+        license_url=FLUX_DEV_LICENSE_URL,
+        required=False,
+    ),
+)
+FLUX_DEFAULT: tuple[str, ...] = ("infusenet-aes-fp8", "infiniteyou-projection-aes", "irse50", "flux1-dev-fp8")
+CATALOG += FLUX_CATALOG
+
+# SDXL checkpoints only: `portrait` draws with InstantID on SDXL.
+CHECKPOINTS: tuple[ModelFile, ...] = tuple(entry for entry in CATALOG
+                                           if entry.folder == "checkpoints" and entry not in FLUX_CATALOG)
 
 OPENRAIL_PLUS = "CreativeML Open RAIL++-M (use restrictions in the licence)"
 OPENRAIL_M = "CreativeML Open RAIL-M (use restrictions in the licence)"

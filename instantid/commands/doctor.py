@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 from .bootstrap import torch_accelerator
-from .catalog import CATALOG, DEFAULT_CHECKPOINT, INSTANTID_REPO, WORKFLOW_MODELS, ModelFile, format_size
+from .catalog import (CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG, FLUX_DEFAULT, INSTANTID_REPO, WORKFLOW_MODELS, ModelFile,
+                      format_size)
 from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
 from .fetch import DEFAULT_ENDPOINT, file_url
 from .model_folders import first_existing
@@ -383,6 +384,43 @@ def check_file_entry(entry: ModelFile, roots: Sequence[Path], target: Path | Non
     return Check("ok", entry.id, f"{_found(path)}: {what}")
 
 
+# A key each FLUX-side safetensors file must hold: the InfuseNet's hint embedder (what ComfyUI's
+# loader takes the InstantX FLUX path on), a FLUX checkpoint's first double block.
+FLUX_KEYS = {"controlnet": "controlnet_x_embedder.weight", "checkpoints": "model.diffusion_model.double_blocks.0.img_attn.qkv.weight"}
+
+
+def flux_file_problem(entry: ModelFile, path: Path) -> tuple[str | None, str]:
+    """A FLUX_CATALOG file's layout: safetensors by its header's key, .bin/.pth (torch zip archives) by format."""
+    if path.suffix == ".safetensors":
+        try:
+            tensors = safetensors_header(path)
+        except ValueError as error:
+            return str(error), ""
+        if FLUX_KEYS[entry.folder] not in tensors:
+            return f"it has no '{FLUX_KEYS[entry.folder]}': not the {entry.id} file (wrong file under its name)", ""
+        return None, f"{len(tensors)} tensors"
+    if not zipfile.is_zipfile(path):
+        return "not a PyTorch archive: the download is incomplete or it is another kind of file", ""
+    return None, "PyTorch archive"
+
+
+def check_flux_files(search_paths: Mapping[str, Sequence[Path]], targets: Mapping[str, Path],
+                     fetch_command: str = FETCH_COMMAND) -> list[Check]:
+    """The FLUX (InfiniteYou) files the FLUX workflows load: optional, so a missing one is a warning
+    naming its fetch command; a broken one fails."""
+    checks = []
+    for entry in (entry for entry in FLUX_CATALOG if entry.id in FLUX_DEFAULT):
+        path = _first_existing(list(search_paths.get(entry.folder, [])), entry.path)
+        if path is None:
+            checks.append(Check("warn", entry.id, f"not found (optional, for FLUX/InfiniteYou: {entry.approx_size}, "
+                                                  f"{entry.license}); {_where(_target(targets, entry))}, or run "
+                                                  f"{fetch_command} --only {entry.id}"))
+            continue
+        reason, what = flux_file_problem(entry, path)
+        checks.append(_bad(entry, path, reason) if reason else Check("ok", entry.id, f"{_found(path)}: {what}"))
+    return checks
+
+
 def _adapter_check(path: Path) -> tuple[str | None, str]:
     reason = adapter_problem(path)
     return reason, "" if reason else "InstantID adapter: face Resampler and 140 projections for SDXL's 70 layers"
@@ -545,6 +583,7 @@ def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_confi
     report.checks += check_antelopev2(faces, face_roots, targets.get("insightface"))
     report.checks.append(check_portrait_checkpoint(by_id[DEFAULT_CHECKPOINT], search_paths.get("checkpoints", []),
                                                    _target(targets, by_id[DEFAULT_CHECKPOINT])))
+    report.checks += check_flux_files(search_paths, targets, fetch_command)
     return report
 
 

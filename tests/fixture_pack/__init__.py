@@ -1,6 +1,7 @@
 """Test-only ComfyUI nodes, loaded beside the pack: what a weightless test cannot get from a real
 checkpoint. The UNet still comes through ComfyUI's real UNETLoader; only text encoding and the VAE
-are replaced by seeded stand-ins with SDXL's shapes (2048-wide tokens, 1280 pooled)."""
+are replaced by seeded stand-ins with SDXL's shapes (2048-wide tokens, 1280 pooled), or for the FLUX
+bed FLUX's (T5 tokens 4096 wide, CLIP-L pooled 768, 16 latent channels)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ import hashlib
 import torch
 from typing_extensions import override
 
+import comfy.sd
 import folder_paths
 import nodes as comfy_nodes
 from comfy_api.latest import ComfyExtension, io
@@ -52,6 +54,33 @@ class LatentPreviewDecoder:
         return torch.cat([torch.logit(rgb), torch.zeros_like(rgb[:, :1])], dim=1)
 
 
+class SeededFluxTextEncoder(SeededTextEncoder):
+    """Stands in for FLUX's T5 + CLIP-L in CLIPTextEncode: [1, 32, 4096] tokens, a [1, 768] pooled vector."""
+
+    def encode_from_tokens_scheduled(self, tokens: str) -> list:
+        generator = torch.Generator().manual_seed(_seed_of(tokens))
+        return [[torch.randn(1, 32, 4096, generator=generator), {"pooled_output": torch.randn(1, 768, generator=generator)}]]
+
+
+class FluxLatentPreviewDecoder:
+    """Stands in for FLUX's VAE (16 latent channels): decode shows the first three channels (as the SDXL
+    stand-in), encode (VAEEncode, and a FLUX ControlNet's hint) maps 8x8 means through a fixed seeded
+    3 -> 16 mixing, so different pictures give different latents."""
+
+    def __init__(self) -> None:
+        self.mixing = torch.randn(16, 3, generator=torch.Generator().manual_seed(16))
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return LatentPreviewDecoder().decode(latent)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(pixels[..., :3].movedim(-1, 1).float() * 2 - 1, 8)
+        return torch.einsum("oc,bchw->bohw", self.mixing, pooled)
+
+    def spacial_compression_encode(self) -> int:
+        return 8
+
+
 class TinyCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -64,6 +93,23 @@ class TinyCheckpoint(io.ComfyNode):
     def execute(cls, unet_name: str) -> io.NodeOutput:
         (model,) = comfy_nodes.UNETLoader().load_unet(unet_name, "default")
         return io.NodeOutput(model, SeededTextEncoder(), LatentPreviewDecoder())
+
+
+class FluxCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TestBedFluxCheckpoint", category="testing",
+            description="FLUX-layout model (1 + 1 blocks, via ComfyUI's diffusion model loader, weights kept in bf16) with stand-in text encoder and VAE.",
+            inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"))],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+    @classmethod
+    def execute(cls, unet_name: str) -> io.NodeOutput:
+        # bf16 weights (cast per layer on CPU) keep the 0.5 G-parameter bed at ~1 GB of memory.
+        model = comfy.sd.load_diffusion_model(folder_paths.get_full_path_or_raise("diffusion_models", unet_name),
+                                              model_options={"dtype": torch.bfloat16})
+        return io.NodeOutput(model, SeededFluxTextEncoder(), FluxLatentPreviewDecoder())
 
 
 class RandomConditioning(io.ComfyNode):
@@ -96,7 +142,7 @@ class LatentStats(io.ComfyNode):
 class FixtureExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyCheckpoint, RandomConditioning, LatentStats]
+        return [TinyCheckpoint, FluxCheckpoint, RandomConditioning, LatentStats]
 
 
 async def comfy_entrypoint() -> FixtureExtension:

@@ -20,7 +20,11 @@ import numpy as np
 
 from instantid.commands.catalog import CATALOG
 
-FIXTURE_SIZES = {"sdxl-base-1.0": 90_000, "adapter": 300_000, "identitynet": 420_000, "antelopev2-detector": 60_000, "antelopev2-recognizer": 200_000}
+FIXTURE_SIZES = {"sdxl-base-1.0": 90_000, "adapter": 300_000, "identitynet": 420_000, "antelopev2-detector": 60_000, "antelopev2-recognizer": 200_000,
+                 # The FLUX entries (optional): small stand-ins, fetched only with --only.
+                 "infusenet-aes-fp8": 11_000, "infusenet-aes-bf16": 12_000, "infusenet-sim-fp8": 13_000,
+                 "infusenet-sim-bf16": 14_000, "infiniteyou-projection-aes": 15_000,
+                 "infiniteyou-projection-sim": 16_000, "irse50": 17_000, "flux1-dev-fp8": 18_000}
 
 
 class FakeHub:

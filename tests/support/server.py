@@ -28,11 +28,15 @@ READY_LINE = "To see the GUI go to"
 
 def write_fixture_models(base: Path) -> Path:
     """The generated models under base/models in ComfyUI's folder layout: tiny SDXL-layout UNet,
-    tiny IdentityNet (diffusers keys), the adapter (.bin and fp16 .safetensors), synthetic antelopev2."""
+    tiny IdentityNet (diffusers keys), the adapter (.bin and fp16 .safetensors), synthetic antelopev2;
+    the FLUX bed: FLUX model and InfuseNet (linked from this machine's cache), InfiniteYou's projection
+    and IR-SE50 files."""
     import torch
 
     from instantid.sdxl import attn2_widths
     from support.antelope import write_antelopev2
+    from support.flux_bed import link_flux_models
+    from support.infiniteyou_models import write_infiniteyou_files
     from support.tiny_models import (adapter_state, build_tiny_unet, write_adapter_bin, write_adapter_safetensors,
                                      write_tiny_identitynet, write_tiny_unet)
     models = base / "models"
@@ -43,6 +47,8 @@ def write_fixture_models(base: Path) -> Path:
     write_adapter_safetensors(models / "instantid" / ADAPTER_SAFETENSORS,
                               {section: {k: v.to(torch.float16) for k, v in part.items()} for section, part in state.items()})
     write_antelopev2(models / "insightface" / "models" / "antelopev2")
+    link_flux_models(models)
+    write_infiniteyou_files(models / "infiniteyou")
     (base / "input").mkdir(exist_ok=True)
     return models
 

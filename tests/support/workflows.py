@@ -107,16 +107,23 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
     checkpoint by the tiny UNet, any ControlNet by the fixture IdentityNet (an SDXL-layout
     ControlNet), a LoRA by a tiny one written under its name, images (and a generated image that a
     face crop repairs) by synthetic faces (as many side by side as a face_index that reads them
-    asks for), face crops at crop_size."""
+    asks for), face crops at crop_size. A FLUX graph (a checkpoint named flux…) runs on the FLUX
+    bed instead: the FLUX-layout model with FLUX-shaped stand-ins, its ControlNets the InfuseNet."""
+    from support.flux_bed import FLUX_NAME, INFUSENET_NAME
     from support.server import IDENTITYNET_NAME
     prompt = json.loads(json.dumps(prompt))
     models = input_dir.parent / "models"
+    flux = any(n["class_type"] == "CheckpointLoaderSimple" and "flux" in n["inputs"]["ckpt_name"].lower()
+               for n in prompt.values())
     for node_id, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
-            node["class_type"], node["inputs"] = "TestBedTinyCheckpoint", {"unet_name": unet_name}
+            node["class_type"], node["inputs"] = ("TestBedFluxCheckpoint", {"unet_name": FLUX_NAME}) if flux else \
+                ("TestBedTinyCheckpoint", {"unet_name": unet_name})
         elif kind == "ControlNetLoader":
-            inputs["control_net_name"] = IDENTITYNET_NAME
+            inputs["control_net_name"] = INFUSENET_NAME if flux else IDENTITYNET_NAME
+        elif kind == "InfiniteYouModelLoader":  # the bed's files (support.infiniteyou_models) at models/infiniteyou/
+            inputs.update(projection_file="image_proj_model.bin", recognizer_file="recognition_arcface_ir_se50.pth")
         elif kind == "LoraLoader":
             write_tiny_lora(models / "loras" / inputs["lora_name"])
             _swap_lora_loader(prompt, node_id)
@@ -128,7 +135,7 @@ def prepare_for_test_bed(prompt: dict, unet_name: str, input_dir: Path, size: in
                 name = f"generated_{source}.png"
                 prompt[source] = {"class_type": "LoadImage", "inputs": {"image": name}}
                 write_face_photo(input_dir / name)
-        elif kind == "EmptyLatentImage":
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=size, height=size)
         elif kind == "KSampler":
             inputs["steps"] = steps
