@@ -393,7 +393,7 @@ def flux_file_problem(entry: ModelFile, path: Path) -> tuple[str | None, str]:
     """A FLUX_CATALOG file's layout: safetensors by its header's key, .bin/.pth (torch zip archives) by format."""
     if path.suffix == ".safetensors":
         try:
-            tensors = safetensors_header(path)
+            tensors = safetensors_shapes(path)
         except ValueError as error:
             return str(error), ""
         if FLUX_KEYS[entry.folder] not in tensors:
@@ -410,7 +410,7 @@ def check_flux_files(search_paths: Mapping[str, Sequence[Path]], targets: Mappin
     naming its fetch command; a broken one fails."""
     checks = []
     for entry in (entry for entry in FLUX_CATALOG if entry.id in FLUX_DEFAULT):
-        path = _first_existing(list(search_paths.get(entry.folder, [])), entry.path)
+        path = first_existing(list(search_paths.get(entry.folder, [])), entry.path)
         if path is None:
             checks.append(Check("warn", entry.id, f"not found (optional, for FLUX/InfiniteYou: {entry.approx_size}, "
                                                   f"{entry.license}); {_where(_target(targets, entry))}, or run "
