@@ -362,7 +362,14 @@ VIEW_BOXES = """() => {
 FREE_AREA = (59, 90, 1600, 1000)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+# Workflow 12 spans more columns than fit at the lowest readable zoom (0.6): its right Apply node
+# opens past the window's edge. Known and open (issue 18); strict, so the fix turns this into a failure.
+TOO_WIDE_FOR_FIRST_VIEW = {"12 FLUX two people InfiniteYou.json"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(
+    strict=True, reason="workflow 12 is wider than the first view at zoom 0.6 (issue 18)"))
+    if p.name in TOO_WIDE_FOR_FIRST_VIEW else p for p in WORKFLOWS], ids=lambda p: p.name)
 def test_first_view_shows_the_note_and_the_instantid_nodes(loaded_workflows, path):
     from test_shipped_workflows import pack_node_ids
     boxes = loaded_workflows[path.name]["view"]
