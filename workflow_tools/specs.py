@@ -29,6 +29,28 @@ def _node(key: str, class_type: str, group: str, title: str = "", **values: Any)
     return NodeSpec(key, class_type, title, group, values)
 
 
+
+def two_people_regions(height: int) -> tuple[NodeSpec, ...]:
+    """Two people on a 1152-wide canvas: each face's keypoints from the two-person pose photo
+    (face_index 1 = left, 2 = right) and a mask for each half (core Solid Mask + Mask Composite)."""
+    return (_node("kps_left", "FaceKeypointsPreprocessor", "identity", title="Keypoints, left face", width=1152,
+                  height=height, face_index=1),
+            _node("kps_right", "FaceKeypointsPreprocessor", "identity", title="Keypoints, right face", width=1152,
+                  height=height, face_index=2),
+            _node("empty_mask", "SolidMask", "identity", title="Empty mask", value=0.0, width=1152, height=height),
+            _node("half_mask", "SolidMask", "identity", title="Half mask", value=1.0, width=576, height=height),
+            _node("mask_left", "MaskComposite", "identity", title="Left half", x=0, y=0, operation="add"),
+            _node("mask_right", "MaskComposite", "identity", title="Right half", x=576, y=0, operation="add"))
+
+
+# The regions' links into the Apply nodes keyed "apply" (left) and "apply_right".
+TWO_PEOPLE_REGION_LINKS = (
+    "faces.FACEANALYSIS -> kps_left.faceanalysis", "faces.FACEANALYSIS -> kps_right.faceanalysis",
+    "pose.IMAGE -> kps_left.image", "pose.IMAGE -> kps_right.image", "kps_left.IMAGE -> apply.image_kps",
+    "kps_right.IMAGE -> apply_right.image_kps", "empty_mask.MASK -> mask_left.destination",
+    "half_mask.MASK -> mask_left.source", "empty_mask.MASK -> mask_right.destination",
+    "half_mask.MASK -> mask_right.source", "mask_left.MASK -> apply.mask", "mask_right.MASK -> apply_right.mask")
+
 def checkpoint() -> NodeSpec:
     return _node("checkpoint", "CheckpointLoaderSimple", "models", ckpt_name=SDXL_CHECKPOINT)
 
@@ -229,24 +251,12 @@ TWO_PEOPLE = WorkflowSpec(
            image("reference", "First person (left)", "face_left.png"),
            image("reference_right", "Second person (right)", "face_right.png"),
            image("pose", "Two-person pose photo", "two_people.png"),
-           _node("kps_left", "FaceKeypointsPreprocessor", "identity", title="Keypoints, left face", width=1152,
-                 height=896, face_index=1),
-           _node("kps_right", "FaceKeypointsPreprocessor", "identity", title="Keypoints, right face", width=1152,
-                 height=896, face_index=2),
-           _node("empty_mask", "SolidMask", "identity", title="Empty mask", value=0.0, width=1152, height=896),
-           _node("half_mask", "SolidMask", "identity", title="Half mask", value=1.0, width=576, height=896),
-           _node("mask_left", "MaskComposite", "identity", title="Left half", x=0, y=0, operation="add"),
-           _node("mask_right", "MaskComposite", "identity", title="Right half", x=576, y=0, operation="add"),
+           *two_people_regions(896),
            _node("apply", "ApplyInstantID", "identity", title="Apply InstantID (left)", mask_scope="identity only"),
            _node("apply_right", "ApplyInstantID", "identity", title="Apply InstantID (right)",
                  mask_scope="identity only"),
            *sampling(1152, 896)),
-    links=(*CLIP_LINKS, *apply_links("apply"), "faces.FACEANALYSIS -> kps_left.faceanalysis",
-           "faces.FACEANALYSIS -> kps_right.faceanalysis", "pose.IMAGE -> kps_left.image",
-           "pose.IMAGE -> kps_right.image", "kps_left.IMAGE -> apply.image_kps", "kps_right.IMAGE -> apply_right.image_kps",
-           "empty_mask.MASK -> mask_left.destination", "half_mask.MASK -> mask_left.source",
-           "empty_mask.MASK -> mask_right.destination", "half_mask.MASK -> mask_right.source",
-           "mask_left.MASK -> apply.mask", "mask_right.MASK -> apply_right.mask",
+    links=(*CLIP_LINKS, *apply_links("apply"), *TWO_PEOPLE_REGION_LINKS,
            "adapter.INSTANTID -> apply_right.instantid", "faces.FACEANALYSIS -> apply_right.insightface",
            "identitynet.CONTROL_NET -> apply_right.control_net", "reference_right.IMAGE -> apply_right.image",
            "apply.MODEL -> apply_right.model", "apply.positive -> apply_right.positive",
@@ -383,24 +393,13 @@ FLUX_TWO_PEOPLE = WorkflowSpec(
            image("reference", "Left person's face", "face.png"),
            image("reference_right", "Right person's face", "face_right.png"),
            image("pose", "Two-person pose photo", "two_people.png"),
-           _node("kps_left", "FaceKeypointsPreprocessor", "identity", title="Keypoints, left face", width=1152,
-                 height=864, face_index=1),
-           _node("kps_right", "FaceKeypointsPreprocessor", "identity", title="Keypoints, right face", width=1152,
-                 height=864, face_index=2),
-           _node("empty_mask", "SolidMask", "identity", title="Empty mask", value=0.0, width=1152, height=864),
-           _node("half_mask", "SolidMask", "identity", title="Half mask", value=1.0, width=576, height=864),
-           _node("mask_left", "MaskComposite", "identity", title="Left half", x=0, y=0, operation="add"),
-           _node("mask_right", "MaskComposite", "identity", title="Right half", x=576, y=0, operation="add"),
+           *two_people_regions(864),
            _node("apply", "ApplyInfiniteYou", "identity", title="Apply InfiniteYou (left)", mask_scope="identity only"),
            _node("apply_right", "ApplyInfiniteYou", "identity", title="Apply InfiniteYou (right)",
                  mask_scope="identity only"),
            *flux_sampling(1152, 864, "instantid_flux_two")),
     links=(*FLUX_PROMPT_LINKS, *flux_apply_links("apply"), *flux_apply_links("apply_right", "reference_right"),
-           "faces.FACEANALYSIS -> kps_left.faceanalysis", "faces.FACEANALYSIS -> kps_right.faceanalysis",
-           "pose.IMAGE -> kps_left.image", "pose.IMAGE -> kps_right.image", "kps_left.IMAGE -> apply.image_kps",
-           "kps_right.IMAGE -> apply_right.image_kps", "empty_mask.MASK -> mask_left.destination",
-           "half_mask.MASK -> mask_left.source", "empty_mask.MASK -> mask_right.destination",
-           "half_mask.MASK -> mask_right.source", "mask_left.MASK -> apply.mask", "mask_right.MASK -> apply_right.mask",
+           *TWO_PEOPLE_REGION_LINKS,
            "guidance.CONDITIONING -> apply.positive", "negative.CONDITIONING -> apply.negative",
            "apply.positive -> apply_right.positive", "apply.negative -> apply_right.negative",
            "apply_right.positive -> sampler.positive", "apply_right.negative -> sampler.negative",
