@@ -118,7 +118,7 @@ def test_a_workflow_without_known_loaders_is_a_warning_listing_them(tmp_path, mo
         "these loaders: CheckpointLoaderSimple, CheckpointLoader, ImageOnlyCheckpointLoader, unCLIPCheckpointLoader, "
         "UNETLoader, VAELoader, CLIPLoader, DualCLIPLoader, CLIPVisionLoader, LoraLoader, LoraLoaderModelOnly, "
         "ControlNetLoader, DiffControlNetLoader, StyleModelLoader, GLIGENLoader, UpscaleModelLoader, "
-        "InstantIDModelLoader, InstantIDFaceAnalysis")
+        "InstantIDModelLoader, InfiniteYouModelLoader, InstantIDFaceAnalysis")
 
 
 def test_a_file_that_is_not_a_workflow_is_one_error_line(tmp_path, capsys):

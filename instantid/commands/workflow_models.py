@@ -45,6 +45,8 @@ MODEL_LOADERS: dict[str, tuple[ModelInput, ...]] = {
     "GLIGENLoader": (ModelInput("gligen_name", 0, "gligen"),),
     "UpscaleModelLoader": (ModelInput("model_name", 0, "upscale_models"),),
     "InstantIDModelLoader": (ModelInput("instantid_file", 0, "instantid"),),
+    "InfiniteYouModelLoader": (ModelInput("projection_file", 0, "infiniteyou"),
+                               ModelInput("recognizer_file", 1, "infiniteyou")),
 }
 # Nodes that load the antelopev2 face models from models/insightface (no file input).
 FACE_ANALYSIS_NODES = ("InstantIDFaceAnalysis",)
