@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from instantid.commands import cli, comfy_home, doctor, portrait
+from instantid.commands import cli, comfy_home, doctor, image_files, portrait
 from instantid.commands.catalog import CATALOG, DEFAULT_CHECKPOINT, format_size
 from instantid.commands.comfy_home import PACK_ROOT
 from support.server import FIXTURE_PACK, free_port
@@ -52,6 +52,14 @@ def test_help_on_a_bare_python_prints_and_installs_nothing(tmp_path):
         assert result.stdout.startswith(f"usage: python -m instantid {' '.join(command)}".rstrip())
     assert _installed(venv) == before
     assert not (tmp_path / "home").exists()
+    # A mistyped face path is found before the pack's packages are needed: one line, nothing installed.
+    result = subprocess.run([python, "-m", "instantid", "portrait", str(tmp_path / "no-such-face.jpg"), "a prompt"],
+                            cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"python -m instantid portrait: error: step 'check the inputs' failed: the face image "
+        f"{tmp_path / 'no-such-face.jpg'} does not exist. To fix: pass the path of a photo"]
+    assert _installed(venv) == before
 
 
 def test_help_shows_the_defaults_of_the_modules_that_own_them(capsys):
@@ -114,8 +122,8 @@ def test_a_file_that_is_no_image_fails_in_step_one(tmp_path):
     notes = tmp_path / "face.jpg"
     notes.write_text("not a photo")
     with pytest.raises(Exception, match="step 'check the inputs' failed: the face image .* is not an image file"):
-        portrait.check_image("face image", str(notes))
-    portrait.check_image("face image", str(write_face_photo(tmp_path / "me.png")))
+        image_files.check_image("face image", str(notes))
+    image_files.check_image("face image", str(write_face_photo(tmp_path / "me.png")))
 
 
 @pytest.mark.parametrize("key", ["default_workspace", "recent_workspace"])

@@ -1,6 +1,6 @@
 """The command line (`python -m instantid …`) and what only it needs: `cli` (the commands),
 `runner` (run a workflow in-process or on a server), `embedded` (ComfyUI in this process),
-`portrait` (one command from a photo to an image), `bootstrap` (find or install ComfyUI, link the
+`portrait` (one command from a photo to an image) with `image_files` (its photos checked before any install), `bootstrap` (find or install ComfyUI, link the
 pack), `batch` (many jobs over several servers), `doctor` (setup checks) with `workflow_models`
 (the models a workflow loads), `fetch` and `catalog` (the model files and their download),
 `comfy_home` (finding ComfyUI), `model_folders` (the model folders every command uses). The shipped workflows' generator is a build tool outside the runtime

@@ -336,6 +336,15 @@ def _add_portrait(commands: argparse._SubParsersAction) -> None:
 
 def _portrait(args: argparse.Namespace) -> int:
     from .bootstrap import StepFailed
+    from .image_files import check_image
+
+    # Before the pack's packages are needed (importing portrait may install them): a wrong path costs nothing.
+    try:
+        for label, value in (("face image", args.face), ("pose image", args.pose)):
+            if value is not None:
+                check_image(label, value)
+    except StepFailed as error:
+        raise CommandError(str(error)) from None
     from .portrait import PortraitInputs, PortraitOptions, make_portrait
 
     inputs = PortraitInputs(face=args.face, prompt=args.prompt, pose=args.pose, seed=args.seed, checkpoint=args.checkpoint,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .bootstrap import Steps, StepFailed, prepare_comfyui
+from .image_files import check_image
 from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
 from .comfy_home import PACK_ROOT, find_comfyui
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
@@ -27,7 +28,6 @@ from .runner import SIMILARITY_NODE, NodeFailure, RunError, RunReport, describe_
 log = logging.getLogger(__name__)
 
 APPLY_TYPES = ("ApplyInstantID", "ApplyInstantIDAdvanced")
-IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 SEED_INPUTS = ("seed", "noise_seed")
 # The shipped workflows portrait and batch run (workflow_tools/specs.py names its files after these).
@@ -195,22 +195,6 @@ def link_checkpoint(path: Path, checkpoints: Path, steps: Steps) -> None:
         checkpoints.mkdir(parents=True, exist_ok=True)
         link.symlink_to(path)
         steps.say(f"    linked {link} -> {path}")
-
-
-def check_image(label: str, value: str) -> None:
-    """A photo that exists and starts like an image file (PNG, JPEG, GIF, BMP, WebP, TIFF); its
-    pixels are ComfyUI's Load Image's to read (PIL may not be installed yet)."""
-    path = Path(value)
-    if not path.is_file():
-        raise StepFailed("check the inputs", f"the {label} {value} does not exist", "pass the path of a photo")
-    try:
-        with open(path, "rb") as stream:
-            head = stream.read(12)
-    except OSError as error:
-        raise StepFailed("check the inputs", f"the {label} {value} cannot be read ({error.strerror or error})",
-                         "check its permissions") from None
-    if not head.startswith(IMAGE_SIGNATURES) or (head.startswith(b"RIFF") and head[8:12] != b"WEBP"):
-        raise StepFailed("check the inputs", f"the {label} {value} is not an image file", "pass a PNG, JPEG or WebP photo")
 
 
 def check_face(face: str, face_model_roots: Sequence[Path]) -> None:
