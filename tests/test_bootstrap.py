@@ -136,7 +136,9 @@ def test_a_python_without_the_packs_packages_is_told_what_to_install_or_gets_the
     assert missing[1] == str(python) and missing[2] in ("numpy", "tqdm")
     assert missing[3] == (f"{python} -m pip install --disable-pip-version-check -r {PACK_ROOT / 'requirements.txt'} "
                           f"{bootstrap.COMFY_CLI_REQUIREMENT}")
-    portrait = subprocess.run([python, "-m", "instantid", "portrait", "face.jpg", "a portrait"], cwd=PACK_ROOT,
+    face = tmp_path / "face.png"  # a photo that passes the input check, which now runs before any install
+    face.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    portrait = subprocess.run([python, "-m", "instantid", "portrait", str(face), "a portrait"], cwd=PACK_ROOT,
                               capture_output=True, text=True, timeout=120)
     assert portrait.returncode == 1
     assert portrait.stderr.startswith(f"[1/1] install the pack's Python packages into {tmp_path / 'venv'} (it lacks ")
