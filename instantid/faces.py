@@ -37,8 +37,9 @@ FACE_MODEL_FILES = (DETECTOR_FILE, RECOGNIZER_FILE)
 ANTELOPEV2_DOWNLOAD = f"https://huggingface.co/{ANTELOPEV2_REPO}/resolve/main"
 
 # Largest first: 640 is what InstantID was trained with; smaller sizes only rescue faces that fill
-# so much of the photo that SCRFD misses them at 640.
-DETECTION_SIZES = (640, 576, 512, 448, 384, 320, 256)
+# so much of the photo that SCRFD misses them at 640. The ladder holds InfiniteYou's own retries
+# (640, 320, 160), so a face its reference pipeline finds is found here too.
+DETECTION_SIZES = (640, 576, 512, 448, 384, 320, 256, 192, 160)
 EMBEDDING_SIZE = 512
 
 

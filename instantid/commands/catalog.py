@@ -133,29 +133,35 @@ CATALOG: tuple[ModelFile, ...] = (
 
 
 
-def _infiniteyou(id: str, description: str, file: str, approx_bytes: int, folder: str = "controlnet") -> ModelFile:
+def _infiniteyou(id: str, description: str, file: str, approx_bytes: int, folder: str = "controlnet",
+                 sha256: str | None = None) -> ModelFile:
     return ModelFile(id=id, description=description, folder=folder,
                      path=f"infiniteyou/{file.split('/')[-1]}" if folder == "controlnet" else file,
                      repo=INFINITEYOU_REPO, file=f"infu_flux_v1.0/{file}", approx_bytes=approx_bytes,
-                     license=INFINITEYOU_LICENSE, license_url=INFINITEYOU_LICENSE_URL, required=False)
+                     license=INFINITEYOU_LICENSE, license_url=INFINITEYOU_LICENSE_URL, required=False, sha256=sha256)
 
 
 # InfiniteYou on FLUX (ApplyInfiniteYou): `fetch-models --only ID` for each; FLUX_DEFAULT is the set the
-# FLUX workflows load (aes_stage2 InfuseNet in fp8). Sizes are approximate: the published sizes and
-# sha256 digests were not available when the entries were written, so fetch checks the Hub's listing.
+# FLUX workflows load (aes_stage2 InfuseNet in fp8). The fp8 InfuseNets, the projections and the FLUX
+# checkpoint carry the sizes and sha256 digests of the published files; the bf16 InfuseNets' digests
+# were not at hand (sizes approximate, fetch checks the Hub's listing), nor the IR-SE50 mirror's.
 FLUX_CATALOG: tuple[ModelFile, ...] = (
     _infiniteyou("infusenet-aes-fp8", "InfiniteYou InfuseNet, aes_stage2 (prompt-following, looks), fp8: the FLUX "
-                 "ControlNet driven by identity tokens", "aes_stage2/infusenet_aes_fp8e4m3fn.safetensors", 2_950_000_000),
+                 "ControlNet driven by identity tokens", "aes_stage2/infusenet_aes_fp8e4m3fn.safetensors", 2_952_691_776,
+                 sha256="7f6526ae545731182f95e5ff2f1dedddfe4adb3895ba727f332029e7df8395a7"),
     _infiniteyou("infusenet-aes-bf16", "InfiniteYou InfuseNet, aes_stage2, bf16",
                  "aes_stage2/infusenet_aes_bf16.safetensors", 5_910_000_000),
     _infiniteyou("infusenet-sim-fp8", "InfiniteYou InfuseNet, sim_stage1 (more likeness), fp8",
-                 "sim_stage1/infusenet_sim_fp8e4m3fn.safetensors", 2_950_000_000),
+                 "sim_stage1/infusenet_sim_fp8e4m3fn.safetensors", 2_952_691_776,
+                 sha256="de810f98f99ff103ea2529a141cdbe62c856177851d1660b33c3ade7ff0dba56"),
     _infiniteyou("infusenet-sim-bf16", "InfiniteYou InfuseNet, sim_stage1, bf16",
                  "sim_stage1/infusenet_sim_bf16.safetensors", 5_910_000_000),
     _infiniteyou("infiniteyou-projection-aes", "InfiniteYou projection (face embedding to 8 identity tokens), aes_stage2",
-                 "aes_stage2/image_proj_model.bin", 338_000_000, folder="infiniteyou"),
+                 "aes_stage2/image_proj_model.bin", 338_413_026, folder="infiniteyou",
+                 sha256="f85518431d7367de30b9558a939c003462a7e331e8c8b929146916dc27e471d6"),
     _infiniteyou("infiniteyou-projection-sim", "InfiniteYou projection, sim_stage1",
-                 "sim_stage1/image_proj_model.bin", 338_000_000, folder="infiniteyou"),
+                 "sim_stage1/image_proj_model.bin", 338_413_026, folder="infiniteyou",
+                 sha256="b7a8a1b6fecf2731b2ac64bde33a1885014949c8c08f3efaebd0665bb0e8ad8f"),
     ModelFile(
         id="irse50",
         description="facexlib's ArcFace IR-SE50, the face embedding InfiniteYou's projection reads",
@@ -163,7 +169,7 @@ FLUX_CATALOG: tuple[ModelFile, ...] = (
         path="recognition_arcface_ir_se50.pth",
         repo=IRSE50_REPO,
         file="facexlib/recognition_arcface_ir_se50.pth",
-        approx_bytes=175_000_000,  # 43.8 M float32 parameters
+        approx_bytes=175_367_323,  # facexlib's release file
         license="MIT (facexlib); the weights come from InsightFace's ArcFace training",
         license_url="https://github.com/xinntao/facexlib",
         required=False,
@@ -175,10 +181,11 @@ FLUX_CATALOG: tuple[ModelFile, ...] = (
         path="flux1-dev-fp8.safetensors",
         repo=FLUX_DEV_REPO,
         file="flux1-dev-fp8.safetensors",
-        approx_bytes=17_200_000_000,
+        approx_bytes=17_246_524_772,
         license=FLUX_DEV_LICENSE,
         license_url=FLUX_DEV_LICENSE_URL,
         required=False,
+        sha256="8e91b68084b53a7fc44ed2a3756d821e355ac1a7b6fe29be760c1db532f3d88a",
     ),
 )
 FLUX_DEFAULT: tuple[str, ...] = ("infusenet-aes-fp8", "infiniteyou-projection-aes", "irse50", "flux1-dev-fp8")
