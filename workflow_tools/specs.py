@@ -191,7 +191,7 @@ CANNY = WorkflowSpec(
            _node("canny_net", "ControlNetLoader", "models", title="Load canny ControlNet",
                  control_net_name=CANNY_CONTROLNET),
            image("reference", "Reference face", "face.png"),
-           image("composition", "Composition photo", "composition.png"),
+           _node("composition", "LoadImage", "sampling", title="Composition photo", image="composition.png"),
            _node("apply", "ApplyInstantID", "identity"),
            _node("edges", "Canny", "sampling", low_threshold=0.3, high_threshold=0.6),
            _node("canny", "ControlNetApplyAdvanced", "sampling", title="Apply canny ControlNet", strength=0.5,
