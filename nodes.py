@@ -625,7 +625,7 @@ class ApplyInfiniteYou(io.ComfyNode):
                                                                              "(no residuals on its rows)."),
                      FaceEmbedsType.Output(display_name="FACE_EMBEDS",
                                            tooltip="The identity with its IR-SE50 embedding and identity tokens, for "
-                                                   "'InstantID Save Face Embeds' and Face Similarity.")])
+                                                   "'InstantID Save Identity (Face Embeds)' and Face Similarity.")])
 
     @classmethod
     def execute(cls, infiniteyou: Any, control_net: Any, vae: Any, positive: Any, negative: Any, strength: float,
