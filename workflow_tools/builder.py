@@ -25,8 +25,8 @@ from . import thumbnail
 
 PACK_CNR_ID = "instantid-nodes"
 CORE_CNR_ID = "comfy-core"
-GROUPS = ("models", "identity", "sampling")
-GROUP_COLORS = {"models": "#3f789e", "identity": "#8A8", "sampling": "#b58b2a"}
+GROUPS = ("models", "prompt", "identity", "sampling")
+GROUP_COLORS = {"models": "#3f789e", "prompt": "#a1309b", "identity": "#8A8", "sampling": "#b58b2a"}
 NOTE_TYPE = "MarkdownNote"
 NOTE_TITLE = "About this workflow"
 # Buttons the pack's web extension (web/instantid_node_text.js) adds to a node, beyond its widgets.

@@ -56,8 +56,8 @@ def checkpoint() -> NodeSpec:
 
 
 def prompts(text: str = PROMPT) -> tuple[NodeSpec, ...]:
-    return (_node("positive", "CLIPTextEncode", "sampling", title="Positive prompt", text=text),
-            _node("negative", "CLIPTextEncode", "sampling", title="Negative prompt", text=NEGATIVE))
+    return (_node("positive", "CLIPTextEncode", "prompt", title="Positive prompt", text=text),
+            _node("negative", "CLIPTextEncode", "prompt", title="Negative prompt", text=NEGATIVE))
 
 
 def adapter() -> NodeSpec:
@@ -344,9 +344,9 @@ def flux_models() -> tuple[NodeSpec, ...]:
 
 
 def flux_prompts(text: str) -> tuple[NodeSpec, ...]:
-    return (_node("positive", "CLIPTextEncode", "sampling", title="Prompt", text=text),
-            _node("guidance", "FluxGuidance", "sampling", guidance=3.5),
-            _node("negative", "ConditioningZeroOut", "sampling", title="Negative (zero: cfg 1)"))
+    return (_node("positive", "CLIPTextEncode", "prompt", title="Prompt", text=text),
+            _node("guidance", "FluxGuidance", "prompt", guidance=3.5),
+            _node("negative", "ConditioningZeroOut", "prompt", title="Negative (zero: cfg 1)"))
 
 
 def flux_sampling(width: int, height: int, prefix: str) -> tuple[NodeSpec, ...]:
