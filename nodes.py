@@ -400,7 +400,7 @@ class InstantIDFaceSimilarity(io.ComfyNode):
                                                     "With a batch, the output is the mean of the per-image scores; an "
                                                     "image without a face scores 0."),
                     InfiniteYouType.Input("recognizer", optional=True,
-                                          tooltip="Optional: 'InstantID Load InfiniteYou Model (FLUX)' here scores with its "
+                                          tooltip="Optional: 'FLUX Load InfiniteYou Model (InstantID)' here scores with its "
                                                   "IR-SE50 recogniser (what InfiniteYou was trained on) instead of "
                                                   "antelopev2's; faces are still found by antelopev2. The text says "
                                                   "which recogniser scored.")],
@@ -551,7 +551,7 @@ class InfiniteYouModelLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         files = folder_paths.get_filename_list(INFINITEYOU_FOLDER)
         return io.Schema(
-            node_id="InfiniteYouModelLoader", display_name="InstantID Load InfiniteYou Model (FLUX)", category=CATEGORY,
+            node_id="InfiniteYouModelLoader", display_name="FLUX Load InfiniteYou Model (InstantID)", category=CATEGORY,
             description="Loads InfiniteYou (InstantID's identity on FLUX) from models/infiniteyou: the image projection "
                         "(identity tokens from a face embedding) and the ArcFace IR-SE50 face recogniser it was trained "
                         "with, each checked by its layout. The InfuseNet itself loads with 'Load ControlNet Model'.",
@@ -573,12 +573,12 @@ class ApplyInfiniteYou(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ApplyInfiniteYou", display_name="InstantID Apply InfiniteYou (FLUX)", category=CATEGORY,
+            node_id="ApplyInfiniteYou", display_name="FLUX Apply InfiniteYou (InstantID)", category=CATEGORY,
             description="Makes a FLUX model draw the person in the reference photo: the InfuseNet (a FLUX ControlNet) "
                         "attends to 8 identity tokens made from the face's IR-SE50 embedding, posed by the five "
                         "keypoints; other ControlNets of the chain keep the prompt. The model itself is not patched. "
                         "Face choice, face region, masks, saved identities and on_no_face work as in Apply InstantID.",
-            inputs=[InfiniteYouType.Input("infiniteyou", tooltip="From 'InstantID Load InfiniteYou Model (FLUX)'."),
+            inputs=[InfiniteYouType.Input("infiniteyou", tooltip="From 'FLUX Load InfiniteYou Model (InstantID)'."),
                     io.ControlNet.Input("control_net", tooltip="The InfuseNet (infusenet_*.safetensors), loaded with "
                                                                "'Load ControlNet Model'."),
                     io.Vae.Input("vae", tooltip="The FLUX VAE: the InfuseNet's keypoint hint is VAE-encoded."),
@@ -625,7 +625,7 @@ class ApplyInfiniteYou(io.ComfyNode):
                                                                              "(no residuals on its rows)."),
                      FaceEmbedsType.Output(display_name="FACE_EMBEDS",
                                            tooltip="The identity with its IR-SE50 embedding and identity tokens, for "
-                                                   "'InstantID Save Face Embeds' and Face Similarity.")])
+                                                   "'InstantID Save Identity (Face Embeds)' and Face Similarity.")])
 
     @classmethod
     def execute(cls, infiniteyou: Any, control_net: Any, vae: Any, positive: Any, negative: Any, strength: float,

@@ -28,9 +28,9 @@ EXPECTED_PROJECTION = ("InfiniteYou's image projection: image_proj_model.bin (a 
                        "latents [1, 8, 1280], proj_in [1280, 512], proj_out [4096, 1280], 4 layers) or a .safetensors "
                        "of the same tensors, from huggingface.co/ByteDance/InfiniteYou infu_flux_v1.0/aes_stage2/ "
                        "(or sim_stage1/), in ComfyUI/models/infiniteyou/")
-HOW_TO_MAKE = ("Make an identity for FLUX by connecting the photo to 'InstantID Apply InfiniteYou (FLUX)' (image input, with "
-               "'InstantID Face Analysis' on insightface) and saving its FACE_EMBEDS output with 'InstantID Save Face "
-               "Embeds': that file holds the IR-SE50 embedding as well and serves both SDXL and FLUX.")
+HOW_TO_MAKE = ("Make an identity for FLUX by connecting the photo to 'FLUX Apply InfiniteYou (InstantID)' (image input, with "
+               "'InstantID InsightFace (antelopev2)' on insightface) and saving its FACE_EMBEDS output with 'InstantID "
+               "Save Identity (Face Embeds)': that file holds the IR-SE50 embedding as well and serves both SDXL and FLUX.")
 
 
 class ProjectionFileError(ValueError):

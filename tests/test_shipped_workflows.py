@@ -174,7 +174,7 @@ def test_nodes_do_not_overlap_and_each_sits_in_its_group(path):
     workflow = load_ui_workflow(path)
     assert overlapping_nodes(workflow) == []
     groups = workflow["groups"]
-    assert {g["title"] for g in groups} <= {"models", "identity", "sampling"}
+    assert {g["title"] for g in groups} <= {"models", "prompt", "identity", "sampling"}
     # Stages left to right: each group starts right of where the one before it ends.
     assert all(a["bounding"][0] + a["bounding"][2] < b["bounding"][0] for a, b in zip(groups, groups[1:]))
     for node_id, (left, top, right, bottom) in node_rectangles(workflow):

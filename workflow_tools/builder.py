@@ -5,8 +5,9 @@ node's defaults (by input name), and links by output and input name. The builder
 definitions (ComfyUI's /object_info entries), so widget values come out complete and in schema
 order, and lays the graph out as a hand-made one: left to right by graph depth, node sizes as the
 frontend's LGraphNode.computeSize gives them, no two nodes overlapping. The spec's groups become
-stages that follow the data left to right (runs of columns led by the same group), so no link runs
-back into an earlier stage. The note (Markdown, with a download link for every model) sits above
+stages that follow the data left to right, each holding only nodes of its group (a group may come
+back: prompts before the identity step, sampling after it), so no link runs back into an earlier
+stage. The note (Markdown, with a download link for every model) sits above
 the graph, and the saved view shows it and the pack's nodes in a 1600x1000 browser window.
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ from . import thumbnail
 
 PACK_CNR_ID = "instantid-nodes"
 CORE_CNR_ID = "comfy-core"
-GROUPS = ("models", "identity", "sampling")
-GROUP_COLORS = {"models": "#3f789e", "identity": "#8A8", "sampling": "#b58b2a"}
+GROUPS = ("models", "prompt", "identity", "sampling")
+GROUP_COLORS = {"models": "#3f789e", "prompt": "#a1309b", "identity": "#8A8", "sampling": "#b58b2a"}
 NOTE_TYPE = "MarkdownNote"
 NOTE_TITLE = "About this workflow"
 # Buttons the pack's web extension (web/instantid_node_text.js) adds to a node, beyond its widgets.
@@ -437,35 +438,53 @@ def _set_execution_order(nodes: list[dict[str, Any]], depth: Mapping[int, int]) 
         node["order"] = order
 
 
-def _columns(graph: _Graph) -> dict[int, int]:
-    """Column of each node: its depth, except that a node without inputs sits just left of its
-    nearest consumer (an empty latent beside the sampler, not with the model loaders)."""
-    depth = graph.depths()
+def _links_by_node(graph: _Graph) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """(inputs, consumers): the ids each node reads from and feeds, by node id."""
+    inputs: dict[int, list[int]] = {node["id"]: [] for node in graph.nodes}
     consumers: dict[int, list[int]] = {node["id"]: [] for node in graph.nodes}
-    sources = set(consumers)
     for _, source, _, target, _, _ in graph.links:
+        inputs[target].append(source)
         consumers[source].append(target)
-        sources.discard(target)
-    column = dict(depth)
-    for node_id in sources:
-        if consumers[node_id]:
-            column[node_id] = min(depth[target] for target in consumers[node_id]) - 1
-    return column
+    return inputs, consumers
 
 
-def _stages(graph: _Graph, column: Mapping[int, int]) -> list[tuple[str, list[int]]]:
-    """Runs of consecutive columns led by the same spec group (the group most of a column's nodes
-    are in; earlier in GROUPS on a tie): (title, columns) left to right."""
+def _stages(graph: _Graph) -> list[tuple[str, list[int]]]:
+    """The stages left to right, each one spec group and its node ids, so that a group holds only its
+    own nodes and no link runs back into an earlier stage. From the outputs back: a node stands at its
+    first consumer, in that stage or the one just left of it where one of them is of its group, else
+    in a new stage of its group just left of it (the loaders a step needs stand right before it, as in
+    a hand-made graph); a node that feeds nothing ends the graph."""
     group_of = {ui["id"]: spec.group for spec, ui in zip(graph.spec.nodes, graph.nodes)}
+    depth = graph.depths()
+    _, consumers = _links_by_node(graph)
     stages: list[tuple[str, list[int]]] = []
-    for c in sorted(set(column.values())):
-        members = [group_of[node_id] for node_id, at in column.items() if at == c]
-        leader = max(GROUPS, key=lambda g: (members.count(g), -GROUPS.index(g)))
-        if stages and stages[-1][0] == leader:
-            stages[-1][1].append(c)
-        else:
-            stages.append((leader, [c]))
-    return stages
+    stage_of: dict[int, tuple[str, list[int]]] = {}
+    for node_id in sorted(depth, key=lambda n: (-depth[n], n)):
+        first = min((next(i for i, stage in enumerate(stages) if stage is stage_of[target])
+                     for target in consumers[node_id]), default=len(stages))
+        stage = next((s for s in stages[max(first - 1, 0):first + 1][::-1] if s[0] == group_of[node_id]), None)
+        if stage is None:
+            stage = (group_of[node_id], [])
+            stages.insert(first, stage)
+        stage[1].append(node_id)
+        stage_of[node_id] = stage
+    return [(title, sorted(members)) for title, members in stages]
+
+
+def _stage_columns(graph: _Graph, members: list[int]) -> dict[int, int]:
+    """Column of each node within its stage: its depth along the stage's own links, a node without
+    inputs just left of its nearest consumer in the stage (an empty latent beside the sampler)."""
+    inputs, consumers = _links_by_node(graph)
+    inside = set(members)
+    depth = graph.depths()
+    column: dict[int, int] = {}
+    for node_id in sorted(members, key=lambda n: (depth[n], n)):
+        column[node_id] = 1 + max((column[s] for s in inputs[node_id] if s in inside), default=-1)
+    for node_id in members:
+        targets = [column[t] for t in consumers[node_id] if t in inside]
+        if not inputs[node_id] and targets:
+            column[node_id] = min(targets) - 1
+    return column
 
 
 def _stacks(column: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -484,36 +503,31 @@ def _stacks(column: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def _lay_out(graph: _Graph) -> list[dict[str, Any]]:
-    """Columns left to right, nodes stacked in spec order within a column, one group per stage
-    around its columns; returns the groups."""
-    column = _columns(graph)
-    by_column: dict[int, list[dict[str, Any]]] = {}
-    for ui in graph.nodes:
-        by_column.setdefault(column[ui["id"]], []).append(ui)
+    """Stages left to right, within each its columns, nodes stacked in spec order within a column,
+    one group around each stage; returns the groups."""
+    by_id = {ui["id"]: ui for ui in graph.nodes}
     top = GROUP_TITLE_HEIGHT + GROUP_PADDING + TITLE_HEIGHT
-    groups, x = [], 0
-    stages = _stages(graph, column)
-    bottom = top
-    for _, columns in stages:
-        for c in columns:
-            for stack in _stacks(by_column[c]):
-                y = top
-                for ui in stack:
-                    ui["pos"] = [x + GROUP_PADDING, y]
-                    y += ui["size"][1] + TITLE_HEIGHT + ROW_GAP
-                    bottom = max(bottom, ui["pos"][1] + ui["size"][1])
-                x += GROUP_PADDING + max(ui["size"][0] for ui in stack) + GROUP_PADDING
-                if not (c == columns[-1] and stack is _stacks(by_column[c])[-1]):
-                    x += COLUMN_GAP - 2 * GROUP_PADDING
+    groups, x, bottom = [], 0, top
+    stages = _stages(graph)
+    for title, members in stages:
+        column = _stage_columns(graph, members)
+        stacks = [stack for c in sorted(set(column.values()))
+                  for stack in _stacks([by_id[n] for n in members if column[n] == c])]
+        left = x
+        for number, stack in enumerate(stacks):
+            y = top
+            for ui in stack:
+                ui["pos"] = [x + GROUP_PADDING, y]
+                y += ui["size"][1] + TITLE_HEIGHT + ROW_GAP
+                bottom = max(bottom, ui["pos"][1] + ui["size"][1])
+            x += GROUP_PADDING + max(ui["size"][0] for ui in stack) + GROUP_PADDING
+            if number < len(stacks) - 1:
+                x += COLUMN_GAP - 2 * GROUP_PADDING
+        groups.append((title, left, x))
         x += COLUMN_GAP
-    for group_id, (title, columns) in enumerate(stages, start=1):
-        members = [ui for c in columns for ui in by_column[c]]
-        left = min(ui["pos"][0] for ui in members) - GROUP_PADDING
-        right = max(ui["pos"][0] + ui["size"][0] for ui in members) + GROUP_PADDING
-        groups.append({"id": group_id, "title": title,
-                       "bounding": [left, 0, right - left, bottom + GROUP_PADDING],
-                       "color": GROUP_COLORS[title], "font_size": 24, "flags": {}})
-    return groups
+    return [{"id": group_id, "title": title, "bounding": [left, 0, right - left, bottom + GROUP_PADDING],
+             "color": GROUP_COLORS[title], "font_size": 24, "flags": {}}
+            for group_id, (title, left, right) in enumerate(groups, start=1)]
 
 
 def dumps(workflow: Mapping[str, Any]) -> str:

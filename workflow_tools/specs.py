@@ -56,8 +56,8 @@ def checkpoint() -> NodeSpec:
 
 
 def prompts(text: str = PROMPT) -> tuple[NodeSpec, ...]:
-    return (_node("positive", "CLIPTextEncode", "sampling", title="Positive prompt", text=text),
-            _node("negative", "CLIPTextEncode", "sampling", title="Negative prompt", text=NEGATIVE))
+    return (_node("positive", "CLIPTextEncode", "prompt", title="Positive prompt", text=text),
+            _node("negative", "CLIPTextEncode", "prompt", title="Negative prompt", text=NEGATIVE))
 
 
 def adapter() -> NodeSpec:
@@ -191,7 +191,7 @@ CANNY = WorkflowSpec(
            _node("canny_net", "ControlNetLoader", "models", title="Load canny ControlNet",
                  control_net_name=CANNY_CONTROLNET),
            image("reference", "Reference face", "face.png"),
-           image("composition", "Composition photo", "composition.png"),
+           _node("composition", "LoadImage", "sampling", title="Composition photo", image="composition.png"),
            _node("apply", "ApplyInstantID", "identity"),
            _node("edges", "Canny", "sampling", low_threshold=0.3, high_threshold=0.6),
            _node("canny", "ControlNetApplyAdvanced", "sampling", title="Apply canny ControlNet", strength=0.5,
@@ -344,9 +344,9 @@ def flux_models() -> tuple[NodeSpec, ...]:
 
 
 def flux_prompts(text: str) -> tuple[NodeSpec, ...]:
-    return (_node("positive", "CLIPTextEncode", "sampling", title="Prompt", text=text),
-            _node("guidance", "FluxGuidance", "sampling", guidance=3.5),
-            _node("negative", "ConditioningZeroOut", "sampling", title="Negative (zero: cfg 1)"))
+    return (_node("positive", "CLIPTextEncode", "prompt", title="Prompt", text=text),
+            _node("guidance", "FluxGuidance", "prompt", guidance=3.5),
+            _node("negative", "ConditioningZeroOut", "prompt", title="Negative (zero: cfg 1)"))
 
 
 def flux_sampling(width: int, height: int, prefix: str) -> tuple[NodeSpec, ...]:
