@@ -615,7 +615,7 @@ class ApplyInfiniteYou(io.ComfyNode):
                                    tooltip="What the mask limits. 'prompt and identity': this positive prompt and the "
                                            "InfuseNet. 'identity only': only the InfuseNet; the prompt stays global."),
                     FaceEmbedsType.Input("face_embeds", optional=True,
-                                         tooltip="A saved identity ('InstantID Load Face Embeds') used instead of image. "
+                                         tooltip="A saved identity ('InstantID Load Identity (Face Embeds)') used instead of image. "
                                                  "It must hold the IR-SE50 embedding: save it from an InfiniteYou run."),
                     io.Float.Input("infusenet_guidance", default=1.0, min=-1.0, max=100.0, step=0.1, optional=True,
                                    tooltip="The guidance the InfuseNet sees: 1.0 as in the reference pipeline (the model "

@@ -107,7 +107,7 @@ def apply_attention_only(*, adapter: InstantIDAdapter, face_analysis: Any, image
                          mask: torch.Tensor | None = None, on_no_face: str = "error", face_index: int = 0,
                          face_embeds: FaceEmbeds | None = None, numbers: Sequence[NumberInput] = ()) -> Outcome:
     """InstantIDAttentionPatch: face attention only; the identity and its face tokens go out as
-    FACE_EMBEDS for the ControlNet node and Save Face Embeds."""
+    FACE_EMBEDS for the ControlNet node and InstantID Save Identity (Face Embeds)."""
     check_numbers(numbers, start_at, end_at, weight=weight, noise=noise)
     check_on_no_face(on_no_face)
     adapter.check_fits(sdxl_attention_widths(model))

@@ -122,7 +122,7 @@ def reference_identity(face_analysis: Any, image: torch.Tensor | None, face_embe
         return identity
     if image is None:
         raise ValueError("No reference: connect a photo of the person to image, or a saved identity "
-                         "('InstantID Load Face Embeds') to face_embeds.")
+                         "('InstantID Load Identity (Face Embeds)') to face_embeds.")
     faces = detect_faces(as_face_analyzer(face_analysis, "the reference image"), image, notes, "reference image",
                          face_index)
     missing = [i for i, face in enumerate(faces) if face is None]

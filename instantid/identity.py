@@ -112,7 +112,7 @@ def as_face_embeds(value: object) -> FaceEmbeds:
     if not isinstance(value, FaceEmbeds):
         what = "empty (an 'on_no_face: skip' upstream found no face?)" if value is None else f"a {type(value).__name__}"
         raise TypeError(f"face_embeds is {what}, not this pack's FACE_EMBEDS; connect the FACE_EMBEDS output of "
-                        "'InstantID Patch Attention' or 'InstantID Load Face Embeds'.")
+                        "'InstantID Patch Attention' or 'InstantID Load Identity (Face Embeds)'.")
     return value
 
 

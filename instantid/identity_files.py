@@ -73,10 +73,10 @@ def resolve_identity_file(name: str, input_dir: str | Path, output_dir: str | Pa
         raise IdentityFileError(f"the identity file name {name!r} points outside {where}.")
     if path.suffix.lower() != SUFFIX:
         raise IdentityFileError(f"{name!r} is not a {SUFFIX} file; identity files are saved by "
-                                f"'InstantID Save Face Embeds' as {SUFFIX}.")
+                                f"'InstantID Save Identity (Face Embeds)' as {SUFFIX}.")
     if not path.is_file():
         raise IdentityFileError(f"there is no identity file {relative!r} in {where} ({folder}); upload it there "
-                                "or save one with 'InstantID Save Face Embeds'.")
+                                "or save one with 'InstantID Save Identity (Face Embeds)'.")
     return path
 
 
@@ -138,7 +138,7 @@ def _not_safetensors(path: Path, detail: str) -> IdentityFileError:
         what = f"it could not be read as safetensors ({detail})"
     return IdentityFileError(f"{path.name} was refused and not loaded: {what}. Identity files are read as safetensors "
                              "only and never unpickled, so nothing in it ran. Save identities with 'InstantID Save "
-                             "Face Embeds'.")
+                             "Identity (Face Embeds)'.")
 
 
 def load_identity(path: str | Path) -> FaceEmbeds:
@@ -156,7 +156,7 @@ def load_identity(path: str | Path) -> FaceEmbeds:
                     f"{path.name} is a safetensors file but not an InstantID identity (it holds "
                     f"{', '.join(sorted(names)[:4]) or 'no tensors'}{' ...' if len(names) > 4 else ''}; an identity "
                     f"holds {', '.join(_SHAPES)} and format={FORMAT!r} metadata). Save identities with 'InstantID "
-                    "Save Face Embeds'.")
+                    "Save Identity (Face Embeds)'.")
             tensors = {name: file.get_tensor(name) for name in _SHAPES}
             extra = {name.removeprefix(RECOGNIZED): file.get_tensor(name) for name in recognized}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -182,7 +182,7 @@ def _identity(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         problems.append(f"combine is {metadata.get('combine')!r}")
     if problems:
         raise IdentityFileError(f"{path.name} is a damaged or incompatible identity file: {'; '.join(problems)}. "
-                                "Save the identity again with 'InstantID Save Face Embeds'.")
+                                "Save the identity again with 'InstantID Save Identity (Face Embeds)'.")
     width, height = (int(v) for v in tensors["image_size"].tolist())
     try:
         return FaceIdentity(tensors["embeddings"].to(torch.float32), metadata["combine"],
