@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .comfy_home import PACK_ROOT, comfyui_version, default_workspace, find_comfyui, is_comfyui
+from .errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ PROBE_TIMEOUT = 15.0
 TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
 
 
-class StepFailed(RuntimeError):
+class StepFailed(CommandError):
     """A step that could not be done: what it was, why, and the command that fixes it."""
 
     def __init__(self, step: str, cause: str, fix: str) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..file_digest import file_sha256
 from .catalog import ModelFile
+from .errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ DEFAULT_RETRY_DELAY = 2.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class FetchError(RuntimeError):
+class FetchError(CommandError):
     """An expected failure (network, server, checksum, disk); the message is one actionable line."""
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .. import __version__
 from .bootstrap import torch_accelerator
 from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, node_failure_text, refusal_text, ui_to_api
+from .errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ PROGRESS_CONNECT_WAIT = 5.0
 SchemaInputs = Callable[[str], Collection[str]]
 
 
-class RunError(RuntimeError):
+class RunError(CommandError):
     """An expected failure; the message says what is wrong and what to do."""
 
 
@@ -305,7 +306,10 @@ class StepProgress:
         else:
             self.bar.refresh()
 
-    def close(self) -> None:
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -345,17 +349,15 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     import comfy.utils as comfy_utils  # importable once ComfyUI is booted
 
     labels = node_labels(prompt)
-    bar = StepProgress(progress_stream)
     stock_bars = comfy_utils.PROGRESS_BAR_ENABLED
     comfy_utils.PROGRESS_BAR_ENABLED = False  # ComfyUI's own tqdm would draw a second bar
     try:
-        # Fresh caches: a cached output node would not report its images again.
-        progress = lambda value, total, node_id: bar(value, total, _label(labels, node_id or _running_node()))  # noqa: E731
-        result = comfy.run(prompt, progress=progress,
-                           reuse_outputs=False)
+        with StepProgress(progress_stream) as bar:
+            # Fresh caches: a cached output node would not report its images again.
+            result = comfy.run(prompt, reuse_outputs=False, progress=lambda value, total, node_id: bar(
+                value, total, _label(labels, node_id or _running_node())))
     finally:
         comfy_utils.PROGRESS_BAR_ENABLED = stock_bars
-        bar.close()
     if result.refused is not None:
         raise RunError(f"ComfyUI refused the workflow: {result.error_text()}")
     if not result.success:
