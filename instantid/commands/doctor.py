@@ -20,11 +20,10 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from .bootstrap import torch_accelerator
+from .bootstrap import installed_version, torch_accelerator
 from .catalog import (CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG, FLUX_DEFAULT, INSTANTID_REPO, WORKFLOW_MODELS, ModelFile,
                       format_size)
 from .comfy_home import PACK_ROOT, comfyui_version, find_comfyui, why_not_found
@@ -141,20 +140,13 @@ def check_torch() -> tuple[Check, bool]:
                                   "README)"), False
 
 
-def _version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def check_packages() -> Check:
     """insightface and OpenCV, which the pack imports (torch and numpy come with ComfyUI)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as faces does: no network at import
     found, missing = [], []
     for label, module, distributions in (("insightface", "insightface", ("insightface",)),
                                          ("opencv", "cv2", OPENCV.names)):
-        version = next((v for v in map(_version, distributions) if v), None)
+        version = next((v for v in map(installed_version, distributions) if v), None)
         try:
             __import__(module)
         except ImportError as error:
@@ -164,7 +156,7 @@ def check_packages() -> Check:
     if missing:
         return Check("fail", "packages", f"cannot import {', '.join(missing)}",
                      ("pip install -r requirements.txt  # in this pack's folder, with ComfyUI's Python",))
-    insightface_version = _version("insightface") or "0"
+    insightface_version = installed_version("insightface") or "0"
     if tuple(int(p) for p in re.findall(r"\d+", insightface_version)[:2]) < (2, 1):
         return Check("fail", "packages", f"insightface {insightface_version} is older than 2.1, which the pack needs",
                      ("pip install -U 'insightface>=2.1'",))

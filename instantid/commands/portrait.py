@@ -154,10 +154,6 @@ def with_similarity(prompt: Mapping[str, dict]) -> dict:
 # ------------------------------------------------------------------------------------- models --
 
 
-def checkpoint_entry(name: str) -> ModelFile | None:
-    return next((entry for entry in CHECKPOINTS if entry.id == name), None)
-
-
 @dataclass(frozen=True)
 class CheckpointChoice:
     """What --checkpoint names: the ckpt_name the workflow gets, the catalog entry to fetch, or the
@@ -170,7 +166,7 @@ class CheckpointChoice:
 def choose_checkpoint(choice: str | None, checkpoint_folders: Sequence[Path]) -> CheckpointChoice:
     """`choice` checked before anything is installed: a catalog id, a file, or a name in the
     checkpoints folders of the ComfyUI already there (none before an install)."""
-    entry = checkpoint_entry(choice or DEFAULT_CHECKPOINT)
+    entry = next((entry for entry in CHECKPOINTS if entry.id == (choice or DEFAULT_CHECKPOINT)), None)
     if entry is not None:
         return CheckpointChoice(entry.path, entry=entry)
     assert choice is not None
