@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,6 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_WAIT = 1800.0
 DEFAULT_POLL_INTERVAL = 0.5
 PROGRESS_CONNECT_WAIT = 5.0
-
-SchemaInputs = Callable[[str], Collection[str]]
-
 
 class RunError(CommandError):
     """An expected failure; the message says what is wrong and what to do."""
@@ -158,27 +155,26 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def finished_prompt(prompt: Mapping[str, dict], overrides: Sequence[Override], node_info: Callable[[str], Mapping],
-                    prepare: Prepare | None) -> dict:
-    """The API-format prompt a run sends: the overrides applied and checked, then `prepare`'s edits.
-    `node_info` gives a node type's schema ({} when unknown)."""
-    prompt = apply_overrides(prompt, overrides, lambda kind: schema_input_names(node_info(kind)))
-    check_override_numbers(prompt, overrides, node_info)
-    return prepare(prompt) if prepare else prompt
-
-
 def apply_overrides(prompt: Mapping[str, dict], overrides: Sequence[Override],
-                    schema_inputs: SchemaInputs | None = None) -> dict:
+                    node_info: Callable[[str], Mapping] = lambda kind: {}) -> dict:
     """A copy of the API-format prompt with each override applied. An input may be one the node
-    already has or, when `schema_inputs` gives the node type's inputs, any other widget of it."""
+    already has or any other input of its type in `node_info` (its /object_info entry). Then the
+    nodes' own number checks (instantid.checks) run on the values given, so a NaN, an infinity or an
+    empty InstantID schedule stops here, before ComfyUI runs anything; a FLOAT input given as text
+    ('nan', 'inf') becomes the number ComfyUI would make of it."""
+    from ..checks import NumberInput, SettingError, check_finite, check_schedule  # imports torch: only when used
+
     prompt = copy.deepcopy(dict(prompt))
+    specs = []
     for override in overrides:
         node_id = resolve_node(prompt, override.node, override.text)
         node = prompt[node_id]
         inputs = node.setdefault("inputs", {})
-        known = set(inputs) | set(schema_inputs(node["class_type"]) if schema_inputs else ())
-        if override.input not in known:
-            widgets = sorted(name for name in known if not _is_link(inputs.get(name)))
+        info = node_info(node["class_type"]) or {}
+        schema = {name: entry for section in ("required", "optional")
+                  for name, entry in ((info.get("input") or {}).get(section) or {}).items()}
+        if override.input not in {*inputs, *schema}:
+            widgets = sorted(name for name in {*inputs, *schema} if not _is_link(inputs.get(name)))
             raise RunError(f"--set {override.text!r}: node {describe_node(node_id, node)} has no input {override.input!r}; "
                            f"the inputs --set can change are: {', '.join(widgets) or 'none'}")
         current = inputs.get(override.input)
@@ -194,53 +190,27 @@ def apply_overrides(prompt: Mapping[str, dict], overrides: Sequence[Override],
             value = override.raw
         inputs[override.input] = override.raw if isinstance(current, str) and not isinstance(value, str) else value
         log.info("set node %s input %s = %r", node_id, override.input, inputs[override.input])
-    return prompt
-
-
-def check_override_numbers(prompt: Mapping[str, dict], overrides: Sequence[Override],
-                           node_info: Callable[[str], Mapping]) -> None:
-    """The nodes' own number checks (instantid.checks) on the values --set gave, so a NaN, an
-    infinity or an empty InstantID schedule stops here, before ComfyUI runs anything. A FLOAT
-    input given as text ('nan', 'inf') becomes the number ComfyUI would make of it."""
-    from ..checks import NumberInput, SettingError, check_finite, check_schedule  # imports torch: only when used
-
-    for override in overrides:
-        node_id = resolve_node(prompt, override.node, override.text)
-        node = prompt[node_id]
-        info = node_info(node["class_type"]) or {}
-        spec = _input_spec(info, override.input)
-        inputs = node["inputs"]
-        if spec.get("type") == "FLOAT" and isinstance(inputs[override.input], str):
+        entry = schema.get(override.input)  # ("FLOAT", {"min": 0.0, ...}) or a list of choices
+        options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) > 1 and isinstance(entry[1], dict) else {}
+        specs.append((override, node_id, info, entry[0] if isinstance(entry, (list, tuple)) and entry else None, options))
+    # Checked once all are set: --set start_at and --set end_at together make one schedule.
+    for override, node_id, info, kind, options in specs:
+        inputs = prompt[node_id]["inputs"]
+        if kind == "FLOAT" and isinstance(inputs[override.input], str):
             try:
                 inputs[override.input] = float(inputs[override.input])
             except ValueError:
                 raise RunError(f"--set {override.text!r}: {override.input} takes a number, not "
                                f"{inputs[override.input]!r}") from None
         try:
-            check_finite([NumberInput(override.input, inputs[override.input], spec.get("min"), spec.get("max"))])
+            check_finite([NumberInput(override.input, inputs[override.input], options.get("min"), options.get("max"))])
             start, end = inputs.get("start_at"), inputs.get("end_at")
             if (str(info.get("category", "")).startswith("InstantID") and override.input in ("start_at", "end_at")
                     and all(isinstance(v, (int, float)) for v in (start, end))):
                 check_schedule(start, end)
         except SettingError as error:
-            raise RunError(f"--set {override.text!r}: node {describe_node(node_id, node)}: {error}") from None
-
-
-def _input_spec(info: Mapping, name: str) -> dict:
-    """{'type': 'FLOAT', 'min': 0.0, ...} of one input in a node type's /object_info entry ({} if unknown)."""
-    inputs = info.get("input") or {}
-    for section in ("required", "optional"):
-        entry = (inputs.get(section) or {}).get(name)
-        if isinstance(entry, (list, tuple)) and entry:
-            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            return {"type": entry[0] if isinstance(entry[0], str) else "COMBO", **options}
-    return {}
-
-
-def schema_input_names(info: Mapping) -> list[str]:
-    """Input names of one node type from its /object_info entry."""
-    inputs = info.get("input") or {}
-    return [name for section in ("required", "optional") for name in (inputs.get(section) or {})]
+            raise RunError(f"--set {override.text!r}: node {describe_node(node_id, prompt[node_id])}: {error}") from None
+    return prompt
 
 
 # ------------------------------------------------------------------------------------- outputs --
@@ -333,7 +303,8 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     except (RuntimeError, ValueError) as error:
         raise RunError(str(error)) from None
     types = comfy.nodes.NODE_CLASS_MAPPINGS
-    prompt = finished_prompt(prompt, overrides, lambda kind: comfy.node_info(kind) if kind in types else {}, prepare)
+    prompt = apply_overrides(prompt, overrides, lambda kind: comfy.node_info(kind) if kind in types else {})
+    prompt = prepare(prompt) if prepare else prompt
     import comfy.utils as comfy_utils  # importable once ComfyUI is booted
 
     labels = node_labels(prompt)
@@ -526,7 +497,8 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
         prompt = ui_to_api(workflow, object_info) if is_ui_format(workflow) else workflow
     except WorkflowError as error:
         raise RunError(str(error)) from None
-    prompt = finished_prompt(prompt, overrides, lambda kind: object_info.get(kind) or {}, prepare)
+    prompt = apply_overrides(prompt, overrides, lambda kind: object_info.get(kind) or {})
+    prompt = prepare(prompt) if prepare else prompt
     client_id = str(uuid.uuid4())
     labels = node_labels(prompt)
     report_step = (lambda value, total, node_id: progress(value, total, _label(labels, node_id))) if progress else None
