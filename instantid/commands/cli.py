@@ -62,13 +62,13 @@ def _number(kind: type, zero_allowed: bool = False) -> Callable[[str], float]:
 
 
 _FOLDERS_HELP = "(default: the ComfyUI found through COMFYUI_PATH, the folder above custom_nodes/, or ~/comfy/ComfyUI)"
-# The options several commands share: (flags, add_argument's keywords).
+# The options several commands share: add_argument's keywords by flag.
 OPTIONS: dict[str, dict] = {
     "--base-directory": dict(type=Path, metavar="DIR", help=f"ComfyUI's --base-directory: models are in "
                              f"DIR/models/<folder>/ {_FOLDERS_HELP}"),
     "--extra-model-paths-config": dict(type=Path, metavar="FILE", help="ComfyUI's --extra-model-paths-config: an "
-                                       "extra_model_paths.yaml whose folders are searched too, and whose first folder "
-                                       "for a model kind is where fetched files go (ComfyUI's own is always read)"),
+                                       "extra_model_paths.yaml whose folders are searched too (ComfyUI's own is always "
+                                       "read); files are fetched into its first folder of their kind"),
     "--endpoint": dict(metavar="URL", help="Hugging Face endpoint or mirror for the models (default: $HF_ENDPOINT, "
                        "else https://huggingface.co)"),
     "--cpu": dict(action="store_true", help="run ComfyUI on the CPU (automatic without a GPU)"),
