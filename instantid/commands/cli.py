@@ -54,7 +54,7 @@ def _number(kind: type, zero_allowed: bool = False) -> Callable[[str], float]:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < 0 or value == 0 and not zero_allowed or value != value:
+        if value is None or not (value >= 0 if zero_allowed else value > 0):  # NaN fails both
             what = f"a whole number, {'0' if zero_allowed else '1'} or more" if kind is int else "more than 0"
             raise argparse.ArgumentTypeError(f"must be {what}: {text!r}")
         return value
@@ -81,10 +81,9 @@ OPTIONS: dict[str, dict] = {
 }
 
 
-def _add(parser: argparse.ArgumentParser, *flags: str, **changes: object) -> None:
-    """The shared OPTIONS named, with `changes` (keyword: flag without dashes, '_' for '-') to some."""
+def _add(parser: argparse.ArgumentParser, *flags: str) -> None:
     for flag in flags:
-        parser.add_argument(flag, **{**OPTIONS[flag], **changes.get(flag[2:].replace("-", "_"), {})})
+        parser.add_argument(flag, **OPTIONS[flag])
 
 
 def _add_fetch_models(commands: argparse._SubParsersAction) -> None:
@@ -95,9 +94,9 @@ def _add_fetch_models(commands: argparse._SubParsersAction) -> None:
                     "ComfyUI's model folders. Interrupted downloads resume; files already present and "
                     "verified are skipped.",
     )
-    _add(parser, "--base-directory", "--extra-model-paths-config", "--endpoint", "--timeout", timeout=dict(
-        default=LazyDefault("fetch", "DEFAULT_TIMEOUT"), help="connect and read timeout for each request "
-                                                              "(default: %(default)s)"))
+    _add(parser, "--base-directory", "--extra-model-paths-config", "--endpoint")
+    parser.add_argument("--timeout", type=_number(float), default=LazyDefault("fetch", "DEFAULT_TIMEOUT"), metavar="SECONDS",
+                        help="connect and read timeout for each request (default: %(default)s)")
     parser.add_argument("--only", action="append", choices=[entry.id for entry in CATALOG], metavar="ID",
                         help="fetch only this file; repeatable (ids: %(choices)s; default: every required file)")
     parser.add_argument("--retries", type=_number(int, zero_allowed=True), default=LazyDefault("fetch", "DEFAULT_RETRIES"),

@@ -420,9 +420,6 @@ def _move_command(source: Path, target: Path) -> str:
 def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target_root: Path | None) -> list[Check]:
     """The two antelopev2 files. Where the pack finds both (faces.find_antelopev2) wins; a pair in
     a nested folder works for this pack but is reported with the command that moves it."""
-    def target_for(entry: ModelFile) -> Path | None:
-        return target_root / entry.path if target_root else None
-
     def documented_folder(path: Path, entry: ModelFile) -> Path | None:
         """The documented folder of the root that holds `path`; None when `path` is in it."""
         root = next((r for r in roots if r in path.parents), None)
@@ -434,7 +431,7 @@ def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target
     checks = []
     for entry in entries:
         name = Path(entry.path).name
-        target = target_for(entry)
+        target = target_root / entry.path if target_root else None
         path = folder / name if folder else first_existing(roots, entry.path)
         if path is None:
             stray = next((copy for copy in stray_copies(roots) if copy.name == name), None)
