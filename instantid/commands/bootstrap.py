@@ -262,7 +262,8 @@ def install_requirements(step: str, requirements: Path, *, skip: tuple[str, ...]
     except OSError as error:
         raise StepFailed(step, f"cannot read {requirements}: {error.strerror or error}", "check the installation") from None
     skipped = {name.lower() for name in skip}
-    missing = missing_requirements([line for line in lines if re.split(r"[<>=!~;\[ #@]", line.strip())[0].lower() not in skipped])
+    names = [re.split(r"[<>=!~;\[ #@]", line.strip())[0].lower() for line in lines]
+    missing = missing_requirements([line for line, name in zip(lines, names) if name not in skipped])
     if not missing:
         return "already installed"
     _pip(step, *missing)

@@ -30,7 +30,8 @@ from .comfy_home import PACK_ROOT, comfyui_version, find_comfyui, why_not_found
 from .fetch import DEFAULT_ENDPOINT, file_url
 from .model_folders import (FolderError, comfyui_base, config_files, first_existing, folder_flags, model_folders,
                             model_search_paths, registered_folders)
-from .workflow_models import FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels, workflow_models
+from .workflow_models import (CHECKPOINT_LOADER, FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels,
+                              workflow_models)
 from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, ONNXRUNTIME, OPENCV, FaceModelsMissing,
                     SharedModuleDistributions, find_antelopev2, select_providers, stray_copies)
 from ..paths import ADAPTER_FOLDER
@@ -469,7 +470,6 @@ def _insightface_load(folder: Path) -> Check:
 
 # ------------------------------------------------------------------------------ a workflow's models --
 
-CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 _VALIDATORS: dict[str, Callable[[Path], tuple[str | None, str]]] = {DEFAULT_CHECKPOINT: checkpoint_problem,
                                                                     "adapter": _adapter_check,
                                                                     "identitynet": identitynet_problem}

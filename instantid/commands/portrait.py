@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..paths import FETCH_COMMAND
 from .bootstrap import Steps, StepFailed, prepare_comfyui
 from .image_files import check_photos
 from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
@@ -24,12 +25,12 @@ from .comfy_home import PACK_ROOT, find_comfyui
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
 from .model_folders import (FolderError, comfyui_layout, config_files, first_existing, folder_flags, model_folders,
                             model_search_paths)
+from .workflow_models import CHECKPOINT_LOADER
 from .runner import SIMILARITY_NODE, NodeFailure, RunError, RunReport, describe_node, load_workflow, run_embedded
 
 log = logging.getLogger(__name__)
 
 APPLY_TYPES = ("ApplyInstantID", "ApplyInstantIDAdvanced")
-CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 SEED_INPUTS = ("seed", "noise_seed")
 # The shipped workflows portrait and batch run (workflow_tools/specs.py names its files after these).
 BASIC_WORKFLOW_FILE = "01 Basic portrait.json"
@@ -236,7 +237,7 @@ def fetch_missing(entries: list[ModelFile], targets: Mapping[str, Path], search_
     except FetchError as error:
         only = "".join(f" --only {entry.id}" for entry in missing)
         raise StepFailed("fetch the models", str(error),
-                         f"run again to resume, or fetch them alone: python -m instantid fetch-models{fix_options}{only}") from None
+                         f"run again to resume, or fetch them alone: {FETCH_COMMAND}{fix_options}{only}") from None
 
 
 # ------------------------------------------------------------------------------------ command --

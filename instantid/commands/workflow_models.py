@@ -26,9 +26,10 @@ class ModelInput:
 
 
 _TAESD = ("taesd", "taesdxl", "taesd3", "taef1", "pixel_space")
+CHECKPOINT_LOADER = "CheckpointLoaderSimple"  # Load Checkpoint, which the shipped SDXL workflows use
 
 MODEL_LOADERS: dict[str, tuple[ModelInput, ...]] = {
-    "CheckpointLoaderSimple": (ModelInput("ckpt_name", 0, "checkpoints"),),
+    CHECKPOINT_LOADER: (ModelInput("ckpt_name", 0, "checkpoints"),),
     "CheckpointLoader": (ModelInput("config_name", 0, "configs"), ModelInput("ckpt_name", 1, "checkpoints")),
     "ImageOnlyCheckpointLoader": (ModelInput("ckpt_name", 0, "checkpoints"),),
     "unCLIPCheckpointLoader": (ModelInput("ckpt_name", 0, "checkpoints"),),
