@@ -55,12 +55,8 @@ class FetchResult:
     sha256_checked: bool
 
 
-class _Retry(Exception):
-    """A failure worth another try (dropped connection, timeout, server error)."""
-
-
 def _with_retries(entry: ModelFile, endpoint: str, call: Callable[[], T], retries: int, retry_delay: float,
-                  failed: Callable[[_Retry], str], before_retry: Callable[[_Retry], None]) -> T:
+                  failed: Callable[[str], str], before_retry: Callable[[str], None]) -> T:
     """`call()`, tried again after a transient failure (`before_retry` says so first) at most `retries`
     times; an access or missing-file error, or the last failure (as `failed` words it), is a FetchError."""
     for attempt in range(retries + 1):
@@ -89,8 +85,9 @@ def file_url(entry: ModelFile, endpoint: str) -> str:
     return f"{endpoint}/{entry.repo}/resolve/{entry.revision}/{urllib.parse.quote(entry.file)}"
 
 
-def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | _Retry:
-    """huggingface_hub's errors as one line: access and missing files are final, the rest transient."""
+def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | str:
+    """huggingface_hub's errors as one line: access and missing files are final (FetchError), the rest
+    (dropped connection, timeout, server error) worth another try (the text)."""
     from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                        RevisionNotFoundError)
 
@@ -110,7 +107,7 @@ def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | 
         return FetchError(f"{file_url(entry, endpoint)}: HTTP {status}; check the --endpoint and that the file is "
                           "still published")
     text = str(error).strip().splitlines()
-    return _Retry(f"{type(error).__name__}: {text[0]}" if text else type(error).__name__)
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 @contextmanager
@@ -161,7 +158,7 @@ def download(entry: ModelFile, endpoint: str, destination: Path, expected: Publi
             return Path(hf_hub_download(entry.repo, entry.file, revision=entry.revision, local_dir=staging,
                                         endpoint=endpoint, etag_timeout=timeout))
 
-    def before_retry(problem: _Retry) -> None:
+    def before_retry(problem: str) -> None:
         log.info("%s: %s; trying again", destination.name, problem)
         # A partial file longer than the published size cannot be resumed into the right one (older
         # huggingface_hub appends a whole answer when a server ignores Range): the next try starts over.
