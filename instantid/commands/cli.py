@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from .catalog import CATALOG
+from .bootstrap import COMFYUI_VERSION, HARDWARE, REPOSITORY_VARIABLE
+from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT
 from .comfy_home import find_comfyui, why_not_found
 from .errors import CommandError
 from .model_folders import comfyui_base, comfyui_layout, model_folders, read_extra_model_paths
@@ -78,6 +79,9 @@ OPTIONS: dict[str, dict] = {
     "--max-wait": dict(type=_number(float), default=LazyDefault("runner", "DEFAULT_MAX_WAIT"), metavar="SECONDS",
                        help="longest wait for a workflow on a ComfyUI server; past it, it is cancelled there "
                             "(default: %(default)s)"),
+    "--workspace": dict(type=Path, metavar="DIR", help="where to install ComfyUI when none is found (default: comfy-cli's "
+                        f"default workspace, ~/comfy/ComfyUI); the repository is ${REPOSITORY_VARIABLE} or GitHub's"),
+    "--hardware": dict(choices=HARDWARE, help="the torch build to install with ComfyUI (default: what this machine has)"),
 }
 
 
@@ -205,26 +209,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_setup_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bootstrap import HARDWARE, REPOSITORY_VARIABLE
-
-    parser.add_argument("--workspace", type=Path, metavar="DIR",
-                        help="where to install ComfyUI when none is found (default: comfy-cli's default workspace, "
-                             f"~/comfy/ComfyUI); the repository is ${REPOSITORY_VARIABLE} or GitHub's")
-    parser.add_argument("--hardware", choices=HARDWARE,
-                        help="the torch build to install with ComfyUI (default: what this machine has)")
-
-
 def _add_install_comfyui(commands: argparse._SubParsersAction) -> None:
-    from .bootstrap import COMFYUI_VERSION
-
     parser = commands.add_parser(
         "install-comfyui", help=f"find ComfyUI, or install ComfyUI {COMFYUI_VERSION} with comfy-cli, ready for this pack",
         description=f"Find ComfyUI (COMFYUI_PATH, the folder above custom_nodes/, ~/comfy/ComfyUI); when there is none, "
                     f"install ComfyUI {COMFYUI_VERSION} (the tested version) with comfy-cli for this machine's hardware. "
                     "Then link this checkout into its custom_nodes and install the Python packages ComfyUI and the pack "
                     "need into this Python. Steps already done are skipped. Prints the ComfyUI folder last.")
-    _add_setup_arguments(parser)
+    _add(parser, "--workspace", "--hardware")
     parser.add_argument("--no-link", action="store_true", help="do not link this checkout into custom_nodes")
     parser.set_defaults(handler=_install_comfyui)
 
@@ -238,8 +230,6 @@ def _install_comfyui(args: argparse.Namespace) -> int:
 
 
 def _add_portrait(commands: argparse._SubParsersAction) -> None:
-    from .catalog import CHECKPOINTS, DEFAULT_CHECKPOINT
-
     parser = commands.add_parser(
         "portrait", help="one face photo and a prompt to an image: installs what is missing, then draws",
         description="Draw a portrait of the person in FACE: finds or installs ComfyUI (with comfy-cli), links this pack "
@@ -260,11 +250,11 @@ def _add_portrait(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--workflow", type=Path, metavar="WORKFLOW.json",
                         help="run this workflow instead of the shipped one; it needs one Apply InstantID node with a "
                              "Load Image on its face input")
-    _add_setup_arguments(parser)
     parser.add_argument("--on-no-face", choices=ON_NO_FACE_CHOICES, default="error",
                         help="when the face photo shows no face: stop with an error, or skip InstantID and draw from the "
                              "prompt alone (default: %(default)s)")
-    _add(parser, "--endpoint", "--cpu", "--base-directory", "--extra-model-paths-config", "--verbose")
+    _add(parser, "--workspace", "--hardware", "--endpoint", "--cpu", "--base-directory", "--extra-model-paths-config",
+         "--verbose")
     parser.set_defaults(handler=_portrait)
 
 
