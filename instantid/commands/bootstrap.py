@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .comfy_home import PACK_ROOT, comfyui_version, default_workspace, find_comfyui, is_comfyui
+from .errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ PROBE_TIMEOUT = 15.0
 TORCH_PACKAGES = ("torch", "torchvision", "torchaudio")
 
 
-class StepFailed(RuntimeError):
+class StepFailed(CommandError):
     """A step that could not be done: what it was, why, and the command that fixes it."""
 
     def __init__(self, step: str, cause: str, fix: str) -> None:
@@ -66,10 +68,6 @@ class Steps:
         stream = self.stream or sys.stderr
         stream.write(text + "\n")
         stream.flush()
-
-
-def repository_url() -> str:
-    return os.environ.get(REPOSITORY_VARIABLE) or COMFYUI_REPOSITORY
 
 
 def detect_hardware() -> str:
@@ -153,15 +151,23 @@ def check_repository(step: str, url: str, version: str) -> None:
         raise StepFailed(step, f"{url} has no tag {tag}", fix)
 
 
-def _externally_managed() -> bool:
-    """PEP 668: this Python belongs to the system, so pip may not install into it."""
+def _check_pip_may_install(step: str, command: str) -> None:
+    """PEP 668: a Python that belongs to the system, where pip may not install, fails the step."""
     stdlib = sysconfig.get_path("stdlib")
-    return sys.prefix == sys.base_prefix and bool(stdlib) and (Path(stdlib) / "EXTERNALLY-MANAGED").is_file()
+    if sys.prefix == sys.base_prefix and stdlib and (Path(stdlib) / "EXTERNALLY-MANAGED").is_file():
+        raise StepFailed(step, f"{sys.executable} is the system's Python (PEP 668), pip may not install into it",
+                         "create a virtual environment and run the command with it: python3 -m venv .venv && "
+                         f".venv/bin/python -m instantid {command}")
 
 
-def torch_installed() -> str | None:
+def _pip(step: str, *arguments: str) -> None:
+    command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *arguments]
+    _run(step, command, PIP_TIMEOUT, f"run it by hand and read pip's message: {shlex.join(command)}")
+
+
+def installed_version(distribution: str) -> str | None:
     try:
-        return importlib.metadata.version("torch")
+        return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
 
@@ -180,16 +186,13 @@ def install_comfyui(workspace: Path, *, hardware: str, url: str, version: str = 
     clone, checkout of the release tag, torch for the hardware unless this interpreter has one).
     ComfyUI's requirements are installed afterwards by install_requirements."""
     step = "install ComfyUI"
-    if _externally_managed():
-        raise StepFailed(step, f"{sys.executable} is the system's Python (PEP 668), pip may not install into it",
-                         "create a virtual environment and run the command with it: python3 -m venv .venv && "
-                         ".venv/bin/python -m instantid ...")
+    _check_pip_may_install(step, "...")
     if workspace.exists() and any(workspace.iterdir()):
         raise StepFailed(step, f"{workspace} exists but is not a ComfyUI checkout",
                          f"move it away (mv {shlex.quote(str(workspace))} {shlex.quote(str(workspace))}.old) or "
                          "set COMFYUI_PATH to your ComfyUI, then run again")
     check_repository(step, url, version)
-    torch_version = torch_installed()
+    torch_version = installed_version("torch")
     command = comfy_cli_command(workspace, hardware=hardware, url=url, version=version, keep_torch=bool(torch_version))
     if torch_version:
         steps.say(f"    torch {torch_version} is installed in {sys.prefix}: keeping it")
@@ -200,8 +203,7 @@ def install_comfyui(workspace: Path, *, hardware: str, url: str, version: str = 
         steps.say(f"    installing torch for {hardware} (a download of a few GB)")
     if importlib.util.find_spec("comfy_cli") is None:
         steps.say(f"    installing {COMFY_CLI_REQUIREMENT}")
-        pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", COMFY_CLI_REQUIREMENT]
-        _run(step, pip, PIP_TIMEOUT, f"run it by hand and read pip's message: {shlex.join(pip)}")
+        _pip(step, COMFY_CLI_REQUIREMENT)
     workspace.parent.mkdir(parents=True, exist_ok=True)
     _run(step, command, INSTALL_TIMEOUT, f"run again (comfy-cli resumes), or install by hand: {shlex.join(command[2:])}")
     if not is_comfyui(workspace) or comfyui_version(workspace) != version:
@@ -246,15 +248,10 @@ def missing_requirements(lines: list[str]) -> list[str]:
         except InvalidRequirement:
             missing.append(line)
             continue
-        if requirement.marker is not None and not requirement.marker.evaluate():
-            continue
-        try:
-            installed = importlib.metadata.version(requirement.name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(line)
-            continue
-        if not requirement.specifier.contains(installed, prereleases=True):
-            missing.append(line)
+        if requirement.marker is None or requirement.marker.evaluate():
+            installed = installed_version(requirement.name)
+            if installed is None or not requirement.specifier.contains(installed, prereleases=True):
+                missing.append(line)
     return missing
 
 
@@ -265,20 +262,12 @@ def install_requirements(step: str, requirements: Path, *, skip: tuple[str, ...]
     except OSError as error:
         raise StepFailed(step, f"cannot read {requirements}: {error.strerror or error}", "check the installation") from None
     skipped = {name.lower() for name in skip}
-    lines = [line for line in lines if _requirement_name(line) not in skipped]
-    missing = missing_requirements(lines)
+    names = [re.split(r"[<>=!~;\[ #@]", line.strip())[0].lower() for line in lines]
+    missing = missing_requirements([line for line, name in zip(lines, names) if name not in skipped])
     if not missing:
         return "already installed"
-    command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *missing]
-    _run(step, command, PIP_TIMEOUT, f"run it by hand and read pip's message: {shlex.join(command)}")
+    _pip(step, *missing)
     return f"installed {', '.join(missing)}"
-
-
-def _requirement_name(line: str) -> str:
-    name = line.strip()
-    for separator in "<>=!~;[ #@":
-        name = name.split(separator)[0]
-    return name.lower()
 
 
 def prepare_comfyui(*, workspace: Path | None = None, hardware: str | None = None, link: bool = True,
@@ -299,7 +288,7 @@ def prepare_comfyui(*, workspace: Path | None = None, hardware: str | None = Non
     else:
         target = workspace or default_workspace()
         hardware = hardware or detect_hardware()
-        url = repository_url()
+        url = os.environ.get(REPOSITORY_VARIABLE) or COMFYUI_REPOSITORY
         steps.say("    none found")
         steps.start(f"install ComfyUI {COMFYUI_VERSION} for {hardware} from {url} into {target} (comfy-cli)")
         install_comfyui(target, hardware=hardware, url=url, steps=steps)
@@ -317,9 +306,8 @@ def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> i
     """A command run on a Python without the pack's packages (a fresh clone). For the
     commands that set everything up, install requirements.txt and comfy-cli into this Python and
     start the command again; for the others, say what to install. Returns the exit code."""
-    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-r", str(PACK_ROOT / "requirements.txt"),
-           COMFY_CLI_REQUIREMENT]
-    fix = shlex.join(pip)
+    packages = ["-r", str(PACK_ROOT / "requirements.txt"), COMFY_CLI_REQUIREMENT]
+    fix = shlex.join([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *packages])
     if not argv or argv[0] not in SETUP_COMMANDS or os.environ.get(_RESTARTED):
         sys.stderr.write(f"python -m instantid: this Python ({sys.executable}) lacks the package {missing.name!r} "
                          f"that the pack needs; install the pack's packages: {fix}\n")
@@ -327,12 +315,8 @@ def install_command_packages(missing: ModuleNotFoundError, argv: list[str]) -> i
     steps = Steps(1)
     steps.start(f"install the pack's Python packages into {sys.prefix} (it lacks {missing.name})")
     try:
-        if _externally_managed():
-            raise StepFailed("install the pack's Python packages",
-                             f"{sys.executable} is the system's Python (PEP 668), pip may not install into it",
-                             "create a virtual environment and run the command with it: python3 -m venv .venv && "
-                             f".venv/bin/python -m instantid {shlex.join(argv)}")
-        _run("install the pack's Python packages", pip, PIP_TIMEOUT, f"run it by hand and read pip's message: {fix}")
+        _check_pip_may_install("install the pack's Python packages", shlex.join(argv))
+        _pip("install the pack's Python packages", *packages)
     except StepFailed as error:
         sys.stderr.write(f"python -m instantid {argv[0]}: error: {error}\n")
         return 1

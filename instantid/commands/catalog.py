@@ -67,70 +67,29 @@ def format_size(num_bytes: int) -> str:
 
 
 CATALOG: tuple[ModelFile, ...] = (
-    ModelFile(
-        id="adapter",
-        description="InstantID adapter: face-embedding Resampler and the 70 IP cross-attention layers",
-        folder="instantid",
-        path="ip-adapter.bin",
-        repo=INSTANTID_REPO,
-        file="ip-adapter.bin",
-        approx_bytes=1_690_000_000,
-        license=INSTANTID_LICENSE,
-        license_url=INSTANTID_LICENSE_URL,
-        required=True,
-    ),
-    ModelFile(
-        id="identitynet",
-        description="IdentityNet: the SDXL ControlNet driven by face tokens and the keypoint image",
-        folder="controlnet",
-        # The subfolder the shared example workflows of the earlier pack use, so they load unchanged.
-        path="instantid/diffusion_pytorch_model.safetensors",
-        repo=INSTANTID_REPO,
-        file="ControlNetModel/diffusion_pytorch_model.safetensors",
-        approx_bytes=2_500_000_000,
-        license=INSTANTID_LICENSE,
-        license_url=INSTANTID_LICENSE_URL,
-        required=True,
-    ),
-    ModelFile(
-        id="antelopev2-detector",
-        description="antelopev2 SCRFD-10G face detector with five keypoints",
-        folder="insightface",
-        path="models/antelopev2/scrfd_10g_bnkps.onnx",
-        repo=ANTELOPEV2_REPO,
-        file="scrfd_10g_bnkps.onnx",
-        approx_bytes=16_900_000,
-        license=ANTELOPEV2_LICENSE,
-        license_url=ANTELOPEV2_LICENSE_URL,
-        required=True,
-    ),
-    ModelFile(
-        id="antelopev2-recognizer",
-        description="antelopev2 ArcFace R100 (Glint360K) face embedding, 512-d",
-        folder="insightface",
-        path="models/antelopev2/glintr100.onnx",
-        repo=ANTELOPEV2_REPO,
-        file="glintr100.onnx",
-        approx_bytes=261_000_000,
-        license=ANTELOPEV2_LICENSE,
-        license_url=ANTELOPEV2_LICENSE_URL,
-        required=True,
-    ),
-    ModelFile(
-        id=DEFAULT_CHECKPOINT,
-        description="SDXL base 1.0 checkpoint (UNet, both text encoders, VAE): the model `portrait` draws with",
-        folder="checkpoints",
-        path="sd_xl_base_1.0.safetensors",
-        repo=SDXL_BASE_REPO,
-        file="sd_xl_base_1.0.safetensors",
-        approx_bytes=6_938_078_334,  # the exact size huggingface.co publishes
-        license=SDXL_LICENSE,
-        license_url=SDXL_LICENSE_URL,
-        required=False,  # fetch-models serves the pack; portrait asks for a checkpoint by id
-        sha256="31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
-    ),
+    ModelFile(id="adapter", description="InstantID adapter: face-embedding Resampler and the 70 IP cross-attention layers",
+              folder="instantid", path="ip-adapter.bin", repo=INSTANTID_REPO, file="ip-adapter.bin",
+              approx_bytes=1_690_000_000, license=INSTANTID_LICENSE, license_url=INSTANTID_LICENSE_URL, required=True),
+    # The controlnet subfolder the shared example workflows of the earlier pack use, so they load unchanged.
+    ModelFile(id="identitynet", description="IdentityNet: the SDXL ControlNet driven by face tokens and the keypoint image",
+              folder="controlnet", path="instantid/diffusion_pytorch_model.safetensors", repo=INSTANTID_REPO,
+              file="ControlNetModel/diffusion_pytorch_model.safetensors", approx_bytes=2_500_000_000,
+              license=INSTANTID_LICENSE, license_url=INSTANTID_LICENSE_URL, required=True),
+    ModelFile(id="antelopev2-detector", description="antelopev2 SCRFD-10G face detector with five keypoints",
+              folder="insightface", path="models/antelopev2/scrfd_10g_bnkps.onnx", repo=ANTELOPEV2_REPO,
+              file="scrfd_10g_bnkps.onnx", approx_bytes=16_900_000, license=ANTELOPEV2_LICENSE,
+              license_url=ANTELOPEV2_LICENSE_URL, required=True),
+    ModelFile(id="antelopev2-recognizer", description="antelopev2 ArcFace R100 (Glint360K) face embedding, 512-d",
+              folder="insightface", path="models/antelopev2/glintr100.onnx", repo=ANTELOPEV2_REPO, file="glintr100.onnx",
+              approx_bytes=261_000_000, license=ANTELOPEV2_LICENSE, license_url=ANTELOPEV2_LICENSE_URL, required=True),
+    # Not required: fetch-models serves the pack; portrait asks for a checkpoint by id. The size is the exact one
+    # huggingface.co publishes.
+    ModelFile(id=DEFAULT_CHECKPOINT, description="SDXL base 1.0 checkpoint (UNet, both text encoders, VAE): the model "
+              "`portrait` draws with", folder="checkpoints", path="sd_xl_base_1.0.safetensors", repo=SDXL_BASE_REPO,
+              file="sd_xl_base_1.0.safetensors", approx_bytes=6_938_078_334, license=SDXL_LICENSE,
+              license_url=SDXL_LICENSE_URL, required=False,
+              sha256="31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b"),
 )
-
 
 
 def _infiniteyou(id: str, description: str, file: str, approx_bytes: int, folder: str = "controlnet",
@@ -162,31 +121,17 @@ FLUX_CATALOG: tuple[ModelFile, ...] = (
     _infiniteyou("infiniteyou-projection-sim", "InfiniteYou projection, sim_stage1",
                  "sim_stage1/image_proj_model.bin", 338_413_026, folder="infiniteyou",
                  sha256="b7a8a1b6fecf2731b2ac64bde33a1885014949c8c08f3efaebd0665bb0e8ad8f"),
-    ModelFile(
-        id="irse50",
-        description="facexlib's ArcFace IR-SE50, the face embedding InfiniteYou's projection reads",
-        folder="infiniteyou",
-        path="recognition_arcface_ir_se50.pth",
-        repo=IRSE50_REPO,
-        file="facexlib/recognition_arcface_ir_se50.pth",
-        approx_bytes=175_367_323,  # facexlib's release file
-        license="MIT (facexlib); the weights come from InsightFace's ArcFace training",
-        license_url="https://github.com/xinntao/facexlib",
-        required=False,
-    ),
-    ModelFile(
-        id="flux1-dev-fp8",
-        description="FLUX.1-dev checkpoint in ComfyUI's single-file layout (model, CLIP-L, T5-XXL, VAE), fp8",
-        folder="checkpoints",
-        path="flux1-dev-fp8.safetensors",
-        repo=FLUX_DEV_REPO,
-        file="flux1-dev-fp8.safetensors",
-        approx_bytes=17_246_524_772,
-        license=FLUX_DEV_LICENSE,
-        license_url=FLUX_DEV_LICENSE_URL,
-        required=False,
-        sha256="8e91b68084b53a7fc44ed2a3756d821e355ac1a7b6fe29be760c1db532f3d88a",
-    ),
+    # facexlib's release file (43.8 M float32 parameters).
+    ModelFile(id="irse50", description="facexlib's ArcFace IR-SE50, the face embedding InfiniteYou's projection reads",
+              folder="infiniteyou", path="recognition_arcface_ir_se50.pth", repo=IRSE50_REPO,
+              file="facexlib/recognition_arcface_ir_se50.pth", approx_bytes=175_367_323,
+              license="MIT (facexlib); the weights come from InsightFace's ArcFace training",
+              license_url="https://github.com/xinntao/facexlib", required=False),
+    ModelFile(id="flux1-dev-fp8", description="FLUX.1-dev checkpoint in ComfyUI's single-file layout (model, CLIP-L, "
+              "T5-XXL, VAE), fp8", folder="checkpoints", path="flux1-dev-fp8.safetensors", repo=FLUX_DEV_REPO,
+              file="flux1-dev-fp8.safetensors", approx_bytes=17_246_524_772, license=FLUX_DEV_LICENSE,
+              license_url=FLUX_DEV_LICENSE_URL, required=False,
+              sha256="8e91b68084b53a7fc44ed2a3756d821e355ac1a7b6fe29be760c1db532f3d88a"),
 )
 FLUX_DEFAULT: tuple[str, ...] = ("infusenet-aes-fp8", "infiniteyou-projection-aes", "irse50", "flux1-dev-fp8")
 CATALOG += FLUX_CATALOG
@@ -202,28 +147,13 @@ OPENRAIL_M = "CreativeML Open RAIL-M (use restrictions in the licence)"
 # example and the style LoRA of the LoRA example. `fetch-models` does not fetch them; the workflows
 # carry their links for ComfyUI's missing-models dialog.
 WORKFLOW_MODELS: tuple[ModelFile, ...] = (
-    ModelFile(
-        id="controlnet-canny-sdxl",
-        description="SDXL canny-edge ControlNet (diffusers' controlnet-canny-sdxl-1.0, fp16)",
-        folder="controlnet",
-        path="diffusers_xl_canny_full.safetensors",
-        repo="lllyasviel/sd_control_collection",
-        file="diffusers_xl_canny_full.safetensors",
-        approx_bytes=2_500_000_000,
-        license=OPENRAIL_PLUS,
-        license_url="https://huggingface.co/diffusers/controlnet-canny-sdxl-1.0",
-        required=False,
-    ),
-    ModelFile(
-        id="lora-pixel-art-xl",
-        description="Pixel Art XL, an SDXL style LoRA (any SDXL LoRA works)",
-        folder="loras",
-        path="pixel-art-xl.safetensors",
-        repo="nerijs/pixel-art-xl",
-        file="pixel-art-xl.safetensors",
-        approx_bytes=171_000_000,
-        license=OPENRAIL_M,
-        license_url="https://huggingface.co/nerijs/pixel-art-xl",
-        required=False,
-    ),
+    ModelFile(id="controlnet-canny-sdxl", description="SDXL canny-edge ControlNet (diffusers' controlnet-canny-sdxl-1.0, "
+              "fp16)", folder="controlnet", path="diffusers_xl_canny_full.safetensors",
+              repo="lllyasviel/sd_control_collection", file="diffusers_xl_canny_full.safetensors",
+              approx_bytes=2_500_000_000, license=OPENRAIL_PLUS,
+              license_url="https://huggingface.co/diffusers/controlnet-canny-sdxl-1.0", required=False),
+    ModelFile(id="lora-pixel-art-xl", description="Pixel Art XL, an SDXL style LoRA (any SDXL LoRA works)", folder="loras",
+              path="pixel-art-xl.safetensors", repo="nerijs/pixel-art-xl", file="pixel-art-xl.safetensors",
+              approx_bytes=171_000_000, license=OPENRAIL_M, license_url="https://huggingface.co/nerijs/pixel-art-xl",
+              required=False),
 )

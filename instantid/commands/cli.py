@@ -12,28 +12,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..paths import FETCH_COMMAND
-from .catalog import CATALOG, ModelFile
+from .bootstrap import COMFYUI_VERSION, HARDWARE, REPOSITORY_VARIABLE
+from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT
 from .comfy_home import find_comfyui, why_not_found
-from .model_folders import (FolderError, comfyui_base, comfyui_layout, model_folders, model_search_paths,
-                            read_extra_model_paths, registered_folders)
+from .errors import CommandError
+from .model_folders import comfyui_base, comfyui_layout, model_folders, read_extra_model_paths
 
 __all__ = ["CommandError", "build_parser", "main", "read_extra_model_paths"]
 
 
 # instantid.face_inputs.ON_NO_FACE, which needs torch to import (test_cli_help checks they agree).
 ON_NO_FACE_CHOICES = ("error", "skip")
-
-
-class CommandError(Exception):
-    """An expected failure; the message is one actionable line."""
 
 
 class LazyDefault:
@@ -53,34 +48,46 @@ class LazyDefault:
             return f"{self.module}.{self.name}"
 
 
-def _add_server_timing_arguments(parser: argparse.ArgumentParser, when: str, waited_for: str) -> None:
-    """--timeout and --max-wait for the commands that talk to a running ComfyUI."""
-    parser.add_argument("--timeout", type=_positive_float, default=LazyDefault("runner", "DEFAULT_TIMEOUT"), metavar="SECONDS",
-                        help=f"{when}timeout of each HTTP request (default: %(default)s)")
-    parser.add_argument("--max-wait", type=_positive_float, default=LazyDefault("runner", "DEFAULT_MAX_WAIT"), metavar="SECONDS",
-                        help=f"{when}longest wait for {waited_for} (default: %(default)s)")
+def _number(kind: type, zero_allowed: bool = False) -> Callable[[str], float]:
+    """An argparse type: a whole number (`kind` int) or a number, more than 0 (or 0 or more)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (value >= 0 if zero_allowed else value > 0):  # NaN fails both
+            what = f"a whole number, {'0' if zero_allowed else '1'} or more" if kind is int else "more than 0"
+            raise argparse.ArgumentTypeError(f"must be {what}: {text!r}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
-    return value
+_FOLDERS_HELP = "(default: the ComfyUI found through COMFYUI_PATH, the folder above custom_nodes/, or ~/comfy/ComfyUI)"
+# The options several commands share: add_argument's keywords by flag.
+OPTIONS: dict[str, dict] = {
+    "--base-directory": dict(type=Path, metavar="DIR", help=f"ComfyUI's --base-directory: models are in "
+                             f"DIR/models/<folder>/ {_FOLDERS_HELP}"),
+    "--extra-model-paths-config": dict(type=Path, metavar="FILE", help="ComfyUI's --extra-model-paths-config: an "
+                                       "extra_model_paths.yaml whose folders are searched too (ComfyUI's own is always "
+                                       "read); files are fetched into its first folder of their kind"),
+    "--endpoint": dict(metavar="URL", help="Hugging Face endpoint or mirror for the models (default: $HF_ENDPOINT, "
+                       "else https://huggingface.co)"),
+    "--cpu": dict(action="store_true", help="run ComfyUI on the CPU (automatic without a GPU)"),
+    "--verbose": dict(action="store_true", help="show ComfyUI's traceback when a node fails, and the pack's debug messages"),
+    "--timeout": dict(type=_number(float), default=LazyDefault("runner", "DEFAULT_TIMEOUT"), metavar="SECONDS",
+                      help="timeout of each HTTP request to a ComfyUI server (default: %(default)s)"),
+    "--max-wait": dict(type=_number(float), default=LazyDefault("runner", "DEFAULT_MAX_WAIT"), metavar="SECONDS",
+                       help="longest wait for a workflow on a ComfyUI server; past it, it is cancelled there "
+                            "(default: %(default)s)"),
+    "--workspace": dict(type=Path, metavar="DIR", help="where to install ComfyUI when none is found (default: comfy-cli's "
+                        f"default workspace, ~/comfy/ComfyUI); the repository is ${REPOSITORY_VARIABLE} or GitHub's"),
+    "--hardware": dict(choices=HARDWARE, help="the torch build to install with ComfyUI (default: what this machine has)"),
+}
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more: {text!r}")
-    return int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more: {text!r}")
-    return int(text)
+def _add(parser: argparse.ArgumentParser, *flags: str) -> None:
+    for flag in flags:
+        parser.add_argument(flag, **OPTIONS[flag])
 
 
 def _add_fetch_models(commands: argparse._SubParsersAction) -> None:
@@ -91,60 +98,38 @@ def _add_fetch_models(commands: argparse._SubParsersAction) -> None:
                     "ComfyUI's model folders. Interrupted downloads resume; files already present and "
                     "verified are skipped.",
     )
-    parser.add_argument("--base-directory", type=Path, metavar="DIR",
-                        help="ComfyUI base directory; files go to DIR/models/<folder>/ (default: the ComfyUI "
-                             "found through COMFYUI_PATH, the folder above custom_nodes/, or ~/comfy/ComfyUI)")
-    parser.add_argument("--extra-model-paths-config", type=Path, metavar="FILE",
-                        help="an extra_model_paths.yaml; the first folder it registers for instantid, controlnet "
-                             "or insightface is used instead of the base directory's")
-    parser.add_argument("--endpoint", metavar="URL",
-                        help="Hugging Face endpoint or mirror (default: $HF_ENDPOINT, else https://huggingface.co)")
+    _add(parser, "--base-directory", "--extra-model-paths-config", "--endpoint")
+    parser.add_argument("--timeout", type=_number(float), default=LazyDefault("fetch", "DEFAULT_TIMEOUT"), metavar="SECONDS",
+                        help="connect and read timeout for each request (default: %(default)s)")
     parser.add_argument("--only", action="append", choices=[entry.id for entry in CATALOG], metavar="ID",
                         help="fetch only this file; repeatable (ids: %(choices)s; default: every required file)")
-    parser.add_argument("--timeout", type=_positive_float, default=LazyDefault("fetch", "DEFAULT_TIMEOUT"),
-                        metavar="SECONDS", help="connect and read timeout for each request (default: %(default)s)")
-    parser.add_argument("--retries", type=_non_negative_int, default=LazyDefault("fetch", "DEFAULT_RETRIES"), metavar="N",
-                        help="tries after a failure that made no progress (default: %(default)s)")
+    parser.add_argument("--retries", type=_number(int, zero_allowed=True), default=LazyDefault("fetch", "DEFAULT_RETRIES"),
+                        metavar="N", help="tries after a failure that made no progress (default: %(default)s)")
     parser.set_defaults(handler=_fetch_models)
 
 
 def _fetch_models(args: argparse.Namespace) -> int:
-    from .fetch import FetchError, fetch_models, resolve_endpoint
+    from .fetch import fetch_models, resolve_endpoint
 
     chosen = set(args.only or [])
-    entries: list[ModelFile] = [entry for entry in CATALOG if (entry.id in chosen if chosen else entry.required)]
+    entries = [entry for entry in CATALOG if (entry.id in chosen if chosen else entry.required)]
     folders = model_folders({entry.folder for entry in entries}, args.base_directory, args.extra_model_paths_config)
-    try:
-        endpoint = resolve_endpoint(args.endpoint)
-        out = sys.stdout
-        out.write(f"Fetching {len(entries)} model file(s) from {endpoint}:\n")
-        for entry in entries:
-            out.write(f"  {entry.id} ({entry.approx_size}) -> {folders[entry.folder] / entry.path}\n"
-                      f"    licence: {entry.license} ({entry.license_url})\n")
-        out.flush()
-        results = fetch_models(entries, folders, endpoint=endpoint, timeout=args.timeout, retries=args.retries)
-    except FetchError as error:
-        raise CommandError(str(error)) from None
+    endpoint = resolve_endpoint(args.endpoint)
+    lines = [f"Fetching {len(entries)} model file(s) from {endpoint}:"]
+    lines += [f"  {entry.id} ({entry.approx_size}) -> {folders[entry.folder] / entry.path}\n"
+              f"    licence: {entry.license} ({entry.license_url})" for entry in entries]
+    _print(lines)
+    results = fetch_models(entries, folders, endpoint=endpoint, timeout=args.timeout, retries=args.retries)
     downloaded = sum(result.downloaded for result in results)
     size_only = [result.entry.id for result in results if not result.sha256_checked]
     note = f"; size only (no published sha256): {', '.join(size_only)}" if size_only else ""
-    sys.stdout.write(f"Done: {downloaded} downloaded, {len(results) - downloaded} already present, "
-                     f"all verified{note}.\n")
+    _print([f"Done: {downloaded} downloaded, {len(results) - downloaded} already present, all verified{note}."])
     return 0
 
 
-def _add_model_location_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-directory", type=Path, metavar="DIR",
-                        help="ComfyUI's --base-directory: models are in DIR/models/<folder>/ (default: the ComfyUI "
-                             "found through COMFYUI_PATH, the folder above custom_nodes/, or ~/comfy/ComfyUI)")
-    parser.add_argument("--extra-model-paths-config", type=Path, metavar="FILE",
-                        help="ComfyUI's --extra-model-paths-config: an extra_model_paths.yaml whose folders are "
-                             "searched too (ComfyUI's own extra_model_paths.yaml is always read)")
-
-
-def _add_verbose(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true",
-                        help="show ComfyUI's traceback when a node fails, and the pack's debug messages")
+def _print(lines: list[str]) -> None:
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
 
 
 class _Tracebacks(logging.Filter):
@@ -165,7 +150,7 @@ def _add_doctor(commands: argparse._SubParsersAction) -> None:
                     "each model file (found, size, layout, the folder it belongs in). Prints one line per check and "
                     "the commands that fix what is wrong. Exit code 0 only when everything needed is in place. "
                     "Downloads nothing and needs no GPU.")
-    _add_model_location_arguments(parser)
+    _add(parser, "--base-directory", "--extra-model-paths-config")
     parser.add_argument("--workflow", type=Path, metavar="FILE",
                         help="check the model files this workflow (UI or API format) loads instead of the pack's own: "
                              "each missing one is named with where it goes and, when known, where to download it")
@@ -173,44 +158,14 @@ def _add_doctor(commands: argparse._SubParsersAction) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .doctor import markers_for, run_checks
+    from .doctor import doctor_report, markers_for
 
-    comfyui = find_comfyui(args.base_directory)
-    base = comfyui_base(args.base_directory, required=False)
-    own_config = comfyui / "extra_model_paths.yaml" if comfyui else None
-    configs = [c for c in (own_config, *comfyui_layout(base, None)[1]) if c and c.is_file()]
-    configs += [c for c in (args.extra_model_paths_config,) if c]
-    workflow = None
-    if args.workflow is not None:
-        from .runner import RunError, load_workflow
-        from .workflow_models import workflow_models
-        try:
-            workflow = (args.workflow, workflow_models(load_workflow(args.workflow)))
-        except RunError as error:
-            raise CommandError(str(error)) from None
-    keys = sorted({entry.folder for entry in CATALOG} | {ref.folder for ref in (workflow[1].files if workflow else ())})
-    try:
-        targets = model_folders(keys, args.base_directory, args.extra_model_paths_config)
-    except FolderError:
-        targets = {}  # the report says that no folder is known
-    custom_nodes = ([base / "custom_nodes"] if base else []) + registered_folders(configs).get("custom_nodes", [])
-    fetch = FETCH_COMMAND + "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in (
-        ("--base-directory", args.base_directory), ("--extra-model-paths-config", args.extra_model_paths_config)) if value)
-    faces_log = logging.getLogger("instantid.faces")  # its 'providers in use' note repeats a report line
-    previous_level = faces_log.level
-    faces_log.setLevel(logging.WARNING)
-    try:
-        report = run_checks(comfyui=comfyui, base_directory=base, extra_configs=configs,
-                            search_paths=model_search_paths(keys, args.base_directory, configs), targets=targets,
-                            custom_node_folders=custom_nodes, fetch_command=fetch, workflow=workflow)
-    finally:
-        faces_log.setLevel(previous_level)
-    sys.stdout.write("".join(line + "\n" for line in report.lines(markers_for(sys.stdout))))
+    report = doctor_report(args.base_directory, args.extra_model_paths_config, args.workflow)
+    _print(report.lines(markers_for(sys.stdout)))
     return 0 if report.ok else 1
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
-
     parser = commands.add_parser(
         "run", help="run a workflow without the UI (ComfyUI in this process, or on a running server)",
         description="Run a ComfyUI workflow (UI or API format) headless. By default ComfyUI runs inside this "
@@ -223,86 +178,58 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
                              "JSON when it parses, else text; repeatable (e.g. --set KSampler.seed=7)")
     parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                         help="folder for the output images (default: the current folder)")
-    _add_model_location_arguments(parser)
-    parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (automatic without a GPU)")
     parser.add_argument("--comfyui", metavar="URL",
                         help="send the workflow to this running ComfyUI (e.g. http://127.0.0.1:8188) instead")
-    _add_server_timing_arguments(parser, "with --comfyui: ", "the workflow to finish")
-    _add_verbose(parser)
+    _add(parser, "--base-directory", "--extra-model-paths-config", "--cpu", "--timeout", "--max-wait", "--verbose")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from . import runner
 
-    try:
-        workflow = runner.load_workflow(args.workflow)
-        overrides = [runner.parse_override(text) for text in args.set]
-        if args.comfyui:
-            progress = runner.StepProgress()
-            try:
-                report = runner.run_on_server(workflow, overrides, args.out, server=args.comfyui, timeout=args.timeout,
-                                              max_wait=args.max_wait, progress=progress)
-            finally:
-                progress.close()
-        else:
-            comfyui = find_comfyui(args.base_directory)
-            if comfyui is None:
-                raise CommandError(f"{why_not_found(args.base_directory)}; or send the workflow to a running ComfyUI "
-                                   "with --comfyui URL")
-            comfyui_base(args.base_directory, required=False)  # a wrong --base-directory fails here, not in ComfyUI
-            base, configs = comfyui_layout(args.base_directory, args.extra_model_paths_config)
-            report = runner.run_embedded(workflow, overrides, args.out, comfyui=comfyui,
-                                         base_directory=base, extra_model_paths_configs=configs,
-                                         cpu=args.cpu)
-    except runner.RunError as error:
-        raise CommandError(str(error)) from None
+    workflow = runner.load_workflow(args.workflow)
+    overrides = [runner.parse_override(text) for text in args.set]
+    if args.comfyui:
+        with runner.StepProgress() as progress:
+            report = runner.run_on_server(workflow, overrides, args.out, server=args.comfyui, timeout=args.timeout,
+                                          max_wait=args.max_wait, progress=progress)
+    else:
+        comfyui = find_comfyui(args.base_directory)
+        if comfyui is None:
+            raise CommandError(f"{why_not_found(args.base_directory)}; or send the workflow to a running ComfyUI "
+                               "with --comfyui URL")
+        comfyui_base(args.base_directory, required=False)  # a wrong --base-directory fails here, not in ComfyUI
+        base, configs = comfyui_layout(args.base_directory, args.extra_model_paths_config)
+        report = runner.run_embedded(workflow, overrides, args.out, comfyui=comfyui, base_directory=base,
+                                     extra_model_paths_configs=configs, cpu=args.cpu)
     lines = [f"wrote {path}" for path in report.images] + report.similarity_lines()
     if not report.images:
         lines.append("the workflow produced no images (it has no Save Image or Preview Image output)")
-    sys.stdout.write("".join(line + "\n" for line in lines))
+    _print(lines)
     return 0
 
 
-def _add_setup_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bootstrap import HARDWARE, REPOSITORY_VARIABLE
-
-    parser.add_argument("--workspace", type=Path, metavar="DIR",
-                        help="where to install ComfyUI when none is found (default: comfy-cli's default workspace, "
-                             f"~/comfy/ComfyUI); the repository is ${REPOSITORY_VARIABLE} or GitHub's")
-    parser.add_argument("--hardware", choices=HARDWARE,
-                        help="the torch build to install with ComfyUI (default: what this machine has)")
-
-
 def _add_install_comfyui(commands: argparse._SubParsersAction) -> None:
-    from .bootstrap import COMFYUI_VERSION
-
     parser = commands.add_parser(
         "install-comfyui", help=f"find ComfyUI, or install ComfyUI {COMFYUI_VERSION} with comfy-cli, ready for this pack",
         description=f"Find ComfyUI (COMFYUI_PATH, the folder above custom_nodes/, ~/comfy/ComfyUI); when there is none, "
                     f"install ComfyUI {COMFYUI_VERSION} (the tested version) with comfy-cli for this machine's hardware. "
                     "Then link this checkout into its custom_nodes and install the Python packages ComfyUI and the pack "
                     "need into this Python. Steps already done are skipped. Prints the ComfyUI folder last.")
-    _add_setup_arguments(parser)
+    _add(parser, "--workspace", "--hardware")
     parser.add_argument("--no-link", action="store_true", help="do not link this checkout into custom_nodes")
     parser.set_defaults(handler=_install_comfyui)
 
 
 def _install_comfyui(args: argparse.Namespace) -> int:
-    from .bootstrap import StepFailed, Steps, prepare_comfyui
+    from .bootstrap import Steps, prepare_comfyui
 
-    try:
-        comfyui = prepare_comfyui(workspace=args.workspace, hardware=args.hardware, link=not args.no_link,
-                                  steps=Steps(3 if args.no_link else 4))
-    except StepFailed as error:
-        raise CommandError(str(error)) from None
-    sys.stdout.write(f"{comfyui}\n")
+    steps = Steps(3 if args.no_link else 4)
+    _print([str(prepare_comfyui(workspace=args.workspace, hardware=args.hardware, link=not args.no_link, steps=steps))])
     return 0
 
 
 def _add_portrait(commands: argparse._SubParsersAction) -> None:
-    from .catalog import CHECKPOINTS, DEFAULT_CHECKPOINT
-
     parser = commands.add_parser(
         "portrait", help="one face photo and a prompt to an image: installs what is missing, then draws",
         description="Draw a portrait of the person in FACE: finds or installs ComfyUI (with comfy-cli), links this pack "
@@ -312,7 +239,8 @@ def _add_portrait(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("face", metavar="FACE", help="a photo with the face to draw")
     parser.add_argument("prompt", metavar="PROMPT", help="what to draw, e.g. \"analog film photo of a man, city street\"")
     parser.add_argument("--pose", metavar="POSE", help="a photo whose face position and angle the portrait takes")
-    parser.add_argument("--seed", type=_non_negative_int, metavar="N", help="the sampler's seed (default: the workflow's)")
+    parser.add_argument("--seed", type=_number(int, zero_allowed=True), metavar="N",
+                        help="the sampler's seed (default: the workflow's)")
     parser.add_argument("--checkpoint", metavar="FILE_OR_NAME",
                         help="the SDXL checkpoint: a file, a name in models/checkpoints, or a catalog name "
                              f"({', '.join(entry.id for entry in CHECKPOINTS)}; default {DEFAULT_CHECKPOINT}, fetched "
@@ -322,42 +250,27 @@ def _add_portrait(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--workflow", type=Path, metavar="WORKFLOW.json",
                         help="run this workflow instead of the shipped one; it needs one Apply InstantID node with a "
                              "Load Image on its face input")
-    _add_setup_arguments(parser)
-    parser.add_argument("--endpoint", metavar="URL",
-                        help="Hugging Face endpoint or mirror for the models (default: $HF_ENDPOINT, else huggingface.co)")
-    parser.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU (automatic without a GPU)")
     parser.add_argument("--on-no-face", choices=ON_NO_FACE_CHOICES, default="error",
                         help="when the face photo shows no face: stop with an error, or skip InstantID and draw from the "
                              "prompt alone (default: %(default)s)")
-    _add_model_location_arguments(parser)
-    _add_verbose(parser)
+    _add(parser, "--workspace", "--hardware", "--endpoint", "--cpu", "--base-directory", "--extra-model-paths-config",
+         "--verbose")
     parser.set_defaults(handler=_portrait)
 
 
 def _portrait(args: argparse.Namespace) -> int:
-    from .bootstrap import StepFailed
-    from .image_files import check_image
+    from .image_files import check_photos
 
-    # Before the pack's packages are needed (importing portrait may install them): a wrong path costs nothing.
-    try:
-        for label, value in (("face image", args.face), ("pose image", args.pose)):
-            if value is not None:
-                check_image(label, value)
-    except StepFailed as error:
-        raise CommandError(str(error)) from None
+    check_photos(args.face, args.pose)  # before importing portrait, which may install packages: a wrong path costs nothing
     from .portrait import PortraitInputs, PortraitOptions, make_portrait
 
     inputs = PortraitInputs(face=args.face, prompt=args.prompt, pose=args.pose, seed=args.seed, checkpoint=args.checkpoint,
                             on_no_face=args.on_no_face)
-    options = PortraitOptions(inputs, args.out, workflow=args.workflow, workspace=args.workspace,
-                              hardware=args.hardware, endpoint=args.endpoint, cpu=args.cpu,
-                              base_directory=args.base_directory, extra_model_paths_config=args.extra_model_paths_config)
-    try:
-        report = make_portrait(options)
-    except StepFailed as error:
-        raise CommandError(str(error)) from None
-    lines = [f"wrote {path}" for path in report.images] + report.similarity_lines()
-    sys.stdout.write("".join(line + "\n" for line in lines))
+    report = make_portrait(PortraitOptions(inputs, args.out, workflow=args.workflow, workspace=args.workspace,
+                                           hardware=args.hardware, endpoint=args.endpoint, cpu=args.cpu,
+                                           base_directory=args.base_directory,
+                                           extra_model_paths_config=args.extra_model_paths_config))
+    _print([f"wrote {path}" for path in report.images] + report.similarity_lines())
     return 0
 
 
@@ -376,36 +289,36 @@ def _add_batch(commands: argparse._SubParsersAction) -> None:
                         help="a running ComfyUI (e.g. http://127.0.0.1:8188); repeat for several servers")
     parser.add_argument("--out", type=Path, default=Path("batch-out"), metavar="DIR",
                         help=f"folder for {results_name} and one subfolder of images per job (default: %(default)s)")
-    parser.add_argument("--per-server", type=_positive_int, default=LazyDefault("batch", "DEFAULT_PER_SERVER"), metavar="N",
+    parser.add_argument("--per-server", type=_number(int), default=LazyDefault("batch", "DEFAULT_PER_SERVER"), metavar="N",
                         help="jobs each server holds at once, queued or running (default: %(default)s)")
-    parser.add_argument("--retries", type=_non_negative_int, default=LazyDefault("batch", "DEFAULT_RETRIES"), metavar="N",
-                        help="other servers to try when a job's server stops answering (default: %(default)s)")
-    parser.add_argument("--retry-delay", type=_positive_float, default=LazyDefault("batch", "DEFAULT_RETRY_DELAY"), metavar="SECONDS",
+    parser.add_argument("--retries", type=_number(int, zero_allowed=True), default=LazyDefault("batch", "DEFAULT_RETRIES"),
+                        metavar="N", help="other servers to try when a job's server stops answering (default: %(default)s)")
+    parser.add_argument("--retry-delay", type=_number(float), default=LazyDefault("batch", "DEFAULT_RETRY_DELAY"),
+                        metavar="SECONDS",
                         help="first pause before a server that stopped answering is tried again; the pause doubles "
                              f"at each failure, and a server is left out after {LazyDefault('batch', 'DEFAULT_SERVER_RETRIES')} failures in a "
                              "row (default: %(default)s)")
-    _add_server_timing_arguments(parser, "", "one job (past it, the job is cancelled on its server)")
+    _add(parser, "--timeout", "--max-wait")
     parser.set_defaults(handler=_batch)
 
 
 def _batch(args: argparse.Namespace) -> int:
     from .batch import BatchOptions, JobsError, read_jobs, run_batch
-    from .runner import RunError
 
     try:
         jobs = read_jobs(args.jobs)
-        summary = run_batch(jobs, BatchOptions(tuple(args.comfyui), args.out, per_server=args.per_server,
-                                               retries=args.retries, timeout=args.timeout, max_wait=args.max_wait,
-                                               retry_delay=args.retry_delay))
-    except (JobsError, RunError) as error:
+    except JobsError as error:
         raise CommandError(str(error)) from None
+    summary = run_batch(jobs, BatchOptions(tuple(args.comfyui), args.out, per_server=args.per_server,
+                                           retries=args.retries, timeout=args.timeout, max_wait=args.max_wait,
+                                           retry_delay=args.retry_delay))
     spread = ", ".join(f"{url}: {count}" for url, count in summary.per_server.items())
     lines = [f"{summary.done} done ({spread}), {summary.skipped} already done, {len(summary.failed)} failed, "
              f"{len(summary.not_run)} not run; results in {args.out / 'results.jsonl'}"]
     lines += [f"failed: {text}" for text in summary.failed]
     if summary.not_run:
         lines.append(f"not run, no server left: {', '.join(summary.not_run)}; start a server and run the command again")
-    sys.stdout.write("".join(line + "\n" for line in lines))
+    _print(lines)
     return 0 if not summary.failed and not summary.not_run else 1
 
 
@@ -446,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(value, LazyDefault):
                 setattr(args, name, value.value())
         return args.handler(args)
-    except (CommandError, FolderError) as error:
+    except CommandError as error:
         sys.stderr.write(f"{parser.prog} {args.command}: error: {error}\n")
         return 1
     except KeyboardInterrupt:

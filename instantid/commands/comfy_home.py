@@ -1,6 +1,5 @@
-"""Finding a ComfyUI installation: COMFYUI_PATH, the --base-directory given (when it is a ComfyUI
-checkout), the folder above custom_nodes/ when this pack is installed there, ComfyUI Desktop's
-bundled ComfyUI, or comfy-cli's default workspace ~/comfy/ComfyUI. Used by the CLI and the tests.
+"""Finding a ComfyUI installation (the places: comfyui_candidates). Standard library only: it runs
+before the pack's packages, or comfy-cli, are installed.
 
 ComfyUI Desktop keeps ComfyUI itself inside the app (resources/ComfyUI) and starts it with
 `--base-directory` set to the user's folder (models/, custom_nodes/, user/default/comfy.settings.json)
@@ -11,6 +10,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,8 +36,7 @@ def desktop_app_data() -> Path | None:
 
 
 def desktop_bundled_comfyui() -> list[Path]:
-    """Where ComfyUI Desktop installs its own ComfyUI: the app's resources (none on Linux, where
-    Desktop has no package)."""
+    """Where ComfyUI Desktop installs its own ComfyUI (it has no Linux package)."""
     if sys.platform == "win32":
         local = os.environ.get("LOCALAPPDATA")
         return [Path(local) / "Programs" / "ComfyUI" / "resources" / "ComfyUI"] if local else []
@@ -57,13 +56,6 @@ def desktop_configured_base() -> Path | None:
     return Path(base).expanduser() if isinstance(base, str) and base else None
 
 
-def is_desktop_base(folder: Path) -> bool:
-    """A ComfyUI Desktop base directory: it holds Desktop's comfy.settings.json, or Desktop's
-    config.json names it."""
-    configured = desktop_configured_base()
-    return (folder / DESKTOP_SETTINGS).is_file() or (configured is not None and _same(folder, configured))
-
-
 def _same(a: Path, b: Path) -> bool:
     return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
 
@@ -75,8 +67,10 @@ def _above_custom_nodes() -> Path | None:
 def desktop_base_directory(base_directory: Path | None = None) -> Path | None:
     """The ComfyUI Desktop base directory in use: the one given, else the folder above
     custom_nodes/ holding this pack, else Desktop's configured one; None when none is a Desktop base."""
-    for folder in (base_directory, _above_custom_nodes(), desktop_configured_base()):
-        if folder is not None and is_desktop_base(folder):
+    configured = desktop_configured_base()
+    for folder in (base_directory, _above_custom_nodes(), configured):
+        # A Desktop base holds Desktop's comfy.settings.json, or Desktop's config.json names it.
+        if folder is not None and ((folder / DESKTOP_SETTINGS).is_file() or configured and _same(folder, configured)):
             return folder
     return None
 
@@ -110,21 +104,13 @@ def comfyui_candidates(base_directory: Path | None = None) -> list[tuple[str, Pa
     return found
 
 
-def comfy_cli_config() -> Path:
-    """comfy-cli's config.ini (comfy_cli.constants.DEFAULT_CONFIG)."""
-    if sys.platform == "win32":
-        return Path.home() / "AppData" / "Local" / "comfy-cli" / "config.ini"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "comfy-cli" / "config.ini"
-    return Path.home() / ".config" / "comfy-cli" / "config.ini"
-
-
 def comfy_cli_settings() -> dict[str, str]:
-    """The DEFAULT section of comfy-cli's config.ini, where `comfy set-default` writes
-    default_workspace and every comfy-cli command its recent_workspace ({} when there is none)."""
+    """The DEFAULT section of comfy-cli's config.ini (its constants.DEFAULT_CONFIG), where `comfy
+    set-default` writes default_workspace and every comfy-cli command its recent_workspace."""
+    folder = {"win32": ("AppData", "Local"), "darwin": ("Library", "Application Support")}.get(sys.platform, (".config",))
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read(comfy_cli_config(), encoding="utf-8")
+        parser.read(Path.home().joinpath(*folder, "comfy-cli", "config.ini"), encoding="utf-8")
     except (OSError, configparser.Error):
         return {}
     return dict(parser["DEFAULT"])
@@ -170,7 +156,5 @@ def why_not_found(base_directory: Path | None = None) -> str:
 def comfyui_version(comfyui: Path) -> str:
     """The version ComfyUI declares in comfyui_version.py, or 'unknown'."""
     text = (comfyui / "comfyui_version.py").read_text() if (comfyui / "comfyui_version.py").is_file() else ""
-    for line in text.splitlines():
-        if line.startswith("__version__"):
-            return line.split("=", 1)[1].strip().strip("\"'")
-    return "unknown"
+    found = re.search(r"^__version__\s*=\s*[\"']([^\"']*)", text, re.M)
+    return found[1] if found else "unknown"

@@ -19,17 +19,19 @@ import sys
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from .bootstrap import torch_accelerator
+from .bootstrap import installed_version, torch_accelerator
 from .catalog import (CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG, FLUX_DEFAULT, INSTANTID_REPO, WORKFLOW_MODELS, ModelFile,
                       format_size)
-from .comfy_home import PACK_ROOT, comfyui_version, why_not_found
+from .comfy_home import PACK_ROOT, comfyui_version, find_comfyui, why_not_found
 from .fetch import DEFAULT_ENDPOINT, file_url
-from .model_folders import first_existing
-from .workflow_models import FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels
+from .model_folders import (FolderError, comfyui_base, config_files, first_existing, folder_flags, model_folders,
+                            model_search_paths, registered_folders)
+from .workflow_models import (CHECKPOINT_LOADER, FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels,
+                              workflow_models)
 from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, ONNXRUNTIME, OPENCV, FaceModelsMissing,
                     SharedModuleDistributions, find_antelopev2, select_providers, stray_copies)
 from ..paths import ADAPTER_FOLDER
@@ -139,20 +141,13 @@ def check_torch() -> tuple[Check, bool]:
                                   "README)"), False
 
 
-def _version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def check_packages() -> Check:
     """insightface and OpenCV, which the pack imports (torch and numpy come with ComfyUI)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as faces does: no network at import
     found, missing = [], []
     for label, module, distributions in (("insightface", "insightface", ("insightface",)),
                                          ("opencv", "cv2", OPENCV.names)):
-        version = next((v for v in map(_version, distributions) if v), None)
+        version = next((v for v in map(installed_version, distributions) if v), None)
         try:
             __import__(module)
         except ImportError as error:
@@ -162,7 +157,7 @@ def check_packages() -> Check:
     if missing:
         return Check("fail", "packages", f"cannot import {', '.join(missing)}",
                      ("pip install -r requirements.txt  # in this pack's folder, with ComfyUI's Python",))
-    insightface_version = _version("insightface") or "0"
+    insightface_version = installed_version("insightface") or "0"
     if tuple(int(p) for p in re.findall(r"\d+", insightface_version)[:2]) < (2, 1):
         return Check("fail", "packages", f"insightface {insightface_version} is older than 2.1, which the pack needs",
                      ("pip install -U 'insightface>=2.1'",))
@@ -245,10 +240,6 @@ def _where(target: Path | None) -> str:
 
 def _missing_detail(entry: ModelFile, target: Path | None) -> str:
     return f"MISSING ({entry.approx_size}, {entry.description}); {_where(target)}"
-
-
-def _missing(entry: ModelFile, target: Path | None) -> Check:
-    return Check("fail", entry.id, _missing_detail(entry, target), refetch=(entry.id,))
 
 
 def _bad(entry: ModelFile, path: Path, reason: str) -> Check:
@@ -372,11 +363,14 @@ def onnx_problem(path: Path) -> str | None:
 
 
 def check_file_entry(entry: ModelFile, roots: Sequence[Path], target: Path | None,
-                     problem: Callable[[Path], tuple[str | None, str]]) -> Check:
-    """Found (first root holding entry.path, as ComfyUI searches) and valid, else what is wrong."""
+                     problem: Callable[[Path], tuple[str | None, str]], optional: str | None = None) -> Check:
+    """Found (first root holding entry.path, as ComfyUI searches) and valid, else what is wrong; a
+    missing `optional` file is a warning with that detail."""
     path = first_existing(roots, entry.path)
     if path is None:
-        return _missing(entry, target)
+        if optional is not None:
+            return Check("warn", entry.id, optional)
+        return Check("fail", entry.id, _missing_detail(entry, target), refetch=(entry.id,))
     reason, what = problem(path)
     reason = _joined(reason, size_problem(entry, path, layout_checked=True))
     if reason:
@@ -408,17 +402,10 @@ def check_flux_files(search_paths: Mapping[str, Sequence[Path]], targets: Mappin
                      fetch_command: str = FETCH_COMMAND) -> list[Check]:
     """The FLUX (InfiniteYou) files the FLUX workflows load: optional, so a missing one is a warning
     naming its fetch command; a broken one fails."""
-    checks = []
-    for entry in (entry for entry in FLUX_CATALOG if entry.id in FLUX_DEFAULT):
-        path = first_existing(list(search_paths.get(entry.folder, [])), entry.path)
-        if path is None:
-            checks.append(Check("warn", entry.id, f"not found (optional, for FLUX/InfiniteYou: {entry.approx_size}, "
-                                                  f"{entry.license}); {_where(_target(targets, entry))}, or run "
-                                                  f"{fetch_command} --only {entry.id}"))
-            continue
-        reason, what = flux_file_problem(entry, path)
-        checks.append(_bad(entry, path, reason) if reason else Check("ok", entry.id, f"{_found(path)}: {what}"))
-    return checks
+    return [check_file_entry(entry, search_paths.get(entry.folder, []), None, partial(flux_file_problem, entry),
+                             optional=f"not found (optional, for FLUX/InfiniteYou: {entry.approx_size}, {entry.license}); "
+                                      f"{_where(_target(targets, entry))}, or run {fetch_command} --only {entry.id}")
+            for entry in FLUX_CATALOG if entry.id in FLUX_DEFAULT]
 
 
 def _adapter_check(path: Path) -> tuple[str | None, str]:
@@ -434,9 +421,6 @@ def _move_command(source: Path, target: Path) -> str:
 def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target_root: Path | None) -> list[Check]:
     """The two antelopev2 files. Where the pack finds both (faces.find_antelopev2) wins; a pair in
     a nested folder works for this pack but is reported with the command that moves it."""
-    def target_for(entry: ModelFile) -> Path | None:
-        return target_root / entry.path if target_root else None
-
     def documented_folder(path: Path, entry: ModelFile) -> Path | None:
         """The documented folder of the root that holds `path`; None when `path` is in it."""
         root = next((r for r in roots if r in path.parents), None)
@@ -444,14 +428,11 @@ def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target
             return None
         return (root / entry.path).parent
 
-    try:
-        folder = find_antelopev2(roots) if roots else None
-    except FaceModelsMissing:
-        folder = None
+    folder = _antelopev2_folder(roots)
     checks = []
     for entry in entries:
         name = Path(entry.path).name
-        target = target_for(entry)
+        target = target_root / entry.path if target_root else None
         path = folder / name if folder else first_existing(roots, entry.path)
         if path is None:
             stray = next((copy for copy in stray_copies(roots) if copy.name == name), None)
@@ -459,7 +440,7 @@ def check_antelopev2(entries: Sequence[ModelFile], roots: Sequence[Path], target
                 checks.append(Check("fail", entry.id, f"MISSING at {target}; a copy at {stray} is too deeply nested "
                                                       "for the pack to find", (_move_command(stray.parent, target.parent),)))
             else:
-                checks.append(_missing(entry, target))
+                checks.append(Check("fail", entry.id, _missing_detail(entry, target), refetch=(entry.id,)))
             continue
         reason = onnx_problem(path)
         if reason:
@@ -489,7 +470,6 @@ def _insightface_load(folder: Path) -> Check:
 
 # ------------------------------------------------------------------------------ a workflow's models --
 
-CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 _VALIDATORS: dict[str, Callable[[Path], tuple[str | None, str]]] = {DEFAULT_CHECKPOINT: checkpoint_problem,
                                                                     "adapter": _adapter_check,
                                                                     "identitynet": identitynet_problem}
@@ -551,49 +531,64 @@ def check_workflow(workflow: Path, models: WorkflowModels, search_paths: Mapping
 # ------------------------------------------------------------------------------------------ all --
 
 
-def run_checks(*, comfyui: Path | None, base_directory: Path | None, extra_configs: Sequence[Path],
-               search_paths: Mapping[str, Sequence[Path]], targets: Mapping[str, Path],
-               custom_node_folders: Sequence[Path], fetch_command: str = FETCH_COMMAND,
-               workflow: tuple[Path, WorkflowModels] | None = None) -> Report:
-    """Every check, in report order. `search_paths`: the folders ComfyUI searches per folder key;
-    `targets`: where fetch-models puts each key's files (cli.model_folders). With `workflow`, the
-    model files checked are those that workflow loads instead of the pack's own."""
-    report = Report(fetch_command=fetch_command)
-    report.checks += [check_comfyui(comfyui, base_directory), check_model_folders(base_directory, extra_configs), check_python()]
+def doctor_report(base_directory: Path | None, extra_config: Path | None, workflow_path: Path | None) -> Report:
+    """Every check, in report order, on the folders ComfyUI would use with these options. With
+    `workflow_path`, the model files checked are those that workflow loads instead of the pack's own."""
+    comfyui = find_comfyui(base_directory)
+    base = comfyui_base(base_directory, required=False)
+    configs = config_files(comfyui, base, extra_config)
+    workflow = None
+    if workflow_path is not None:
+        from .runner import load_workflow
+
+        workflow = (workflow_path, workflow_models(load_workflow(workflow_path)))
+    keys = sorted({entry.folder for entry in CATALOG} | {ref.folder for ref in (workflow[1].files if workflow else ())})
+    try:
+        targets = model_folders(keys, base_directory, extra_config)
+    except FolderError:
+        targets = {}  # the report says that no folder is known
+    search_paths = model_search_paths(keys, base_directory, configs)
+    custom_nodes = ([base / "custom_nodes"] if base else []) + registered_folders(configs).get("custom_nodes", [])
+    report = Report(fetch_command=FETCH_COMMAND + folder_flags(base_directory, extra_config))
+    report.checks += [check_comfyui(comfyui, base), check_model_folders(base, configs), check_python()]
     torch_check, torch_cuda = check_torch()
     report.checks += [torch_check, check_packages(), check_installs(OPENCV)]
     by_id = {entry.id: entry for entry in CATALOG}
-    face_roots = list(search_paths.get("insightface", []))
-    detector = first_existing(face_roots, by_id["antelopev2-detector"].path)
-    if detector is None:
-        try:
-            detector = find_antelopev2(face_roots) / DETECTOR_FILE if face_roots else None
-        except FaceModelsMissing:
-            detector = None
-    report.checks += check_onnxruntime(detector, torch_cuda)
-    report.checks.append(check_pack_location(custom_node_folders))
-    if workflow is not None:
-        report.checks += check_workflow(*workflow, search_paths, targets)
-        return report
-    report.checks.append(check_file_entry(by_id["adapter"], search_paths.get("instantid", []),
-                                          _target(targets, by_id["adapter"]), _adapter_check))
-    report.checks.append(check_file_entry(by_id["identitynet"], search_paths.get("controlnet", []),
-                                          _target(targets, by_id["identitynet"]), identitynet_problem))
-    faces = [entry for entry in CATALOG if entry.folder == "insightface"]
-    report.checks += check_antelopev2(faces, face_roots, targets.get("insightface"))
-    report.checks.append(check_portrait_checkpoint(by_id[DEFAULT_CHECKPOINT], search_paths.get("checkpoints", []),
-                                                   _target(targets, by_id[DEFAULT_CHECKPOINT])))
-    report.checks += check_flux_files(search_paths, targets, fetch_command)
+    face_roots = search_paths["insightface"]
+    folder = _antelopev2_folder(face_roots)
+    detector = first_existing(face_roots, by_id["antelopev2-detector"].path) or (folder / DETECTOR_FILE if folder else None)
+    faces_log = logging.getLogger("instantid.faces")  # its 'providers in use' note repeats a report line
+    previous_level = faces_log.level
+    faces_log.setLevel(logging.WARNING)
+    try:
+        report.checks += check_onnxruntime(detector, torch_cuda)
+        report.checks.append(check_pack_location(custom_nodes))
+        if workflow is not None:
+            report.checks += check_workflow(*workflow, search_paths, targets)
+            return report
+        for entry_id, validator in (("adapter", _adapter_check), ("identitynet", identitynet_problem)):
+            entry = by_id[entry_id]
+            report.checks.append(check_file_entry(entry, search_paths[entry.folder], _target(targets, entry), validator))
+        report.checks += check_antelopev2([entry for entry in CATALOG if entry.folder == "insightface"], face_roots,
+                                          targets.get("insightface"))
+    finally:
+        faces_log.setLevel(previous_level)
+    checkpoint = by_id[DEFAULT_CHECKPOINT]
+    target = _target(targets, checkpoint)
+    # Missing is a warning: portrait fetches it, and the nodes do not need it.
+    report.checks.append(check_file_entry(checkpoint, search_paths["checkpoints"], target, checkpoint_problem,
+                                          optional=f"not found ({checkpoint.approx_size}); `portrait` fetches it to "
+                                                   f"{target or 'models/checkpoints'} (workflows of your own load the "
+                                                   "checkpoint they name)"))
+    report.checks += check_flux_files(search_paths, targets, report.fetch_command)
     return report
 
 
-def check_portrait_checkpoint(entry: ModelFile, roots: Sequence[Path], target: Path | None) -> Check:
-    """The checkpoint `portrait` draws with: checked when present; missing is a warning, since
-    portrait fetches it and the nodes do not need it."""
-    if first_existing(roots, entry.path) is None:
-        return Check("warn", entry.id, f"not found ({entry.approx_size}); `portrait` fetches it to {target or 'models/checkpoints'} "
-                                       "(workflows of your own load the checkpoint they name)")
-    return check_file_entry(entry, roots, target, checkpoint_problem)
+def _antelopev2_folder(roots: Sequence[Path]) -> Path | None:
+    try:
+        return find_antelopev2(roots) if roots else None
+    except FaceModelsMissing:
+        return None
 
 
 def _target(targets: Mapping[str, Path], entry: ModelFile) -> Path | None:

@@ -5,14 +5,11 @@ by the test suite, so both exercise the same path.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-
-log = logging.getLogger(__name__)
 
 ProgressHook = Callable[[int, int, str | None], None]
 
@@ -91,11 +88,8 @@ class _NullServer:
     last_prompt_id = None
     sockets_metadata: dict = {}
 
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, Any]] = []
-
     def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
-        self.messages.append((event, data))
+        pass
 
     def queue_updated(self) -> None:
         pass

@@ -15,13 +15,15 @@ import re
 import shutil
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ..file_digest import file_sha256
 from .catalog import ModelFile
+from .errors import CommandError
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,10 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 3
 DEFAULT_RETRY_DELAY = 2.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+T = TypeVar("T")
 
 
-class FetchError(RuntimeError):
+class FetchError(CommandError):
     """An expected failure (network, server, checksum, disk); the message is one actionable line."""
 
 
@@ -52,8 +55,22 @@ class FetchResult:
     sha256_checked: bool
 
 
-class _Retry(Exception):
-    """A failure worth another try (dropped connection, timeout, server error)."""
+def _with_retries(entry: ModelFile, endpoint: str, call: Callable[[], T], retries: int, retry_delay: float,
+                  failed: Callable[[str], str], before_retry: Callable[[str], None]) -> T:
+    """`call()`, tried again after a transient failure (`before_retry` says so first) at most `retries`
+    times; an access or missing-file error, or the last failure (as `failed` words it), is a FetchError."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as error:  # huggingface_hub's errors differ by version and HTTP library: _problem sorts them
+            problem = _problem(entry, endpoint, error)
+            if isinstance(problem, FetchError):
+                raise problem from None
+            if attempt == retries:
+                raise FetchError(failed(problem)) from None
+            before_retry(problem)
+            time.sleep(retry_delay)
+    raise AssertionError("unreachable")
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str:
@@ -68,15 +85,11 @@ def file_url(entry: ModelFile, endpoint: str) -> str:
     return f"{endpoint}/{entry.repo}/resolve/{entry.revision}/{urllib.parse.quote(entry.file)}"
 
 
-def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | _Retry:
-    """huggingface_hub's errors as one line: access and missing files are final, the rest transient."""
-    from huggingface_hub.utils import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | str:
+    """huggingface_hub's errors as one line: access and missing files are final (FetchError), the rest
+    (dropped connection, timeout, server error) worth another try (the text)."""
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
 
     where = f"{entry.repo}/{entry.file}"
     if isinstance(error, GatedRepoError):
@@ -94,7 +107,7 @@ def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | 
         return FetchError(f"{file_url(entry, endpoint)}: HTTP {status}; check the --endpoint and that the file is "
                           "still published")
     text = str(error).strip().splitlines()
-    return _Retry(f"{type(error).__name__}: {text[0]}" if text else type(error).__name__)
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 @contextmanager
@@ -116,40 +129,14 @@ def published(entry: ModelFile, endpoint: str, timeout: float, retries: int, ret
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     url = hf_hub_url(entry.repo, entry.file, revision=entry.revision, endpoint=endpoint)
-    for attempt in range(retries + 1):
-        try:
-            metadata = get_hf_file_metadata(url, timeout=timeout)
-            break
-        except Exception as error:  # huggingface_hub's errors differ by version and HTTP library: _problem sorts them
-            problem = _problem(entry, endpoint, error)
-            if isinstance(problem, FetchError):
-                raise problem from None
-            if attempt == retries:
-                raise FetchError(f"could not read {url} after {retries + 1} tries ({problem}); "
-                                 "check the network, or point --endpoint / HF_ENDPOINT at a reachable mirror") from None
-            log.info("retrying %s (%s)", url, problem)
-            time.sleep(retry_delay)
+    metadata = _with_retries(entry, endpoint, lambda: get_hf_file_metadata(url, timeout=timeout), retries, retry_delay,
+                             lambda problem: f"could not read {url} after {retries + 1} tries ({problem}); check the "
+                                             "network, or point --endpoint / HF_ENDPOINT at a reachable mirror",
+                             lambda problem: log.info("retrying %s (%s)", url, problem))
     if not isinstance(metadata.size, int) or metadata.size < 0:
         raise FetchError(f"{url}: no usable size for {entry.file}; is --endpoint a Hugging Face endpoint?")
     etag = (metadata.etag or "").lower()
     return Published(size=metadata.size, sha256=etag if _SHA256.fullmatch(etag) else None)
-
-
-def _matches(path: Path, expected: Published) -> bool:
-    return path.stat().st_size == expected.size and (expected.sha256 is None or file_sha256(path) == expected.sha256)
-
-
-def staging_folder(destination: Path) -> Path:
-    """Where huggingface_hub puts the file before it is verified: beside it, on the same disk."""
-    return destination.parent / f".{destination.name}.download"
-
-
-def _drop_overlong_partials(staging: Path, size: int) -> None:
-    """A partial file longer than the published size cannot be resumed into the right one (older
-    huggingface_hub appends a whole answer when a server ignores Range): the next try starts over."""
-    for partial in staging.rglob("*.incomplete"):
-        if partial.stat().st_size > size:
-            partial.unlink()
 
 
 def download(entry: ModelFile, endpoint: str, destination: Path, expected: Published, *,
@@ -160,28 +147,28 @@ def download(entry: ModelFile, endpoint: str, destination: Path, expected: Publi
     verification; a file that fails it is deleted with its staging folder."""
     from huggingface_hub import hf_hub_download
 
-    staging = staging_folder(destination)
+    staging = destination.parent / f".{destination.name}.download"  # beside it, on the same disk: the move is a rename
     staging.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(staging).free
     if expected.size > free:
         raise FetchError(f"{destination}: needs {expected.size} bytes, {free} free on that disk")
-    for attempt in range(retries + 1):
-        try:
-            with _download_timeout(timeout):
-                staged = Path(hf_hub_download(entry.repo, entry.file, revision=entry.revision, local_dir=staging,
-                                              endpoint=endpoint, etag_timeout=timeout))
-            break
-        except Exception as error:  # see published()
-            problem = _problem(entry, endpoint, error)
-            if isinstance(problem, FetchError):
-                raise problem from None
-            if attempt == retries:
-                tries = "1 try" if retries == 0 else f"{retries + 1} tries"
-                raise FetchError(f"{destination}: download failed after {tries} ({problem}); check the network and "
-                                 "run again") from None
-            log.info("%s: %s; trying again", destination.name, problem)
-            _drop_overlong_partials(staging, expected.size)
-            time.sleep(retry_delay)
+
+    def download_once() -> Path:
+        with _download_timeout(timeout):
+            return Path(hf_hub_download(entry.repo, entry.file, revision=entry.revision, local_dir=staging,
+                                        endpoint=endpoint, etag_timeout=timeout))
+
+    def before_retry(problem: str) -> None:
+        log.info("%s: %s; trying again", destination.name, problem)
+        # A partial file longer than the published size cannot be resumed into the right one (older
+        # huggingface_hub appends a whole answer when a server ignores Range): the next try starts over.
+        for partial in staging.rglob("*.incomplete"):
+            if partial.stat().st_size > expected.size:
+                partial.unlink()
+
+    tries = "1 try" if retries == 0 else f"{retries + 1} tries"
+    staged = _with_retries(entry, endpoint, download_once, retries, retry_delay, lambda problem: f"{destination}: download "
+                           f"failed after {tries} ({problem}); check the network and run again", before_retry)
     try:
         _verify(staged, destination, expected, file_url(entry, endpoint))
     except FetchError:
@@ -233,7 +220,8 @@ def fetch_models(entries: Iterable[ModelFile], folders: Mapping[str, Path], *, e
         if expected.sha256 is None:
             log.warning("%s: %s publishes no sha256 for %s; checking the size only", entry.id, entry.repo, entry.file)
         if destination.is_file():
-            if _matches(destination, expected):
+            if destination.stat().st_size == expected.size and (expected.sha256 is None
+                                                                 or file_sha256(destination) == expected.sha256):
                 log.info("%s: already present and verified: %s", entry.id, destination)
                 results.append(FetchResult(entry, destination, False, expected.sha256 is not None))
                 continue

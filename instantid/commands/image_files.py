@@ -23,3 +23,9 @@ def check_image(label: str, value: str) -> None:
                          "check its permissions") from None
     if not head.startswith(IMAGE_SIGNATURES) or (head.startswith(b"RIFF") and head[8:12] != b"WEBP"):
         raise StepFailed("check the inputs", f"the {label} {value} is not an image file", "pass a PNG, JPEG or WebP photo")
+
+
+def check_photos(face: str, pose: str | None) -> None:
+    check_image("face image", face)
+    if pose is not None:
+        check_image("pose image", pose)

@@ -5,14 +5,16 @@ all take their folders from here."""
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..paths import ADAPTER_FOLDER, FACE_MODELS_FOLDER
 from .comfy_home import default_base_directory, desktop_base_directory, desktop_models_config, why_not_found
+from .errors import CommandError
 
 
-class FolderError(ValueError):
+class FolderError(CommandError, ValueError):
     """A model-folder option that cannot be used; the message is one actionable line."""
 
 
@@ -134,3 +136,16 @@ def comfyui_layout(base_directory: Path | None, extra_config: Path | None) -> tu
 def first_existing(roots: Sequence[Path], relative: str) -> Path | None:
     """The first root holding `relative`, as ComfyUI's folder_paths searches."""
     return next((root / relative for root in roots if (root / relative).is_file()), None)
+
+
+def config_files(comfyui: Path | None, base_directory: Path | None, extra_config: Path | None) -> list[Path]:
+    """The extra_model_paths.yaml files ComfyUI reads: its own, ComfyUI Desktop's, and the one given."""
+    own = comfyui / "extra_model_paths.yaml" if comfyui else None
+    found = [config for config in (own, *comfyui_layout(base_directory, None)[1]) if config and config.is_file()]
+    return found + ([extra_config] if extra_config else [])
+
+
+def folder_flags(base_directory: Path | None, extra_config: Path | None) -> str:
+    """The folder options given, as a command that repeats them takes them."""
+    return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in (
+        ("--base-directory", base_directory), ("--extra-model-paths-config", extra_config)) if value)

@@ -17,18 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..paths import FETCH_COMMAND
 from .bootstrap import Steps, StepFailed, prepare_comfyui
-from .image_files import check_image
+from .image_files import check_photos
 from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
 from .comfy_home import PACK_ROOT, find_comfyui
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
-from .model_folders import FolderError, comfyui_layout, first_existing, model_folders, model_search_paths
+from .model_folders import (FolderError, comfyui_layout, config_files, first_existing, folder_flags, model_folders,
+                            model_search_paths)
+from .workflow_models import CHECKPOINT_LOADER
 from .runner import SIMILARITY_NODE, NodeFailure, RunError, RunReport, describe_node, load_workflow, run_embedded
 
 log = logging.getLogger(__name__)
 
 APPLY_TYPES = ("ApplyInstantID", "ApplyInstantIDAdvanced")
-CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 SEED_INPUTS = ("seed", "noise_seed")
 # The shipped workflows portrait and batch run (workflow_tools/specs.py names its files after these).
 BASIC_WORKFLOW_FILE = "01 Basic portrait.json"
@@ -153,10 +155,6 @@ def with_similarity(prompt: Mapping[str, dict]) -> dict:
 # ------------------------------------------------------------------------------------- models --
 
 
-def checkpoint_entry(name: str) -> ModelFile | None:
-    return next((entry for entry in CHECKPOINTS if entry.id == name), None)
-
-
 @dataclass(frozen=True)
 class CheckpointChoice:
     """What --checkpoint names: the ckpt_name the workflow gets, the catalog entry to fetch, or the
@@ -169,7 +167,7 @@ class CheckpointChoice:
 def choose_checkpoint(choice: str | None, checkpoint_folders: Sequence[Path]) -> CheckpointChoice:
     """`choice` checked before anything is installed: a catalog id, a file, or a name in the
     checkpoints folders of the ComfyUI already there (none before an install)."""
-    entry = checkpoint_entry(choice or DEFAULT_CHECKPOINT)
+    entry = next((entry for entry in CHECKPOINTS if entry.id == (choice or DEFAULT_CHECKPOINT)), None)
     if entry is not None:
         return CheckpointChoice(entry.path, entry=entry)
     assert choice is not None
@@ -239,7 +237,7 @@ def fetch_missing(entries: list[ModelFile], targets: Mapping[str, Path], search_
     except FetchError as error:
         only = "".join(f" --only {entry.id}" for entry in missing)
         raise StepFailed("fetch the models", str(error),
-                         f"run again to resume, or fetch them alone: python -m instantid fetch-models{fix_options}{only}") from None
+                         f"run again to resume, or fetch them alone: {FETCH_COMMAND}{fix_options}{only}") from None
 
 
 # ------------------------------------------------------------------------------------ command --
@@ -264,9 +262,7 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
     inputs = options.inputs
     steps = Steps(7, stream)
     steps.start("check the inputs")
-    for label, value in (("face image", inputs.face), ("pose image", inputs.pose)):
-        if value is not None:
-            check_image(label, value)
+    check_photos(inputs.face, inputs.pose)
     if options.base_directory is not None and not options.base_directory.is_dir():
         raise StepFailed("check the inputs", f"--base-directory {options.base_directory} is not a directory",
                          "create it or pass ComfyUI's base directory")
@@ -291,10 +287,8 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
     if checkpoint.file is not None:
         link_checkpoint(checkpoint.file, targets["checkpoints"], steps)
     wanted = [entry for entry in CATALOG if entry.required] + ([checkpoint.entry] if checkpoint.entry else [])
-    fix_options = "".join(f" --{flag} {shlex.quote(str(value))}" for flag, value in (
-        ("base-directory", base), ("extra-model-paths-config", options.extra_model_paths_config)) if value)
     fetch_missing(wanted, targets, search_paths, steps, endpoint=options.endpoint, timeout=options.timeout,
-                  fix_options=fix_options)
+                  fix_options=folder_flags(base, options.extra_model_paths_config))
     steps.start(f"draw the portrait with {workflow_path.name} (ComfyUI embedded)")
     absolute = PortraitInputs(face=str(Path(inputs.face).resolve()), prompt=inputs.prompt,
                               pose=str(Path(inputs.pose).resolve()) if inputs.pose else None, seed=inputs.seed,
@@ -316,12 +310,9 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
 
 def _search_paths(options: PortraitOptions, comfyui: Path | None) -> dict[str, list[Path]]:
     """The folders ComfyUI searches for the catalog's keys; only the registered ones without a ComfyUI."""
-    configs = [config for config in (comfyui / "extra_model_paths.yaml" if comfyui else None,
-                                     *comfyui_layout(options.base_directory, options.extra_model_paths_config)[1])
-               if config and config.is_file()]
-    keys = {entry.folder for entry in CATALOG}
     base = options.base_directory or comfyui_layout(None, None)[0] or comfyui
     try:
-        return model_search_paths(keys, base, configs)
+        configs = config_files(comfyui, options.base_directory, options.extra_model_paths_config)
+        return model_search_paths({entry.folder for entry in CATALOG}, base, configs)
     except FolderError as error:
         raise StepFailed("check the inputs", str(error), "pass --base-directory DIR") from None

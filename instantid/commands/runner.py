@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,20 +31,17 @@ from tqdm import tqdm
 from .. import __version__
 from .bootstrap import torch_accelerator
 from .embedded import EmbeddedComfyUI, WorkflowError, is_ui_format, node_failure_text, refusal_text, ui_to_api
+from .errors import CommandError
 
 log = logging.getLogger(__name__)
 
 SIMILARITY_NODE = "InstantIDFaceSimilarity"
-# UI-only node types the converter folds away; they never need to be installed.
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_WAIT = 1800.0
 DEFAULT_POLL_INTERVAL = 0.5
 PROGRESS_CONNECT_WAIT = 5.0
 
-SchemaInputs = Callable[[str], Collection[str]]
-
-
-class RunError(RuntimeError):
+class RunError(CommandError):
     """An expected failure; the message says what is wrong and what to do."""
 
 
@@ -109,14 +106,12 @@ def load_workflow(path: Path) -> dict:
         raise RunError(f"cannot read the workflow {path}: {error.strerror or error}") from None
     except ValueError as error:
         raise RunError(f"{path} is not JSON ({error}); pass a workflow saved or exported from ComfyUI") from None
-    if not isinstance(workflow, dict) or not (is_ui_format(workflow) or _is_api_format(workflow)):
+    api_format = isinstance(workflow, dict) and bool(workflow) and all(
+        isinstance(node, dict) and "class_type" in node for node in workflow.values())
+    if not isinstance(workflow, dict) or not (is_ui_format(workflow) or api_format):
         raise RunError(f"{path} is not a ComfyUI workflow: expected the UI format (with 'nodes' and 'links') or the "
                        "API format ({node id: {class_type, inputs}}); in ComfyUI use Save or Export (API)")
     return workflow
-
-
-def _is_api_format(workflow: Mapping) -> bool:
-    return bool(workflow) and all(isinstance(node, dict) and "class_type" in node for node in workflow.values())
 
 
 def parse_override(text: str) -> Override:
@@ -127,16 +122,6 @@ def parse_override(text: str) -> Override:
         raise RunError(f"--set {text!r}: expected NODE.INPUT=VALUE, where NODE is a node id, title or class type, "
                        "e.g. --set KSampler.seed=7 or --set 3.steps=20")
     return Override(node.strip(), name.strip(), raw, text)
-
-
-def parse_value(raw: str, current: Any) -> Any:
-    """VALUE as JSON when it parses (7, 0.5, true, [1, 2]), else the text itself. An input that
-    holds text keeps the text as given, so `--set 6.text=1990` stays the string '1990'."""
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return raw
-    return raw if isinstance(current, str) and not isinstance(value, str) else value
 
 
 def describe_node(node_id: str, node: Mapping) -> str:
@@ -171,17 +156,25 @@ def _is_link(value: Any) -> bool:
 
 
 def apply_overrides(prompt: Mapping[str, dict], overrides: Sequence[Override],
-                    schema_inputs: SchemaInputs | None = None) -> dict:
+                    node_info: Callable[[str], Mapping] = lambda kind: {}) -> dict:
     """A copy of the API-format prompt with each override applied. An input may be one the node
-    already has or, when `schema_inputs` gives the node type's inputs, any other widget of it."""
+    already has or any other input of its type in `node_info` (its /object_info entry). Then the
+    nodes' own number checks (instantid.checks) run on the values given, so a NaN, an infinity or an
+    empty InstantID schedule stops here, before ComfyUI runs anything; a FLOAT input given as text
+    ('nan', 'inf') becomes the number ComfyUI would make of it."""
+    from ..checks import NumberInput, SettingError, check_finite, check_schedule  # imports torch: only when used
+
     prompt = copy.deepcopy(dict(prompt))
+    specs = []
     for override in overrides:
         node_id = resolve_node(prompt, override.node, override.text)
         node = prompt[node_id]
         inputs = node.setdefault("inputs", {})
-        known = set(inputs) | set(schema_inputs(node["class_type"]) if schema_inputs else ())
-        if override.input not in known:
-            widgets = sorted(name for name in known if not _is_link(inputs.get(name)))
+        info = node_info(node["class_type"]) or {}
+        schema = {name: entry for section in ("required", "optional")
+                  for name, entry in ((info.get("input") or {}).get(section) or {}).items()}
+        if override.input not in {*inputs, *schema}:
+            widgets = sorted(name for name in {*inputs, *schema} if not _is_link(inputs.get(name)))
             raise RunError(f"--set {override.text!r}: node {describe_node(node_id, node)} has no input {override.input!r}; "
                            f"the inputs --set can change are: {', '.join(widgets) or 'none'}")
         current = inputs.get(override.input)
@@ -189,92 +182,61 @@ def apply_overrides(prompt: Mapping[str, dict], overrides: Sequence[Override],
             raise RunError(f"--set {override.text!r}: input {override.input!r} of node {describe_node(node_id, node)} is "
                            f"connected to node {current[0]}; --set changes widget values only, so change the "
                            "connected node instead")
-        inputs[override.input] = parse_value(override.raw, current)
+        # VALUE as JSON when it parses (7, 0.5, true, [1, 2]), else the text itself; an input that holds
+        # text keeps the text as given, so `--set 6.text=1990` stays the string '1990'.
+        try:
+            value = json.loads(override.raw)
+        except ValueError:
+            value = override.raw
+        inputs[override.input] = override.raw if isinstance(current, str) and not isinstance(value, str) else value
         log.info("set node %s input %s = %r", node_id, override.input, inputs[override.input])
-    return prompt
-
-
-def check_override_numbers(prompt: Mapping[str, dict], overrides: Sequence[Override],
-                           node_info: Callable[[str], Mapping]) -> None:
-    """The nodes' own number checks (instantid.checks) on the values --set gave, so a NaN, an
-    infinity or an empty InstantID schedule stops here, before ComfyUI runs anything. A FLOAT
-    input given as text ('nan', 'inf') becomes the number ComfyUI would make of it."""
-    from ..checks import (  # imports torch: only when used
-        NumberInput,
-        SettingError,
-        check_finite,
-        check_schedule,
-    )
-
-    for override in overrides:
-        node_id = resolve_node(prompt, override.node, override.text)
-        node = prompt[node_id]
-        info = node_info(node["class_type"]) or {}
-        spec = _input_spec(info, override.input)
-        inputs = node["inputs"]
-        if spec.get("type") == "FLOAT" and isinstance(inputs[override.input], str):
+        entry = schema.get(override.input)  # ("FLOAT", {"min": 0.0, ...}) or a list of choices
+        options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) > 1 and isinstance(entry[1], dict) else {}
+        specs.append((override, node_id, info, entry[0] if isinstance(entry, (list, tuple)) and entry else None, options))
+    # Checked once all are set: --set start_at and --set end_at together make one schedule.
+    for override, node_id, info, kind, options in specs:
+        inputs = prompt[node_id]["inputs"]
+        if kind == "FLOAT" and isinstance(inputs[override.input], str):
             try:
                 inputs[override.input] = float(inputs[override.input])
             except ValueError:
                 raise RunError(f"--set {override.text!r}: {override.input} takes a number, not "
                                f"{inputs[override.input]!r}") from None
         try:
-            check_finite([NumberInput(override.input, inputs[override.input], spec.get("min"), spec.get("max"))])
+            check_finite([NumberInput(override.input, inputs[override.input], options.get("min"), options.get("max"))])
             start, end = inputs.get("start_at"), inputs.get("end_at")
             if (str(info.get("category", "")).startswith("InstantID") and override.input in ("start_at", "end_at")
                     and all(isinstance(v, (int, float)) for v in (start, end))):
                 check_schedule(start, end)
         except SettingError as error:
-            raise RunError(f"--set {override.text!r}: node {describe_node(node_id, node)}: {error}") from None
-
-
-def _input_spec(info: Mapping, name: str) -> dict:
-    """{'type': 'FLOAT', 'min': 0.0, ...} of one input in a node type's /object_info entry ({} if unknown)."""
-    inputs = info.get("input") or {}
-    for section in ("required", "optional"):
-        entry = (inputs.get(section) or {}).get(name)
-        if isinstance(entry, (list, tuple)) and entry:
-            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            return {"type": entry[0] if isinstance(entry[0], str) else "COMBO", **options}
-    return {}
-
-
-def schema_input_names(info: Mapping) -> list[str]:
-    """Input names of one node type from its /object_info entry."""
-    inputs = info.get("input") or {}
-    return [name for section in ("required", "optional") for name in (inputs.get(section) or {})]
+            raise RunError(f"--set {override.text!r}: node {describe_node(node_id, prompt[node_id])}: {error}") from None
+    return prompt
 
 
 # ------------------------------------------------------------------------------------- outputs --
 
 
-def output_images(outputs: Mapping[str, Mapping]) -> list[tuple[str, dict]]:
-    """(node id, {filename, subfolder, type}) of every image the run's UI outputs list."""
-    found = []
-    for node_id, ui in outputs.items():
-        for image in (ui or {}).get("images") or []:
-            if isinstance(image, dict) and image.get("filename"):
-                found.append((node_id, image))
-    return found
-
-
-def _safe_name(name: str) -> str:
-    """The file name only: a server's answer never picks a path outside the output folder."""
-    cleaned = Path(str(name).replace("\\", "/")).name
-    if cleaned in ("", ".", ".."):
-        raise RunError(f"ComfyUI returned an unusable image file name {name!r}")
-    return cleaned
-
-
-def similarity_results(prompt: Mapping[str, Mapping], outputs: Mapping[str, Mapping]) -> list[SimilarityResult]:
-    results = []
+def _report(prompt_id: str, prompt: dict, outputs: Mapping[str, Mapping], out_dir: Path,
+            save: Callable[[dict, Path], None]) -> RunReport:
+    """The run's similarities, and each image its UI outputs list ({filename, subfolder, type}) saved
+    into `out_dir` by `save(image, destination)` under its file name only: a server's answer never
+    picks a path outside the output folder."""
+    report = RunReport(prompt_id, prompt)
     for node_id in _sorted_ids([i for i, n in prompt.items() if n.get("class_type") == SIMILARITY_NODE]):
         values = (outputs.get(node_id) or {}).get("face_similarity") or []
         if values:
-            results.append(SimilarityResult(node_id, tuple(float(v) for v in values)))
+            report.similarities.append(SimilarityResult(node_id, tuple(float(v) for v in values)))
         else:
             log.warning("the face similarity node %s reported no value", node_id)
-    return results
+    for image in [image for ui in outputs.values() for image in (ui or {}).get("images") or []
+                  if isinstance(image, dict) and image.get("filename")]:
+        name = Path(str(image["filename"]).replace("\\", "/")).name
+        if name in ("", ".", ".."):
+            raise RunError(f"ComfyUI returned an unusable image file name {image['filename']!r}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save(image, out_dir / name)
+        report.images.append(out_dir / name)
+    return report
 
 
 def node_labels(prompt: Mapping[str, Mapping]) -> dict[str, str]:
@@ -305,7 +267,10 @@ class StepProgress:
         else:
             self.bar.refresh()
 
-    def close(self) -> None:
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -338,34 +303,31 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     except (RuntimeError, ValueError) as error:
         raise RunError(str(error)) from None
     types = comfy.nodes.NODE_CLASS_MAPPINGS
-    node_info = lambda kind: comfy.node_info(kind) if kind in types else {}  # noqa: E731
-    prompt = apply_overrides(prompt, overrides, lambda kind: schema_input_names(node_info(kind)))
-    check_override_numbers(prompt, overrides, node_info)
+    prompt = apply_overrides(prompt, overrides, lambda kind: comfy.node_info(kind) if kind in types else {})
     prompt = prepare(prompt) if prepare else prompt
     import comfy.utils as comfy_utils  # importable once ComfyUI is booted
 
     labels = node_labels(prompt)
-    bar = StepProgress(progress_stream)
     stock_bars = comfy_utils.PROGRESS_BAR_ENABLED
     comfy_utils.PROGRESS_BAR_ENABLED = False  # ComfyUI's own tqdm would draw a second bar
     try:
-        # Fresh caches: a cached output node would not report its images again.
-        progress = lambda value, total, node_id: bar(value, total, _label(labels, node_id or _running_node()))  # noqa: E731
-        result = comfy.run(prompt, progress=progress,
-                           reuse_outputs=False)
+        with StepProgress(progress_stream) as bar:
+            # Fresh caches: a cached output node would not report its images again.
+            result = comfy.run(prompt, reuse_outputs=False, progress=lambda value, total, node_id: bar(
+                value, total, _label(labels, node_id or _running_node())))
     finally:
         comfy_utils.PROGRESS_BAR_ENABLED = stock_bars
-        bar.close()
     if result.refused is not None:
         raise RunError(f"ComfyUI refused the workflow: {result.error_text()}")
     if not result.success:
         raise (NodeFailure if result.error else RunError)(f"the workflow failed at {result.error_text()}")
-    report = RunReport(result.prompt_id, prompt, similarities=similarity_results(prompt, result.outputs))
-    for _, image in output_images(result.outputs):
+
+    def copy(image: dict, destination: Path) -> None:
         source = Path(comfy.folder_paths.get_directory_by_type(image.get("type", "output")))
         source = source / image.get("subfolder", "") / image["filename"]
-        report.images.append(_copy(source, out_dir / _safe_name(image["filename"])))
-    return report
+        if not (destination.exists() and destination.samefile(source)):
+            shutil.copyfile(source, destination)
+    return _report(result.prompt_id, prompt, result.outputs, out_dir, copy)
 
 
 def _label(labels: Mapping[str, str], node_id: str | None) -> str:
@@ -380,13 +342,6 @@ def _running_node() -> str | None:
         return None
     context = get_executing_context()
     return context.node_id if context is not None else None
-
-
-def _copy(source: Path, destination: Path) -> Path:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    if not (destination.exists() and destination.samefile(source)):
-        shutil.copyfile(source, destination)
-    return destination
 
 
 # -------------------------------------------------------------------------------------- server --
@@ -406,11 +361,6 @@ class ComfyServer:
         self._object_info: dict | None = None
         self._lock = threading.Lock()
 
-    def _timeout(self, deadline: float | None) -> float:
-        if deadline is None:
-            return self.timeout
-        return max(0.1, min(self.timeout, deadline - time.monotonic()))
-
     def request(self, path: str, body: dict | None = None, *, data: bytes | None = None,
                 content_type: str = "application/json", deadline: float | None = None) -> bytes:
         """GET, or POST of `body` as JSON (or of raw `data` with its `content_type`)."""
@@ -419,26 +369,24 @@ class ComfyServer:
         if data is not None:
             headers["Content-Type"] = content_type
         request = urllib.request.Request(self.url + path, data=data, headers=headers)
-        timeout = self._timeout(deadline)
+        timeout = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.read()
         except urllib.error.HTTPError as error:
             raise _http_error(self.url + path, error) from None
-        except TimeoutError:  # socket.timeout is TimeoutError since Python 3.10
-            raise ServerUnreachable(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within {timeout:.1f} s; "
-                                    "it may be busy or stuck: check its console, or raise --timeout") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
-            if isinstance(reason, TimeoutError):
+            if isinstance(reason, TimeoutError):  # socket.timeout is TimeoutError since Python 3.10
                 raise ServerUnreachable(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within "
                                         f"{timeout:.1f} s; it may be busy or stuck: check its console, or raise "
                                         "--timeout") from None
             raise ServerUnreachable(f"cannot reach ComfyUI at {self.url} ({reason}); start it (python main.py --listen) "
                                     "or fix --comfyui") from None
 
-    def json(self, path: str, body: dict | None = None, *, deadline: float | None = None) -> Any:
-        raw = self.request(path, body, deadline=deadline)
+    def json(self, path: str, body: dict | None = None, **options: Any) -> Any:
+        """The JSON answer of `request` (same arguments)."""
+        raw = self.request(path, body, **options)
         try:
             return json.loads(raw)
         except ValueError:
@@ -468,11 +416,7 @@ class ComfyServer:
                  (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
                   "Content-Type: application/octet-stream\r\n\r\n").encode() + content + b"\r\n",
                  f"--{boundary}--\r\n".encode()]
-        raw = self.request("/upload/image", data=b"".join(parts), content_type=f"multipart/form-data; boundary={boundary}")
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            answer = None
+        answer = self.json("/upload/image", data=b"".join(parts), content_type=f"multipart/form-data; boundary={boundary}")
         if not isinstance(answer, dict) or not answer.get("name"):
             raise RunError(f"{self.url}/upload/image did not confirm the upload of {path}; is it ComfyUI?")
         return "/".join(part for part in (answer.get("subfolder"), answer["name"]) if part)
@@ -527,14 +471,6 @@ def _refusal_text(body: Mapping) -> str:
     return refusal_text(body.get("error"), body.get("node_errors"))
 
 
-def _execution_error(entry: Mapping) -> str:
-    messages = (entry.get("status") or {}).get("messages") or []
-    for event, data in messages:
-        if event == "execution_error":
-            return node_failure_text(data)
-    return "ComfyUI reported an error without details; see its console"
-
-
 class PromptExpired(RunError):
     """The prompt did not finish within --max-wait; it was taken off the server."""
 
@@ -555,20 +491,13 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
     prompt id as soon as the server has it; once `stopped()` is true the wait ends (RunError), the
     caller having cancelled the prompt. A server that stops answering raises ServerUnreachable."""
     server = server if isinstance(server, ComfyServer) else ComfyServer(server, timeout)
-    schema: SchemaInputs | None = None
-    object_info: dict = {}
-    if is_ui_format(workflow) or overrides:  # the --set checks need the inputs' types and ranges too
-        object_info = server.object_info()
-    if is_ui_format(workflow):
-        try:
-            prompt = ui_to_api(workflow, object_info)
-        except WorkflowError as error:
-            raise RunError(str(error)) from None
-        schema = lambda kind: schema_input_names(object_info.get(kind) or {})  # noqa: E731
-    else:
-        prompt = workflow
-    prompt = apply_overrides(prompt, overrides, schema)
-    check_override_numbers(prompt, overrides, lambda kind: object_info.get(kind) or {})
+    # The --set checks need the inputs' types and ranges too.
+    object_info = server.object_info() if is_ui_format(workflow) or overrides else {}
+    try:
+        prompt = ui_to_api(workflow, object_info) if is_ui_format(workflow) else workflow
+    except WorkflowError as error:
+        raise RunError(str(error)) from None
+    prompt = apply_overrides(prompt, overrides, lambda kind: object_info.get(kind) or {})
     prompt = prepare(prompt) if prepare else prompt
     client_id = str(uuid.uuid4())
     labels = node_labels(prompt)
@@ -581,17 +510,15 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
         entry = _wait_for(server, prompt_id, max_wait, poll_interval, stopped)
     status = entry.get("status") or {}
     if status.get("status_str") == "error":
-        raise NodeFailure(f"the workflow failed at {_execution_error(entry)}")
-    outputs = entry.get("outputs") or {}
-    report = RunReport(prompt_id, prompt, similarities=similarity_results(prompt, outputs))
-    for _, image in output_images(outputs):
+        failure = next((node_failure_text(data) for event, data in status.get("messages") or []
+                        if event == "execution_error"), "ComfyUI reported an error without details; see its console")
+        raise NodeFailure(f"the workflow failed at {failure}")
+
+    def download(image: dict, destination: Path) -> None:
         query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
                                         "type": image.get("type", "output")})
-        destination = out_dir / _safe_name(image["filename"])
-        destination.parent.mkdir(parents=True, exist_ok=True)
         destination.write_bytes(server.request(f"/view?{query}"))
-        report.images.append(destination)
-    return report
+    return _report(prompt_id, prompt, entry.get("outputs") or {}, out_dir, download)
 
 
 def _wait_for(server: ComfyServer, prompt_id: str, max_wait: float, poll_interval: float,
@@ -654,23 +581,16 @@ class ProgressFollower:
             socket = await asyncio.wait_for(session.ws_connect(self.url), self.connect_timeout)
             self.ready.set()
             async with socket:
-                await self._read(socket, aiohttp.WSMsgType)
-
-    async def _read(self, socket: Any, kinds: Any) -> None:
-        while not self.stop.is_set():
-            try:
-                message = await socket.receive(timeout=0.25)
-            except asyncio.TimeoutError:
-                continue
-            if message.type in (kinds.CLOSE, kinds.CLOSED, kinds.ERROR):
-                return
-            if message.type == kinds.TEXT:
-                self._handle(json.loads(message.data))
-
-    def _handle(self, message: Mapping) -> None:
-        data = message.get("data") if isinstance(message.get("data"), dict) else {}
-        if message.get("type") == "executing" and data.get("node") is not None:
-            self.report(None, None, str(data["node"]))
-        elif message.get("type") == "progress" and isinstance(data.get("value"), int):
-            node = data.get("node")
-            self.report(data["value"], data.get("max"), str(node) if node is not None else None)
+                while not self.stop.is_set():
+                    try:
+                        message = await socket.receive(timeout=0.25)
+                    except asyncio.TimeoutError:
+                        continue
+                    if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return
+                    event = json.loads(message.data) if message.type == aiohttp.WSMsgType.TEXT else {}
+                    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+                    if event.get("type") == "executing" and data.get("node") is not None:
+                        self.report(None, None, str(data["node"]))
+                    elif event.get("type") == "progress" and isinstance(data.get("value"), int):
+                        self.report(data["value"], data.get("max"), None if data.get("node") is None else str(data["node"]))

@@ -26,9 +26,10 @@ class ModelInput:
 
 
 _TAESD = ("taesd", "taesdxl", "taesd3", "taef1", "pixel_space")
+CHECKPOINT_LOADER = "CheckpointLoaderSimple"  # Load Checkpoint, which the shipped SDXL workflows use
 
 MODEL_LOADERS: dict[str, tuple[ModelInput, ...]] = {
-    "CheckpointLoaderSimple": (ModelInput("ckpt_name", 0, "checkpoints"),),
+    CHECKPOINT_LOADER: (ModelInput("ckpt_name", 0, "checkpoints"),),
     "CheckpointLoader": (ModelInput("config_name", 0, "configs"), ModelInput("ckpt_name", 1, "checkpoints")),
     "ImageOnlyCheckpointLoader": (ModelInput("ckpt_name", 0, "checkpoints"),),
     "unCLIPCheckpointLoader": (ModelInput("ckpt_name", 0, "checkpoints"),),
@@ -75,10 +76,6 @@ class WorkflowModels:
     loader_nodes: int
 
 
-def _node_key(node_id: str) -> tuple[int, str]:
-    return (len(node_id), node_id)
-
-
 def _ui_nodes(workflow: Mapping[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(id, class type, {widget name: value}) of the active nodes of a UI-format workflow and of
     its subgraph definitions."""
@@ -95,16 +92,14 @@ def _ui_nodes(workflow: Mapping[str, Any]) -> Iterator[tuple[str, str, dict[str,
         yield str(node.get("id")), kind, values
 
 
-def _api_nodes(workflow: Mapping[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    for node_id, node in workflow.items():
-        yield str(node_id), node.get("class_type"), dict(node.get("inputs") or {})
-
-
 def workflow_models(workflow: Mapping[str, Any]) -> WorkflowModels:
     """The model files the known loaders of `workflow` name, in node id order. An input connected
     to another node (a link, not a file name) cannot be known here and is left out."""
-    nodes = sorted(_ui_nodes(workflow) if is_ui_format(dict(workflow)) else _api_nodes(workflow),
-                   key=lambda node: _node_key(node[0]))
+    if is_ui_format(dict(workflow)):
+        nodes = list(_ui_nodes(workflow))
+    else:
+        nodes = [(str(i), node.get("class_type"), dict(node.get("inputs") or {})) for i, node in workflow.items()]
+    nodes.sort(key=lambda node: (len(node[0]), node[0]))
     files = []
     loaders = 0
     for node_id, kind, values in nodes:
