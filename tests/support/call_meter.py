@@ -1,9 +1,10 @@
-"""Counting (and timing) the calls of chosen callables while a block runs: an object's method or a
-torch module's forward, replaced on that instance only and restored on exit. The FLUX benchmark and
+"""Counting (and timing) the calls of chosen callables while a block runs: an object's method, a
+torch module's forward or a Python module's function, replaced on that object only and restored on exit. The FLUX benchmark and
 the InfiniteYou tests use it to show what runs once per reference and what runs per step."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 _CLASS_ATTRIBUTE = object()  # the attribute was the class's, not set on the instance
@@ -11,10 +12,11 @@ _CLASS_ATTRIBUTE = object()  # the attribute was the class's, not set on the ins
 
 class CallMeter:
     """`with CallMeter({"irse50": (network, "forward")}) as meter: ...` then meter.calls["irse50"]
-    and meter.seconds["irse50"] (wall time spent inside, nested calls counted once each)."""
+    and meter.seconds["irse50"] (time spent inside by `clock`, wall time by default)."""
 
-    def __init__(self, targets: dict[str, tuple[Any, str]]) -> None:
+    def __init__(self, targets: dict[str, tuple[Any, str]], clock: Callable[[], float] = time.perf_counter) -> None:
         self.targets = targets
+        self.clock = clock
         self._saved: list[tuple[Any, str, Any]] = []
         self.calls = dict.fromkeys(targets, 0)
         self.seconds = dict.fromkeys(targets, 0.0)
@@ -26,11 +28,11 @@ class CallMeter:
 
             def metered(*args: Any, _name: str = name, _real: Any = real, **kwargs: Any) -> Any:
                 self.calls[_name] += 1
-                start = time.perf_counter()
+                start = self.clock()
                 try:
                     return _real(*args, **kwargs)
                 finally:
-                    self.seconds[_name] += time.perf_counter() - start
+                    self.seconds[_name] += self.clock() - start
             setattr(owner, attribute, metered)
         return self
 
