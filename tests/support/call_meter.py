@@ -1,6 +1,7 @@
 """Counting (and timing) the calls of chosen callables while a block runs: an object's method, a
-torch module's forward or a Python module's function, replaced on that object only and restored on exit. The FLUX benchmark and
-the InfiniteYou tests use it to show what runs once per reference and what runs per step."""
+torch module's forward or a Python module's function, replaced on that object only and restored on
+exit. The FLUX benchmark and the InfiniteYou tests use it to show what runs once per reference and
+what runs per step."""
 from __future__ import annotations
 
 import time
