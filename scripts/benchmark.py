@@ -81,8 +81,9 @@ def conditioning(seed: int) -> list:
 def random_adapter(widths: list[int]):
     """An InstantIDAdapter with the published layout and random weights, built in memory."""
     import torch
-    from instantid.adapter import InstantIDAdapter
     from support.tiny_models import adapter_state
+
+    from instantid.adapter import InstantIDAdapter
     state = adapter_state(widths, dtype=torch.float16)
     projections = [(state["ip_adapter"][f"{n}.to_k_ip.weight"], state["ip_adapter"][f"{n}.to_v_ip.weight"])
                    for n in range(1, 140, 2)]
@@ -212,14 +213,19 @@ def host_syncs(model, device: str, width: int, height: int) -> int:
 
 def sdxl_case(options: argparse.Namespace, analyzer) -> None:
     """InstantID on the SDXL layout: per-step ratios, clone cost, adapter memory, host syncs."""
+    import comfy.controlnet
     import torch
+    from support.tiny_models import (
+        TINY_CHANNELS,
+        build_controlnet_module,
+        build_tiny_unet,
+    )
+
     from instantid.apply import apply_attention_only, apply_instantid
-    from instantid.face_inputs import detect_faces
     from instantid.control import attach_identitynet
+    from instantid.face_inputs import detect_faces
     from instantid.keypoints import keypoint_image_batch
     from instantid.sdxl import attn2_widths
-    from support.tiny_models import TINY_CHANNELS, build_controlnet_module, build_tiny_unet
-    import comfy.controlnet
 
     cuda = options.device == "cuda"
     device, dtype, channels = ("cuda", torch.float16, 320) if cuda else ("cpu", torch.float32, TINY_CHANNELS)
@@ -299,20 +305,21 @@ def flux_conditioning(seed: int, tokens: int) -> list:
 def flux_case(options: argparse.Namespace, analyzer) -> None:
     """InfiniteYou on the FLUX bed: ApplyInfiniteYou against the same InfuseNet as a plain
     ControlNet, weight sharing, the Apply's own time, and what runs once per reference."""
-    import torch
     import comfy.controlnet
     import node_helpers
-    import nodes as comfy_nodes
+    import torch
     from comfy_extras.nodes_flux import FluxGuidance
+    from support.call_meter import CallMeter, copied_bytes
+    from support.flux_bed import HIDDEN, cached_flux_files, load_flux_model
+    from support.flux_reference import StandInVAE
+    from support.infiniteyou_models import write_infiniteyou_files
+
+    import nodes as comfy_nodes
     from instantid import face_inputs
     from instantid.face_inputs import detect_faces
     from instantid.flux_apply import apply_infiniteyou
     from instantid.infiniteyou import load_infiniteyou
     from instantid.keypoints import keypoint_image_batch
-    from support.call_meter import CallMeter, copied_bytes
-    from support.flux_bed import HIDDEN, cached_flux_files, load_flux_model
-    from support.flux_reference import StandInVAE
-    from support.infiniteyou_models import write_infiniteyou_files
 
     cuda = options.device == "cuda"
     width, height = (int(v) for v in (options.flux_size or ("1024x1024" if cuda else "64x64")).split("x"))
@@ -446,8 +453,9 @@ def main() -> int:
         return 2
     boot_comfy(comfyui, options.device)
     import torch
-    from instantid.faces import FaceAnalyzer
     from support.antelope import write_antelopev2
+
+    from instantid.faces import FaceAnalyzer
 
     with tempfile.TemporaryDirectory() as folder:
         analyzer = FaceAnalyzer.load(write_antelopev2(Path(folder) / "antelopev2"), "auto")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 _CLASS_ATTRIBUTE = object()  # the attribute was the class's, not set on the instance
 
@@ -22,7 +22,7 @@ class CallMeter:
         self.calls = dict.fromkeys(targets, 0)
         self.seconds = dict.fromkeys(targets, 0.0)
 
-    def __enter__(self) -> "CallMeter":
+    def __enter__(self) -> Self:
         for name, (owner, attribute) in self.targets.items():
             real = getattr(owner, attribute)
             self._saved.append((owner, attribute, vars(owner).get(attribute, _CLASS_ATTRIBUTE)))
@@ -37,7 +37,7 @@ class CallMeter:
             setattr(owner, attribute, metered)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for owner, attribute, saved in reversed(self._saved):
             if saved is _CLASS_ATTRIBUTE:
                 delattr(owner, attribute)
