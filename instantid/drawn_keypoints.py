@@ -50,9 +50,9 @@ def is_keypoint_drawing(rgb: np.ndarray) -> bool:
     """True when an RGB uint8 HxWx3 image is a five-point keypoint drawing."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 16:
         return False
-    brightest = rgb.max(axis=2)
-    if np.mean(brightest[::4, ::4] < DARK) < MIN_DARK_FRACTION:  # cheap early exit for most photos
+    if not _mostly_dark(rgb[::4, ::4]):  # cheap early exit for most photos
         return False
+    brightest = _brightest(rgb)
     if np.mean(brightest < DARK) < MIN_DARK_FRACTION:
         return False
     hue = _hue_index(rgb, brightest)
@@ -66,8 +66,19 @@ def is_keypoint_drawing(rgb: np.ndarray) -> bool:
 
 
 def keypoint_drawings(images: torch.Tensor) -> list[bool]:
-    """For each image of a ComfyUI IMAGE batch [B, H, W, C]: is it a keypoint drawing?"""
-    return [is_keypoint_drawing(_as_rgb8(image)) for image in images]
+    """For each image of a ComfyUI IMAGE batch [B, H, W, C]: is it a keypoint drawing? A photo that
+    is not mostly dark even in every 4th pixel is rejected before the whole image is converted."""
+    return [_mostly_dark(_as_rgb8(image[::4, ::4])) and is_keypoint_drawing(_as_rgb8(image)) for image in images]
+
+
+def _mostly_dark(rgb: np.ndarray) -> bool:
+    return rgb.ndim == 3 and rgb.shape[2] == 3 and bool(np.mean(_brightest(rgb) < DARK) >= MIN_DARK_FRACTION)
+
+
+def _brightest(rgb: np.ndarray) -> np.ndarray:
+    """Per pixel, the brightest channel (channel by channel: numpy's max over a last axis of 3 is
+    ten times slower, 30 ms at 1024^2)."""
+    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
 
 
 def _as_rgb8(image: torch.Tensor) -> np.ndarray:
@@ -78,13 +89,14 @@ def _as_rgb8(image: torch.Tensor) -> np.ndarray:
 
 def _hue_index(rgb: np.ndarray, brightest: np.ndarray) -> np.ndarray:
     """Per pixel: the index of the palette hue it has (any brightness), or -1 (none, or too dark)."""
-    hue = np.full(brightest.shape, -1, dtype=np.int64)
-    coloured = brightest >= BRIGHT
-    direction = rgb[coloured].astype(np.float32) / brightest[coloured, None].astype(np.float32)
+    # int8 and flat positions: a full-size int64 array and boolean masks over HxWx3 took 15 ms at 1024^2.
+    hue = np.full(brightest.size, -1, dtype=np.int8)
+    coloured = np.flatnonzero(brightest >= BRIGHT)
+    direction = rgb.reshape(-1, 3)[coloured].astype(np.float32) / brightest.reshape(-1)[coloured, None].astype(np.float32)
     errors = np.abs(direction[:, None, :] - HUES).max(axis=-1)
     index = errors.argmin(axis=-1)
     hue[coloured] = np.where(errors[np.arange(len(index)), index] <= HUE_TOLERANCE, index, -1)
-    return hue
+    return hue.reshape(brightest.shape)
 
 
 def _disc(of_hue: np.ndarray, brightest: np.ndarray) -> _Disc | None:

@@ -165,7 +165,8 @@ def keypoints_from(face_analysis: Any, image_kps: torch.Tensor | None, identity:
     faces: list[DetectedFace | None] = [None] * len(image_kps)
     if photos:
         analyzer = as_face_analyzer(face_analysis, "the pose image (image_kps)")
-        for i, face in zip(photos, detect_faces(analyzer, image_kps[photos], notes, "keypoint image (image_kps)")):
+        pose_photos = image_kps if len(photos) == len(image_kps) else image_kps[photos]  # indexing copies the batch
+        for i, face in zip(photos, detect_faces(analyzer, pose_photos, notes, "keypoint image (image_kps)")):
             faces[i] = face
     missing = [i for i in photos if faces[i] is None]
     fix = (f"{_FACE_ADVICE}, or disconnect image_kps to take the pose from the reference (a keypoint drawing, "

@@ -27,6 +27,8 @@ LIMBS: tuple[tuple[int, int], ...] = ((0, NOSE), (1, NOSE), (3, NOSE), (4, NOSE)
 STICK_WIDTH = 4
 LIMB_INTENSITY = 0.6
 POINT_RADIUS = 10
+# A limb's colour as upstream's float canvas ends up: its point's colour x 0.6, truncated to uint8.
+LIMB_COLORS = tuple(tuple(int(np.float64(channel) * LIMB_INTENSITY) for channel in color) for color in KEYPOINT_COLORS)
 
 
 def _checked_keypoints(kps: np.ndarray) -> np.ndarray:
@@ -52,8 +54,11 @@ def draw_keypoints(kps: np.ndarray, width: int, height: int) -> np.ndarray:
     and float32 lengths and means truncate differently from float64 ones at pixel boundaries."""
     points = _checked_keypoints(kps)
     _check_canvas(width, height)
-    # Limbs go on a float canvas that is scaled afterwards, so they end at 60 % brightness.
-    canvas = np.zeros((int(height), int(width), 3), dtype=np.float64)
+    # Upstream fills the limbs at full colour on a float canvas and then scales the whole canvas to
+    # 60 % and truncates to uint8. The fill is not antialiased, so every pixel is 0 or a full palette
+    # colour: filling the uint8 image with the scaled, truncated colours gives the same pixels
+    # without two whole-canvas float passes (tens of ms at 1024^2).
+    image = np.zeros((int(height), int(width), 3), dtype=np.uint8)
     for start, end in LIMBS:
         xs = points[[start, end], 0]
         ys = points[[start, end], 1]
@@ -62,8 +67,7 @@ def draw_keypoints(kps: np.ndarray, width: int, height: int) -> np.ndarray:
         polygon = cv2.ellipse2Poly(
             (int(np.mean(xs)), int(np.mean(ys))), (int(length / 2), STICK_WIDTH), int(angle), 0, 360, 1
         )
-        cv2.fillConvexPoly(canvas, polygon, KEYPOINT_COLORS[start])
-    image = (canvas * LIMB_INTENSITY).astype(np.uint8)
+        cv2.fillConvexPoly(image, polygon, LIMB_COLORS[start])
     for index, (x, y) in enumerate(points):
         cv2.circle(image, (int(x), int(y)), POINT_RADIUS, KEYPOINT_COLORS[index], -1)
     return image
@@ -81,7 +85,7 @@ def keypoint_image_batch(kps_list: Sequence[np.ndarray | None], width: int, heig
         np.zeros((int(height), int(width), 3), dtype=np.uint8) if kps is None else draw_keypoints(kps, width, height)
         for kps in kps_list
     ]
-    return torch.from_numpy(np.stack(images)).to(torch.float32) / 255.0
+    return torch.from_numpy(np.stack(images)).to(torch.float32).div_(255.0)  # in place: one 4-byte copy fewer
 
 
 # ------------------------------------------------------------------------- fitting the canvas --

@@ -5,7 +5,8 @@ small width in ComfyUI's own ControlNet wrapper (what 'Load ControlNet Model' re
 Acceptance lines of issue 18 tested here: a chained canny-style ControlNet after ApplyInfiniteYou
 receives the text while the InfuseNet receives 8 identity tokens (recorded inside the forwards); a
 second ApplyInfiniteYou keeps its own tokens; face_region makes the InfuseNet residuals zero outside
-the face box; a photo without a face behaves as on_no_face says; the Apply copies no weights.
+the face box; a photo without a face behaves as on_no_face says; the Apply copies no weights; IR-SE50
+and the projection run once per reference, not per sampling step (issue 18, point 9).
 """
 from __future__ import annotations
 
@@ -164,6 +165,28 @@ def test_apply_copies_no_weights_and_leaves_its_inputs_untouched(kit):
     assert control.control_model is kit.infusenet.control_model
     assert control.control_model_wrapped is kit.infusenet.control_model_wrapped
     assert positive[0][1] == {"pooled_output": kit.pair["pooled"]} and negative[0][1] == {}
+
+
+def test_irse50_and_projection_run_once_per_reference_not_per_step_and_no_weight_is_copied(kit):
+    import comfy.sample
+    from support.call_meter import CallMeter, copied_bytes
+    from support.tiny_models import build_tiny_flux
+    model = build_tiny_flux(**fr.flux_params(1, 1))  # ComfyUI's FLUX at the kit InfuseNet's width
+    steps, latent = 4, torch.zeros(1, 16, *LATENT)
+    infusenet = kit.infusenet.control_model
+    metered = {"irse50": (kit.infiniteyou.recognizer.network, "forward"),
+               "projection": (kit.infiniteyou.projection, "forward"), "infusenet": (infusenet, "forward")}
+    with CallMeter(metered) as meter:
+        positive, negative, _, _ = kit.apply(image=face_photo(g=90))  # a face no other test embeds: no cache hit
+        applied = dict(meter.calls)
+        comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 0), steps, 1.0, "euler", "simple", positive,
+                            negative, latent, denoise=1.0, seed=0, disable_pbar=True)
+    assert applied == {"irse50": 1, "projection": 1, "infusenet": 0}
+    assert meter.calls == {"irse50": 1, "projection": 1, "infusenet": steps}  # the sampling run added forwards only
+    control = positive[0][1]["control"]
+    weights = sum(p.nbytes for p in infusenet.parameters())
+    assert weights > 0 and copied_bytes(control.control_model, infusenet) == 0
+    assert copied_bytes(control.control_model, fr.comfy_control_model(fr.diffusers_controlnet())) == weights
 
 
 def test_saved_identities_carry_the_irse50_embedding_or_say_how_to_make_one(kit, comfy, tmp_path):

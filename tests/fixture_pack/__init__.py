@@ -9,10 +9,10 @@ import hashlib
 import torch
 from typing_extensions import override
 
-import comfy.sd
 import folder_paths
 import nodes as comfy_nodes
 from comfy_api.latest import ComfyExtension, io
+from support.flux_bed import load_flux_model
 from support.tiny_models import register_tiny_sdxl
 
 register_tiny_sdxl()
@@ -106,9 +106,7 @@ class FluxCheckpoint(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str) -> io.NodeOutput:
-        # bf16 weights (cast per layer on CPU) keep the 0.5 G-parameter bed at ~1 GB of memory.
-        model = comfy.sd.load_diffusion_model(folder_paths.get_full_path_or_raise("diffusion_models", unet_name),
-                                              model_options={"dtype": torch.bfloat16})
+        model = load_flux_model(folder_paths.get_full_path_or_raise("diffusion_models", unet_name))
         return io.NodeOutput(model, SeededFluxTextEncoder(), FluxLatentPreviewDecoder())
 
 

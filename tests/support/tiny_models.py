@@ -246,15 +246,16 @@ def build_tiny_sd3(seed: int = 12):
     return _patcher(model)
 
 
-def build_tiny_flux(seed: int = 13):
-    """A ComfyUI ModelPatcher around a tiny Flux-family DiT (1 double and 1 single block, hidden 64)."""
+def build_tiny_flux(seed: int = 13, **layout):
+    """A ComfyUI ModelPatcher around a tiny Flux-family DiT (1 double and 1 single block, hidden 64);
+    `layout` overrides its configuration (widths, depths, guidance embedding)."""
     import comfy.model_base
     import comfy.supported_models
 
     unet_config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
                        hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
                        axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False,
-                       txt_ids_dims=[], dtype=torch.float32)
+                       txt_ids_dims=[], dtype=torch.float32) | layout
     config = comfy.supported_models.Flux(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = comfy.model_base.Flux(config, device="cpu")
