@@ -24,16 +24,15 @@ from pathlib import Path
 from typing import Literal
 
 from .bootstrap import installed_version, torch_accelerator
-from .catalog import (CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG, FLUX_DEFAULT, INSTANTID_REPO, WORKFLOW_MODELS, ModelFile,
-                      format_size)
 from .comfy_home import PACK_ROOT, comfyui_version, find_comfyui, why_not_found
-from .fetch import DEFAULT_ENDPOINT, file_url
 from .model_folders import (FolderError, comfyui_base, config_files, first_existing, folder_flags, model_folders,
                             model_search_paths, registered_folders)
 from .workflow_models import (CHECKPOINT_LOADER, FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels,
                               workflow_models)
 from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, ONNXRUNTIME, OPENCV, FaceModelsMissing,
                     SharedModuleDistributions, find_antelopev2, select_providers, stray_copies)
+from ..model_files import (ANTELOPEV2, CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG, FLUX_DEFAULT, INSTANTID_REPO, REQUIRED,
+                           WORKFLOW_MODELS, ModelFile, format_size, model_file)
 from ..paths import ADAPTER_FOLDER
 
 log = logging.getLogger(__name__)
@@ -77,8 +76,7 @@ class Report:
         refetch = [entry_id for check in self.checks for entry_id in check.refetch]
         commands = []
         if refetch:
-            required = [entry.id for entry in CATALOG if entry.required]
-            chosen = "" if sorted(set(refetch)) == sorted(required) else "".join(f" --only {i}" for i in dict.fromkeys(refetch))
+            chosen = "" if sorted(set(refetch)) == sorted(entry.id for entry in REQUIRED) else "".join(f" --only {i}" for i in dict.fromkeys(refetch))
             commands.append(self.fetch_command + chosen)
         for check in self.checks:
             commands += [fix for fix in check.fixes if fix not in commands]
@@ -493,7 +491,7 @@ def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target
         if entry is None:
             return Check("fail", name, f"{subject}: MISSING; {_where(target)}")
         return Check("fail", name, f"{subject}: {_missing_detail(entry, target)}; "
-                                   f"download {file_url(entry, DEFAULT_ENDPOINT)}", refetch=refetch)
+                                   f"download {entry.url()}", refetch=refetch)
     # The adapter is checked whatever its name: InstantIDModelLoader loads nothing else.
     validator = _VALIDATORS.get(entry.id) if entry else None
     if validator is None and reference.folder == ADAPTER_FOLDER:
@@ -523,8 +521,7 @@ def check_workflow(workflow: Path, models: WorkflowModels, search_paths: Mapping
     checks += [check_workflow_file(reference, search_paths.get(reference.folder, []), targets.get(reference.folder))
                for reference in models.files]
     if models.face_analysis:
-        checks += check_antelopev2([entry for entry in CATALOG if entry.folder == "insightface"],
-                                   list(search_paths.get("insightface", [])), targets.get("insightface"))
+        checks += check_antelopev2(ANTELOPEV2, list(search_paths.get("insightface", [])), targets.get("insightface"))
     return checks
 
 
@@ -553,10 +550,9 @@ def doctor_report(base_directory: Path | None, extra_config: Path | None, workfl
     report.checks += [check_comfyui(comfyui, base), check_model_folders(base, configs), check_python()]
     torch_check, torch_cuda = check_torch()
     report.checks += [torch_check, check_packages(), check_installs(OPENCV)]
-    by_id = {entry.id: entry for entry in CATALOG}
     face_roots = search_paths["insightface"]
     folder = _antelopev2_folder(face_roots)
-    detector = first_existing(face_roots, by_id["antelopev2-detector"].path) or (folder / DETECTOR_FILE if folder else None)
+    detector = first_existing(face_roots, model_file("antelopev2-detector").path) or (folder / DETECTOR_FILE if folder else None)
     faces_log = logging.getLogger("instantid.faces")  # its 'providers in use' note repeats a report line
     previous_level = faces_log.level
     faces_log.setLevel(logging.WARNING)
@@ -567,13 +563,12 @@ def doctor_report(base_directory: Path | None, extra_config: Path | None, workfl
             report.checks += check_workflow(*workflow, search_paths, targets)
             return report
         for entry_id, validator in (("adapter", _adapter_check), ("identitynet", identitynet_problem)):
-            entry = by_id[entry_id]
+            entry = model_file(entry_id)
             report.checks.append(check_file_entry(entry, search_paths[entry.folder], _target(targets, entry), validator))
-        report.checks += check_antelopev2([entry for entry in CATALOG if entry.folder == "insightface"], face_roots,
-                                          targets.get("insightface"))
+        report.checks += check_antelopev2(ANTELOPEV2, face_roots, targets.get("insightface"))
     finally:
         faces_log.setLevel(previous_level)
-    checkpoint = by_id[DEFAULT_CHECKPOINT]
+    checkpoint = model_file(DEFAULT_CHECKPOINT)
     target = _target(targets, checkpoint)
     # Missing is a warning: portrait fetches it, and the nodes do not need it.
     report.checks.append(check_file_entry(checkpoint, search_paths["checkpoints"], target, checkpoint_problem,

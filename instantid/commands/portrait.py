@@ -20,7 +20,7 @@ from typing import TextIO
 from ..paths import FETCH_COMMAND
 from .bootstrap import Steps, StepFailed, prepare_comfyui
 from .image_files import check_photos
-from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
+from ..model_files import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, REQUIRED, ModelFile
 from .comfy_home import PACK_ROOT, find_comfyui
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
 from .model_folders import (FolderError, comfyui_layout, config_files, first_existing, folder_flags, model_folders,
@@ -286,7 +286,7 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
         raise StepFailed("fetch the models", str(error), "pass --base-directory DIR") from None
     if checkpoint.file is not None:
         link_checkpoint(checkpoint.file, targets["checkpoints"], steps)
-    wanted = [entry for entry in CATALOG if entry.required] + ([checkpoint.entry] if checkpoint.entry else [])
+    wanted = [*REQUIRED] + ([checkpoint.entry] if checkpoint.entry else [])
     fetch_missing(wanted, targets, search_paths, steps, endpoint=options.endpoint, timeout=options.timeout,
                   fix_options=folder_flags(base, options.extra_model_paths_config))
     steps.start(f"draw the portrait with {workflow_path.name} (ComfyUI embedded)")
