@@ -1,13 +1,9 @@
 """`python -m instantid doctor`: is this machine ready to run InstantID, and if not, what to do.
 
 Each check is one line (status, name, detail); the report ends with a summary and the commands
-that fix what failed. Nothing is downloaded and no GPU is needed.
-
-Cost: the adapter (1.7 GB) is validated with the pack's own `load_adapter`, but with torch's
-memory-mapped loading, so only the tensor headers are read, not the weights. The IdentityNet
-(2.5 GB) is checked from its safetensors header alone (key names, shapes, data size). The two
-antelopev2 files are opened with onnxruntime and insightface, as the Face Analysis node does.
-"""
+that fix what failed. Nothing is downloaded, no GPU is needed and no weights are read: the model
+files are checked by their headers (adapter_problem, safetensors_shapes), the antelopev2 files
+opened with onnxruntime and insightface as the Face Analysis node does."""
 from __future__ import annotations
 
 import logging
@@ -34,6 +30,7 @@ from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND
 from ..model_files import (ANTELOPEV2, CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG, FLUX_DEFAULT, INSTANTID_REPO, REQUIRED,
                            WORKFLOW_MODELS, ModelFile, format_size, model_file)
 from ..paths import ADAPTER_FOLDER
+from ..sdxl import ADM_CHANNELS, CONTEXT_DIM
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +38,6 @@ Status = Literal["ok", "warn", "fail"]
 MARKERS = {"ok": "✔", "warn": "!", "fail": "✘"}
 ASCII_MARKERS = {"ok": "OK", "warn": "WARN", "fail": "FAIL"}
 GPU_ONNXRUNTIME = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
-CONTEXT_DIM = 2048  # SDXL's text context width (instantid.sdxl.CONTEXT_DIM, which needs torch to import)
-ADM_CHANNELS = 2816  # SDXL's size conditioning width
 SIZE_TOLERANCE = 0.1  # catalog sizes are rounded; a wrong file is off by far more
 # The prefixes of an SDXL checkpoint's parts (ComfyUI's supported_models.SDXL).
 CHECKPOINT_PARTS = {"UNet": "model.diffusion_model.", "CLIP-L text encoder": "conditioner.embedders.0.",
@@ -295,6 +290,12 @@ def _joined(*reasons: str | None) -> str | None:
     return "; ".join(reason for reason in reasons if reason) or None
 
 
+def _context_widths(shapes: Mapping[str, list[int]], prefix: str = "") -> str:
+    """The cross-attention text-context widths of the tensors under `prefix`: '2048', '768/1024' or 'no'."""
+    return "/".join(map(str, sorted({shape[1] for key, shape in shapes.items() if key.startswith(prefix)
+                                     and key.endswith("attn2.to_k.weight") and len(shape) == 2}))) or "no"
+
+
 def checkpoint_problem(path: Path) -> tuple[str | None, str]:
     """(why Load Checkpoint cannot draw SDXL with it, or None; what it is): a full SDXL checkpoint
     holds the UNet, both text encoders and the VAE."""
@@ -305,11 +306,10 @@ def checkpoint_problem(path: Path) -> tuple[str | None, str]:
     parts = {part for part, prefix in CHECKPOINT_PARTS.items() if any(key.startswith(prefix) for key in shapes)}
     if "UNet" not in parts:
         return "it has no UNet (no model.diffusion_model.* tensors): it is not a checkpoint", ""
-    contexts = sorted({shape[1] for key, shape in shapes.items()
-                       if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight") and len(shape) == 2})
-    if contexts != [CONTEXT_DIM]:
-        return (f"its UNet takes {'/'.join(map(str, contexts)) or 'no'}-wide text context (SD1.5 is 768, SD2 1024), not "
-                f"SDXL's {CONTEXT_DIM}: it is not an SDXL checkpoint"), ""
+    widths = _context_widths(shapes, "model.diffusion_model.")
+    if widths != str(CONTEXT_DIM):
+        return (f"its UNet takes {widths}-wide text context (SD1.5 is 768, SD2 1024), not SDXL's {CONTEXT_DIM}: it is "
+                "not an SDXL checkpoint"), ""
     if parts == {"UNet"}:
         return ("it is a UNet-only file (no text encoders, no VAE): Load Checkpoint cannot use it; load it with Load "
                 "Diffusion Model, or pass a full SDXL checkpoint"), ""
@@ -334,10 +334,8 @@ def identitynet_problem(path: Path) -> tuple[str | None, str]:
         return "it is a UNet or checkpoint, not a ControlNet", ""
     else:
         return "it is not a ControlNet (no control hint encoder among its tensors)", ""
-    contexts = sorted({shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight") and len(shape) == 2})
     adm = shapes.get(adm_key)
-    if contexts != [CONTEXT_DIM]:
-        widths = "/".join(map(str, contexts)) or "no"
+    if (widths := _context_widths(shapes)) != str(CONTEXT_DIM):
         return (f"it is a ControlNet for {widths}-wide text context (SD1.5 is 768, SD2 1024), not SDXL's "
                 f"{CONTEXT_DIM}; InstantID needs its IdentityNet from {INSTANTID_REPO}"), ""
     if not adm or len(adm) != 2 or adm[1] != ADM_CHANNELS:
@@ -473,15 +471,11 @@ _VALIDATORS: dict[str, Callable[[Path], tuple[str | None, str]]] = {DEFAULT_CHEC
                                                                     "identitynet": identitynet_problem}
 
 
-def _catalog_entry(reference: ModelReference) -> ModelFile | None:
-    return next((entry for entry in (*CATALOG, *WORKFLOW_MODELS)
-                 if (entry.folder, entry.path) == (reference.folder, reference.relative_path)), None)
-
-
 def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target_folder: Path | None) -> Check:
     """One file a workflow's node loads: found where ComfyUI searches (and, for the pack's own
     files, valid), else where it goes and, when the catalog knows it, where to download it."""
-    entry = _catalog_entry(reference)
+    entry = next((entry for entry in (*CATALOG, *WORKFLOW_MODELS)
+                  if (entry.folder, entry.path) == (reference.folder, reference.relative_path)), None)
     name = f"node {reference.node} {reference.class_type}"
     subject = f"{reference.input} {reference.file}"
     refetch = (entry.id,) if entry else ()

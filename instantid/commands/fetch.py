@@ -1,12 +1,7 @@
-"""Downloading the catalog's model files from Hugging Face through huggingface_hub, verified here.
-
-Each file is fetched with `hf_hub_download` into a staging folder beside its final place (same disk,
-so the move is a rename): huggingface_hub brings the token (HF_TOKEN or `hf auth login`), the
-endpoint, Range resume of dropped connections, Xet storage and its progress bar. The staged file is
-then checked here for the published size and sha256 (the catalog's pin where it has one) and only
-then renamed to its final name, so a file under the final name is always complete. Every request
-has a timeout.
-"""
+"""Downloading the catalog's model files from Hugging Face through huggingface_hub (which brings the
+token, HF_TOKEN or `hf auth login`, the endpoint, Range resume, Xet storage and its progress bar),
+verified here for the published size and sha256 (the catalog's pin where it has one) before the
+file takes its final name. Every request has a timeout."""
 from __future__ import annotations
 
 import logging
@@ -137,12 +132,11 @@ def published(entry: ModelFile, endpoint: str, timeout: float, retries: int, ret
 def download(entry: ModelFile, endpoint: str, destination: Path, expected: Published, *,
              timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
              retry_delay: float = DEFAULT_RETRY_DELAY) -> None:
-    """hf_hub_download into the staging folder (huggingface_hub resumes a dropped connection with a
-    Range request), then the size and sha256 check and the rename. The final name appears only after
-    verification; a file that fails it is deleted with its staging folder."""
+    """hf_hub_download into a staging folder beside `destination`, then the size and sha256 check and
+    the rename: a file under the final name is always complete; one that fails is deleted."""
     from huggingface_hub import hf_hub_download
 
-    staging = destination.parent / f".{destination.name}.download"  # beside it, on the same disk: the move is a rename
+    staging = destination.parent / f".{destination.name}.download"  # on the same disk: the move is a rename
     staging.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(staging).free
     if expected.size > free:
