@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
-from .instantid.adapter import load_adapter
+from .instantid.adapter import ADAPTER_FILE, load_adapter
 from .instantid.apply import apply_attention_only, apply_control_only, apply_instantid
 from .instantid.checks import NumberInput, float_inputs
 from .instantid.face_crop import DEFAULT_FEATHER, DEFAULT_PADDING, DEFAULT_SIZE, crop_faces, paste_faces
@@ -19,7 +19,7 @@ from .instantid.faces import COMBINE_MODES, PROVIDER_CHOICES, FaceAnalyzer, find
 from .instantid.identity_files import (IDENTITY_FOLDER, describe, file_sha256, list_identity_files, load_identity,
                                        resolve_identity_file, save_identity, save_path, saved_file)
 from .instantid.keypoints import FIT_MODES, CanvasFit
-from .instantid.infiniteyou import load_infiniteyou
+from .instantid.infiniteyou import PROJECTION_SOURCE, load_infiniteyou
 from .instantid.paths import ADAPTER_FOLDER, INFINITEYOU_FOLDER, face_model_roots, register_model_folders
 from .instantid.regions import MASK_SCOPES, PROMPT_AND_IDENTITY
 from .instantid.similarity import face_similarity, ranked_images
@@ -157,7 +157,7 @@ class InstantIDModelLoader(io.ComfyNode):
             description="Loads the InstantID adapter, the IP-Adapter-style part that turns a face into tokens the "
                         "model attends to (ip-adapter.bin or a .safetensors copy, in models/instantid).",
             inputs=[io.Combo.Input("instantid_file", options=folder_paths.get_filename_list(ADAPTER_FOLDER),
-                                   tooltip="The adapter file in ComfyUI/models/instantid (ip-adapter.bin from InstantX/InstantID).")],
+                                   tooltip=f"The adapter file in ComfyUI/models/{ADAPTER_FOLDER} ({ADAPTER_FILE.source}).")],
             outputs=[InstantIDType.Output(display_name="INSTANTID", tooltip="The loaded adapter.")])
 
     @classmethod
@@ -556,8 +556,7 @@ class InfiniteYouModelLoader(io.ComfyNode):
                         "(identity tokens from a face embedding) and the ArcFace IR-SE50 face recogniser it was trained "
                         "with, each checked by its layout. The InfuseNet itself loads with 'Load ControlNet Model'.",
             inputs=[io.Combo.Input("projection_file", options=files,
-                                   tooltip="image_proj_model.bin (or a .safetensors of it) from ByteDance/InfiniteYou "
-                                           "infu_flux_v1.0/aes_stage2 (or sim_stage1), in ComfyUI/models/infiniteyou."),
+                                   tooltip=f"InfiniteYou's image projection (or a .safetensors of it): {PROJECTION_SOURCE}."),
                     io.Combo.Input("recognizer_file", options=files,
                                    tooltip="recognition_arcface_ir_se50.pth (facexlib's IR-SE50, or a .safetensors of "
                                            "it), in ComfyUI/models/infiniteyou.")],

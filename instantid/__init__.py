@@ -13,8 +13,9 @@ Modules, one job each:
   `apply`;
 - the FLUX back end (InfiniteYou): `irse50` (the IR-SE50 recogniser), `infiniteyou` (projection,
   recogniser, InfuseNet check), `flux_apply` (what ApplyInfiniteYou calls);
-- `paths` (the model folders ComfyUI knows), `file_digest` (a file's sha256);
+- `paths` (the model folders ComfyUI knows), `model_files` (the catalog: each model file and where
+  it is published), `file_digest` (a file's sha256);
 - `commands/`: the command line and what only it needs (cli, runner, embedded ComfyUI, doctor,
-  fetch, catalog, ComfyUI discovery). It imports the domain; nothing here imports it.
+  fetch, ComfyUI discovery). It imports the domain; nothing here imports it.
 """
 __version__ = "1.1.0"

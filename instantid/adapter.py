@@ -17,17 +17,20 @@ from pathlib import Path
 
 import torch
 
+from .model_files import model_file
+from .paths import FETCH_COMMAND
 from .sdxl import ADAPTER_LAYER_NUMBERS, ATTN2_KEYS, CONTEXT_DIM, adapter_key_names
 
 from .resampling import RESAMPLER_CONFIG, Resampler
 
 EMBEDDING_DIM = RESAMPLER_CONFIG["embedding_dim"]
 TOKENS_PER_FACE = RESAMPLER_CONFIG["num_queries"]
+ADAPTER_FILE = model_file("adapter")
 EXPECTED_LAYOUT = (
     "an InstantID adapter: 'image_proj' (the face Resampler: latents [1, 16, 1280], proj_in [1280, 512], "
     "proj_out [2048, 1280]) and 'ip_adapter' with 140 tensors 1.to_k_ip.weight ... 139.to_v_ip.weight of "
-    "shape [640 or 1280, 2048]. Get ip-adapter.bin from https://huggingface.co/InstantX/InstantID "
-    "(or run `python -m instantid fetch-models`) and put it in ComfyUI/models/instantid/")
+    f"shape [640 or 1280, 2048]. Get {ADAPTER_FILE.source} (or run `{FETCH_COMMAND}`) and put it in "
+    f"ComfyUI/models/{ADAPTER_FILE.folder}/")
 # Layer positions (in ATTN2_KEYS order) that run at the narrower width: input 4,5 and output 3,4,5.
 NARROW_LAYERS = frozenset(i for i, (block, block_id, _) in enumerate(ATTN2_KEYS)
                           if (block == "input" and block_id in (4, 5)) or (block == "output" and block_id in (3, 4, 5)))
@@ -106,8 +109,8 @@ def _read_state(path: Path, mmap: bool = False) -> dict:
             what = f"it would import and call {unsafe.group(1)}" if unsafe else "it holds more than plain tensors"
             raise AdapterFileError(
                 f"{path} was refused and not loaded: it is a pickle that could run code when loaded ({what}). "
-                "InstantID adapters are plain weights; delete this file and use the official ip-adapter.bin "
-                f"from huggingface.co/InstantX/InstantID or a .safetensors file. Expected {EXPECTED_LAYOUT}") from e
+                f"InstantID adapters are plain weights; delete this file and use the official {ADAPTER_FILE.source} "
+                f"or a .safetensors file. Expected {EXPECTED_LAYOUT}") from e
         raise _damaged(path, size, head, "not a PyTorch weights file") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise _damaged(path, size, head, str(e).splitlines()[0] if str(e) else type(e).__name__) from e

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .paths import ANTELOPEV2_REPO, FETCH_COMMAND
+from .model_files import ANTELOPEV2
+from .paths import FETCH_COMMAND
 
 if TYPE_CHECKING:
     import torch
@@ -31,10 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FACE_MODEL_NAME = "antelopev2"
-DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
-RECOGNIZER_FILE = "glintr100.onnx"
-FACE_MODEL_FILES = (DETECTOR_FILE, RECOGNIZER_FILE)
-ANTELOPEV2_DOWNLOAD = f"https://huggingface.co/{ANTELOPEV2_REPO}/resolve/main"
+FACE_MODEL_FILES = tuple(entry.file for entry in ANTELOPEV2)
+DETECTOR_FILE, RECOGNIZER_FILE = FACE_MODEL_FILES
 
 # Largest first: 640 is what InstantID was trained with; smaller sizes only rescue faces that fill
 # so much of the photo that SCRFD misses them at 640. The ladder holds InfiniteYou's own retries
@@ -104,7 +103,7 @@ def _missing_message(roots: Sequence[Path]) -> str:
     for stray in stray_copies(roots):
         lines.append(f"  {stray}: too deeply nested, move it to {target / stray.name}")
     lines.append("Searched: " + ", ".join(str(folder) for folder in searched))
-    lines.append("Download them: " + ", ".join(f"{ANTELOPEV2_DOWNLOAD}/{name}" for name in FACE_MODEL_FILES))
+    lines.append("Download them: " + ", ".join(entry.url() for entry in ANTELOPEV2))
     lines.append(f"or get them with `{FETCH_COMMAND}`. This pack does not use insightface's auto-download: "
                  "its URL is dead and the request has no timeout, so it can hang.")
     return "\n".join(lines)

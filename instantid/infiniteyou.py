@@ -17,6 +17,7 @@ import torch
 
 from .checks import UnsupportedModelError
 from .irse50 import IRSE50Recognizer, load_irse50
+from .model_files import FLUX_CATALOG, model_file
 from .resampling import Resampler
 from .weights_files import WeightsUnreadable, read_weights
 
@@ -24,10 +25,12 @@ INFINITEYOU = "infiniteyou"  # the back end name on FACE_EMBEDS
 PROJECTION_CONFIG = dict(dim=1280, depth=4, dim_head=64, heads=20, num_queries=8, embedding_dim=512,
                          output_dim=4096, ff_mult=4)
 SECTION = "image_proj"
-EXPECTED_PROJECTION = ("InfiniteYou's image projection: image_proj_model.bin (a dict whose 'image_proj' entry holds "
-                       "latents [1, 8, 1280], proj_in [1280, 512], proj_out [4096, 1280], 4 layers) or a .safetensors "
-                       "of the same tensors, from huggingface.co/ByteDance/InfiniteYou infu_flux_v1.0/aes_stage2/ "
-                       "(or sim_stage1/), in ComfyUI/models/infiniteyou/")
+PROJECTION_FILE, SIM_PROJECTION_FILE = model_file("infiniteyou-projection-aes"), model_file("infiniteyou-projection-sim")
+PROJECTION_SOURCE = (f"{PROJECTION_FILE.source} (or {SIM_PROJECTION_FILE.file}), in "
+                     f"ComfyUI/models/{PROJECTION_FILE.folder}/")
+EXPECTED_PROJECTION = ("InfiniteYou's image projection: a dict whose 'image_proj' entry holds latents [1, 8, 1280], "
+                       "proj_in [1280, 512], proj_out [4096, 1280], 4 layers, or a .safetensors of the same tensors: "
+                       f"{PROJECTION_SOURCE}")
 HOW_TO_MAKE = ("Make an identity for FLUX by connecting the photo to 'FLUX Apply InfiniteYou (InstantID)' (image input, with "
                "'InstantID InsightFace (antelopev2)' on insightface) and saving its FACE_EMBEDS output with 'InstantID "
                "Save Identity (Face Embeds)': that file holds the IR-SE50 embedding as well and serves both SDXL and FLUX.")
@@ -103,9 +106,9 @@ def load_infiniteyou(projection_path: str | Path, recognizer_path: str | Path) -
     return InfiniteYouModel(projection, recognizer, Path(projection_path))
 
 
-INFUSENET_FIX = ("load the InfuseNet with 'Load ControlNet Model': infusenet_aes_fp8e4m3fn.safetensors (or _bf16, or "
-                 "the sim_stage1 files) from huggingface.co/ByteDance/InfiniteYou infu_flux_v1.0/aes_stage2/, in "
-                 "ComfyUI/models/controlnet/")
+INFUSENET, *OTHER_INFUSENETS = (entry for entry in FLUX_CATALOG if entry.id.startswith("infusenet-"))
+INFUSENET_FIX = (f"load the InfuseNet with 'Load ControlNet Model': {INFUSENET.source} (or "
+                 f"{', '.join(entry.file for entry in OTHER_INFUSENETS)}), in ComfyUI/models/{INFUSENET.folder}/")
 
 
 def check_infusenet(control_net: Any) -> None:

@@ -14,9 +14,6 @@ from types import ModuleType
 ADAPTER_FOLDER = "instantid"
 INFINITEYOU_FOLDER = "infiniteyou"
 FACE_MODELS_FOLDER = "insightface"
-# insightface's own download URL for antelopev2 is dead; this public mirror holds the same files
-# loose at the repository root (the fetch command and the face-model error both link it).
-ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
 FETCH_COMMAND = "python -m instantid fetch-models"  # what the pack's messages tell a user to run
 
 

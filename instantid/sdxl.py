@@ -6,7 +6,10 @@ counting self- and cross-attention alike, so the n-th cross-attention layer is p
 """
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type name only: the doctor reads these facts on a Python without torch
+    from torch import nn
 
 CONTEXT_DIM = 2048
 ADM_CHANNELS = 2816

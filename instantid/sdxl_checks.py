@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from .checks import UnsupportedModelError, describe_model
+from .model_files import model_file
+from .paths import FETCH_COMMAND
 from .sdxl import ADM_CHANNELS, ATTN2_KEYS, CONTEXT_DIM, attn2_widths
 
 # Text-context widths of the UNet families a wrong MODEL or ControlNet most often comes from.
@@ -78,9 +80,9 @@ def _describe_control(control_net: Any) -> str | None:
 def check_identitynet(control_net: Any) -> None:
     """UnsupportedModelError unless control_net is an SDXL ControlNet that takes 2048-wide context
     (the InstantID IdentityNet)."""
-    fix = ("load the InstantID IdentityNet with 'Load ControlNet Model': "
-           "models/controlnet/instantid/diffusion_pytorch_model.safetensors, from ControlNetModel/ in "
-           "huggingface.co/InstantX/InstantID (`python -m instantid fetch-models` puts it there)")
+    identitynet = model_file("identitynet")
+    fix = (f"load the InstantID IdentityNet with 'Load ControlNet Model': models/{identitynet.folder}/{identitynet.path}, "
+           f"{identitynet.source} (`{FETCH_COMMAND}` puts it there)")
     if control_net is None:
         raise UnsupportedModelError(f"The control_net input is empty: the ControlNet file could not be loaded; {fix}.")
     what = _describe_control(control_net)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from instantid.commands import cli, comfy_home, doctor, image_files, portrait
-from instantid.commands.catalog import CATALOG, DEFAULT_CHECKPOINT, format_size
+from instantid.model_files import CATALOG, DEFAULT_CHECKPOINT, format_size
 from instantid.commands.comfy_home import PACK_ROOT
 from support.server import FIXTURE_PACK, free_port
 from support.workflows import REPO_ROOT, write_face_photo

@@ -15,7 +15,7 @@ import torch
 from conftest import COMFYUI, REPO_ROOT
 from instantid import __version__
 from instantid.commands import cli, doctor
-from instantid.commands.catalog import CATALOG, format_size
+from instantid.model_files import CATALOG, format_size
 from instantid.commands.comfy_home import PACK_ROOT, comfyui_version
 from support.antelope import write_antelopev2
 
@@ -439,7 +439,7 @@ def test_registry_zip_holds_what_comfyui_loads_and_no_tests(tmp_path, monkeypatc
 def test_flux_files_are_optional_warnings_and_checked_by_layout(tmp_path):
     """The FLUX (InfiniteYou) default set: missing → a warning naming its --only id (SDXL users stay
     ready); the InfuseNet's released layout and InfiniteYou's archives pass; a wrong file fails."""
-    from instantid.commands.catalog import FLUX_CATALOG, FLUX_DEFAULT
+    from instantid.model_files import FLUX_CATALOG, FLUX_DEFAULT
     from instantid.commands.doctor import check_flux_files
     from support.flux_bed import cached_flux_files
     from support.infiniteyou_models import write_infiniteyou_files

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from instantid.commands import cli, doctor
-from instantid.commands.catalog import CATALOG, format_size
+from instantid.model_files import CATALOG, format_size
 from instantid.commands.workflow_models import ModelReference, workflow_models
 from instantid.commands.portrait import BASIC_WORKFLOW_FILE
 from support.antelope import write_antelopev2

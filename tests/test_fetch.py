@@ -23,7 +23,7 @@ from support.headless import finishes_within
 from support.hub import FakeHub, serve_hub
 
 from instantid.commands import cli, fetch
-from instantid.commands.catalog import CATALOG
+from instantid.model_files import CATALOG
 
 ENTRIES = {entry.id: entry for entry in CATALOG}
 @pytest.fixture

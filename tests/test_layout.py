@@ -14,7 +14,7 @@ DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid
                   "instantid.similarity", "instantid.progress", "instantid.identity", "instantid.identity_files", "instantid.face_crop", "instantid.paths",
                   "instantid.sdxl_checks", "instantid.resampling", "instantid.weights_files", "instantid.irse50",
                   "instantid.infiniteyou", "instantid.flux_apply",
-                  "instantid.commands.catalog", "instantid.commands.fetch",
+                  "instantid.model_files", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
                   "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",
                   "instantid.commands.batch", "workflow_tools.builder", "workflow_tools.specs"]

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from instantid.commands import portrait
-from instantid.commands.catalog import CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG
+from instantid.model_files import CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG
 from instantid.commands.runner import RunError
 from support.comfy_repo import make_comfyui_repository
 from support.hub import serve_hub

@@ -17,8 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from instantid.commands.catalog import CATALOG, WORKFLOW_MODELS, ModelFile
-from instantid.commands.fetch import DEFAULT_ENDPOINT, file_url
+from instantid.model_files import ANTELOPEV2, CATALOG, WORKFLOW_MODELS, ModelFile
 from instantid.commands.workflow_models import MODEL_LOADERS
 
 from . import thumbnail
@@ -35,7 +34,6 @@ EXTENSION_BUTTONS = {"InstantIDLoadFaceEmbeds": 1}
 # file's name and how to load it).
 EXTENSION_TEXT_HEIGHT = {"InstantIDSaveFaceEmbeds": 70}
 FACE_MODEL_NODES = ("InstantIDFaceAnalysis",)
-FACE_MODEL_IDS = ("antelopev2-detector", "antelopev2-recognizer")
 
 # The frontend's LiteGraph constants (frontend 1.35.9: LiteGraphGlobal.ts, BaseWidget.ts).
 TITLE_HEIGHT = 30
@@ -162,8 +160,8 @@ def model_link(folder: str, name: str) -> dict[str, str]:
     """The entry the frontend's missing-models dialog reads: file name, download URL, folder."""
     entry = model_entries().get((folder, name))
     if entry is None:
-        raise SpecError(f"model file {folder}/{name} is in no catalog (instantid/commands/catalog.py)")
-    return {"name": name, "url": file_url(entry, DEFAULT_ENDPOINT), "directory": folder}
+        raise SpecError(f"model file {folder}/{name} is in no catalog (instantid/model_files.py)")
+    return {"name": name, "url": entry.url(), "directory": folder}
 
 
 def text_width(text: str, font_px: int) -> float:
@@ -252,10 +250,8 @@ def model_notes(nodes: list[dict[str, Any]], models: list[dict[str, str]]) -> st
         folder, _, file_name = entry["name"].rpartition("/")
         lines.append(f"- [{file_name}]({entry['url']}) → `models/{entry['directory']}/{folder + '/' if folder else ''}`")
     if any(node["type"] in FACE_MODEL_NODES for node in nodes):
-        catalog = {entry.id: entry for entry in CATALOG}
-        for model_id in FACE_MODEL_IDS:
-            entry = catalog[model_id]
-            lines.append(f"- [{entry.file}]({file_url(entry, DEFAULT_ENDPOINT)}) (InsightFace antelopev2) → "
+        for entry in ANTELOPEV2:
+            lines.append(f"- [{entry.file}]({entry.url()}) (InsightFace antelopev2) → "
                          f"`models/{entry.folder}/{entry.path.rpartition('/')[0]}/`")
     lines += ["", "Or fetch them from a terminal: `python -m instantid fetch-models`."]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from instantid.commands.catalog import CATALOG, WORKFLOW_MODELS
+from instantid.model_files import CATALOG, WORKFLOW_MODELS
 from instantid.commands.portrait import BASIC_WORKFLOW_FILE, POSED_WORKFLOW_FILE
 
 from .builder import NodeSpec, WorkflowSpec

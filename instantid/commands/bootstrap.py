@@ -1,11 +1,8 @@
 """From a clone to a working ComfyUI: find one, or install the tested version with comfy-cli for
 the hardware this machine has, link this checkout into its custom_nodes, and install the Python
 packages ComfyUI and the pack need into this interpreter (the one that runs ComfyUI embedded).
-
-Every step says what it does and is skipped when already done; a failure raises StepFailed,
-which names the step, the cause and the command that fixes it. Every subprocess has a timeout,
-and git is told to give up on a stalled transfer, so nothing hangs.
-"""
+Every step is skipped when already done. Every subprocess has a timeout, and git is told to give
+up on a stalled transfer, so nothing hangs."""
 from __future__ import annotations
 
 import importlib.metadata

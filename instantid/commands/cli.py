@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import __version__
 from .bootstrap import COMFYUI_VERSION, HARDWARE, REPOSITORY_VARIABLE
-from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT
+from ..model_files import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT
 from .comfy_home import find_comfyui, why_not_found
 from .errors import CommandError
 from .model_folders import comfyui_base, comfyui_layout, model_folders, read_extra_model_paths

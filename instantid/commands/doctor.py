@@ -1,13 +1,9 @@
 """`python -m instantid doctor`: is this machine ready to run InstantID, and if not, what to do.
 
 Each check is one line (status, name, detail); the report ends with a summary and the commands
-that fix what failed. Nothing is downloaded and no GPU is needed.
-
-Cost: the adapter (1.7 GB) is validated with the pack's own `load_adapter`, but with torch's
-memory-mapped loading, so only the tensor headers are read, not the weights. The IdentityNet
-(2.5 GB) is checked from its safetensors header alone (key names, shapes, data size). The two
-antelopev2 files are opened with onnxruntime and insightface, as the Face Analysis node does.
-"""
+that fix what failed. Nothing is downloaded, no GPU is needed and no weights are read: the model
+files are checked by their headers (adapter_problem, safetensors_shapes), the antelopev2 files
+opened with onnxruntime and insightface as the Face Analysis node does."""
 from __future__ import annotations
 
 import logging
@@ -24,17 +20,17 @@ from pathlib import Path
 from typing import Literal
 
 from .bootstrap import installed_version, torch_accelerator
-from .catalog import (CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG, FLUX_DEFAULT, INSTANTID_REPO, WORKFLOW_MODELS, ModelFile,
-                      format_size)
 from .comfy_home import PACK_ROOT, comfyui_version, find_comfyui, why_not_found
-from .fetch import DEFAULT_ENDPOINT, file_url
 from .model_folders import (FolderError, comfyui_base, config_files, first_existing, folder_flags, model_folders,
                             model_search_paths, registered_folders)
 from .workflow_models import (CHECKPOINT_LOADER, FACE_ANALYSIS_NODES, MODEL_LOADERS, ModelReference, WorkflowModels,
                               workflow_models)
 from ..faces import (CPU_PROVIDER, DETECTOR_FILE, FACE_MODEL_NAME, FETCH_COMMAND, ONNXRUNTIME, OPENCV, FaceModelsMissing,
                     SharedModuleDistributions, find_antelopev2, select_providers, stray_copies)
+from ..model_files import (ANTELOPEV2, CATALOG, DEFAULT_CHECKPOINT, FLUX_CATALOG, FLUX_DEFAULT, INSTANTID_REPO, REQUIRED,
+                           WORKFLOW_MODELS, ModelFile, format_size, model_file)
 from ..paths import ADAPTER_FOLDER
+from ..sdxl import ADM_CHANNELS, CONTEXT_DIM
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +38,6 @@ Status = Literal["ok", "warn", "fail"]
 MARKERS = {"ok": "✔", "warn": "!", "fail": "✘"}
 ASCII_MARKERS = {"ok": "OK", "warn": "WARN", "fail": "FAIL"}
 GPU_ONNXRUNTIME = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
-CONTEXT_DIM = 2048  # SDXL's text context width (instantid.sdxl.CONTEXT_DIM, which needs torch to import)
-ADM_CHANNELS = 2816  # SDXL's size conditioning width
 SIZE_TOLERANCE = 0.1  # catalog sizes are rounded; a wrong file is off by far more
 # The prefixes of an SDXL checkpoint's parts (ComfyUI's supported_models.SDXL).
 CHECKPOINT_PARTS = {"UNet": "model.diffusion_model.", "CLIP-L text encoder": "conditioner.embedders.0.",
@@ -77,8 +71,7 @@ class Report:
         refetch = [entry_id for check in self.checks for entry_id in check.refetch]
         commands = []
         if refetch:
-            required = [entry.id for entry in CATALOG if entry.required]
-            chosen = "" if sorted(set(refetch)) == sorted(required) else "".join(f" --only {i}" for i in dict.fromkeys(refetch))
+            chosen = "" if sorted(set(refetch)) == sorted(entry.id for entry in REQUIRED) else "".join(f" --only {i}" for i in dict.fromkeys(refetch))
             commands.append(self.fetch_command + chosen)
         for check in self.checks:
             commands += [fix for fix in check.fixes if fix not in commands]
@@ -297,6 +290,12 @@ def _joined(*reasons: str | None) -> str | None:
     return "; ".join(reason for reason in reasons if reason) or None
 
 
+def _context_widths(shapes: Mapping[str, list[int]], prefix: str = "") -> str:
+    """The cross-attention text-context widths of the tensors under `prefix`: '2048', '768/1024' or 'no'."""
+    return "/".join(map(str, sorted({shape[1] for key, shape in shapes.items() if key.startswith(prefix)
+                                     and key.endswith("attn2.to_k.weight") and len(shape) == 2}))) or "no"
+
+
 def checkpoint_problem(path: Path) -> tuple[str | None, str]:
     """(why Load Checkpoint cannot draw SDXL with it, or None; what it is): a full SDXL checkpoint
     holds the UNet, both text encoders and the VAE."""
@@ -307,11 +306,10 @@ def checkpoint_problem(path: Path) -> tuple[str | None, str]:
     parts = {part for part, prefix in CHECKPOINT_PARTS.items() if any(key.startswith(prefix) for key in shapes)}
     if "UNet" not in parts:
         return "it has no UNet (no model.diffusion_model.* tensors): it is not a checkpoint", ""
-    contexts = sorted({shape[1] for key, shape in shapes.items()
-                       if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight") and len(shape) == 2})
-    if contexts != [CONTEXT_DIM]:
-        return (f"its UNet takes {'/'.join(map(str, contexts)) or 'no'}-wide text context (SD1.5 is 768, SD2 1024), not "
-                f"SDXL's {CONTEXT_DIM}: it is not an SDXL checkpoint"), ""
+    widths = _context_widths(shapes, "model.diffusion_model.")
+    if widths != str(CONTEXT_DIM):
+        return (f"its UNet takes {widths}-wide text context (SD1.5 is 768, SD2 1024), not SDXL's {CONTEXT_DIM}: it is "
+                "not an SDXL checkpoint"), ""
     if parts == {"UNet"}:
         return ("it is a UNet-only file (no text encoders, no VAE): Load Checkpoint cannot use it; load it with Load "
                 "Diffusion Model, or pass a full SDXL checkpoint"), ""
@@ -336,10 +334,8 @@ def identitynet_problem(path: Path) -> tuple[str | None, str]:
         return "it is a UNet or checkpoint, not a ControlNet", ""
     else:
         return "it is not a ControlNet (no control hint encoder among its tensors)", ""
-    contexts = sorted({shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight") and len(shape) == 2})
     adm = shapes.get(adm_key)
-    if contexts != [CONTEXT_DIM]:
-        widths = "/".join(map(str, contexts)) or "no"
+    if (widths := _context_widths(shapes)) != str(CONTEXT_DIM):
         return (f"it is a ControlNet for {widths}-wide text context (SD1.5 is 768, SD2 1024), not SDXL's "
                 f"{CONTEXT_DIM}; InstantID needs its IdentityNet from {INSTANTID_REPO}"), ""
     if not adm or len(adm) != 2 or adm[1] != ADM_CHANNELS:
@@ -475,15 +471,11 @@ _VALIDATORS: dict[str, Callable[[Path], tuple[str | None, str]]] = {DEFAULT_CHEC
                                                                     "identitynet": identitynet_problem}
 
 
-def _catalog_entry(reference: ModelReference) -> ModelFile | None:
-    return next((entry for entry in (*CATALOG, *WORKFLOW_MODELS)
-                 if (entry.folder, entry.path) == (reference.folder, reference.relative_path)), None)
-
-
 def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target_folder: Path | None) -> Check:
     """One file a workflow's node loads: found where ComfyUI searches (and, for the pack's own
     files, valid), else where it goes and, when the catalog knows it, where to download it."""
-    entry = _catalog_entry(reference)
+    entry = next((entry for entry in (*CATALOG, *WORKFLOW_MODELS)
+                  if (entry.folder, entry.path) == (reference.folder, reference.relative_path)), None)
     name = f"node {reference.node} {reference.class_type}"
     subject = f"{reference.input} {reference.file}"
     refetch = (entry.id,) if entry else ()
@@ -493,7 +485,7 @@ def check_workflow_file(reference: ModelReference, roots: Sequence[Path], target
         if entry is None:
             return Check("fail", name, f"{subject}: MISSING; {_where(target)}")
         return Check("fail", name, f"{subject}: {_missing_detail(entry, target)}; "
-                                   f"download {file_url(entry, DEFAULT_ENDPOINT)}", refetch=refetch)
+                                   f"download {entry.url()}", refetch=refetch)
     # The adapter is checked whatever its name: InstantIDModelLoader loads nothing else.
     validator = _VALIDATORS.get(entry.id) if entry else None
     if validator is None and reference.folder == ADAPTER_FOLDER:
@@ -523,8 +515,7 @@ def check_workflow(workflow: Path, models: WorkflowModels, search_paths: Mapping
     checks += [check_workflow_file(reference, search_paths.get(reference.folder, []), targets.get(reference.folder))
                for reference in models.files]
     if models.face_analysis:
-        checks += check_antelopev2([entry for entry in CATALOG if entry.folder == "insightface"],
-                                   list(search_paths.get("insightface", [])), targets.get("insightface"))
+        checks += check_antelopev2(ANTELOPEV2, list(search_paths.get("insightface", [])), targets.get("insightface"))
     return checks
 
 
@@ -553,10 +544,9 @@ def doctor_report(base_directory: Path | None, extra_config: Path | None, workfl
     report.checks += [check_comfyui(comfyui, base), check_model_folders(base, configs), check_python()]
     torch_check, torch_cuda = check_torch()
     report.checks += [torch_check, check_packages(), check_installs(OPENCV)]
-    by_id = {entry.id: entry for entry in CATALOG}
     face_roots = search_paths["insightface"]
     folder = _antelopev2_folder(face_roots)
-    detector = first_existing(face_roots, by_id["antelopev2-detector"].path) or (folder / DETECTOR_FILE if folder else None)
+    detector = first_existing(face_roots, model_file("antelopev2-detector").path) or (folder / DETECTOR_FILE if folder else None)
     faces_log = logging.getLogger("instantid.faces")  # its 'providers in use' note repeats a report line
     previous_level = faces_log.level
     faces_log.setLevel(logging.WARNING)
@@ -567,13 +557,12 @@ def doctor_report(base_directory: Path | None, extra_config: Path | None, workfl
             report.checks += check_workflow(*workflow, search_paths, targets)
             return report
         for entry_id, validator in (("adapter", _adapter_check), ("identitynet", identitynet_problem)):
-            entry = by_id[entry_id]
+            entry = model_file(entry_id)
             report.checks.append(check_file_entry(entry, search_paths[entry.folder], _target(targets, entry), validator))
-        report.checks += check_antelopev2([entry for entry in CATALOG if entry.folder == "insightface"], face_roots,
-                                          targets.get("insightface"))
+        report.checks += check_antelopev2(ANTELOPEV2, face_roots, targets.get("insightface"))
     finally:
         faces_log.setLevel(previous_level)
-    checkpoint = by_id[DEFAULT_CHECKPOINT]
+    checkpoint = model_file(DEFAULT_CHECKPOINT)
     target = _target(targets, checkpoint)
     # Missing is a warning: portrait fetches it, and the nodes do not need it.
     report.checks.append(check_file_entry(checkpoint, search_paths["checkpoints"], target, checkpoint_problem,

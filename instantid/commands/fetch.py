@@ -1,12 +1,7 @@
-"""Downloading the catalog's model files from Hugging Face through huggingface_hub, verified here.
-
-Each file is fetched with `hf_hub_download` into a staging folder beside its final place (same disk,
-so the move is a rename): huggingface_hub brings the token (HF_TOKEN or `hf auth login`), the
-endpoint, Range resume of dropped connections, Xet storage and its progress bar. The staged file is
-then checked here for the published size and sha256 (the catalog's pin where it has one) and only
-then renamed to its final name, so a file under the final name is always complete. Every request
-has a timeout.
-"""
+"""Downloading the catalog's model files from Hugging Face through huggingface_hub (which brings the
+token, HF_TOKEN or `hf auth login`, the endpoint, Range resume, Xet storage and its progress bar),
+verified here for the published size and sha256 (the catalog's pin where it has one) before the
+file takes its final name. Every request has a timeout."""
 from __future__ import annotations
 
 import logging
@@ -22,12 +17,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..file_digest import file_sha256
-from .catalog import ModelFile
+from ..model_files import HUB, ModelFile
 from .errors import CommandError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 3
 DEFAULT_RETRY_DELAY = 2.0
@@ -75,14 +69,10 @@ def _with_retries(entry: ModelFile, endpoint: str, call: Callable[[], T], retrie
 
 def resolve_endpoint(endpoint: str | None = None) -> str:
     """The given endpoint, else $HF_ENDPOINT, else huggingface.co; http(s) only."""
-    chosen = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    chosen = (endpoint or os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
     if urllib.parse.urlsplit(chosen).scheme not in ("http", "https"):
-        raise FetchError(f"endpoint {chosen!r} is not an http(s) URL; pass e.g. --endpoint {DEFAULT_ENDPOINT}")
+        raise FetchError(f"endpoint {chosen!r} is not an http(s) URL; pass e.g. --endpoint {HUB}")
     return chosen
-
-
-def file_url(entry: ModelFile, endpoint: str) -> str:
-    return f"{endpoint}/{entry.repo}/resolve/{entry.revision}/{urllib.parse.quote(entry.file)}"
 
 
 def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | str:
@@ -104,7 +94,7 @@ def _problem(entry: ModelFile, endpoint: str, error: Exception) -> FetchError | 
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
     if isinstance(error, HfHubHTTPError) and status is not None and 400 <= status < 500 and status not in (408, 429):
-        return FetchError(f"{file_url(entry, endpoint)}: HTTP {status}; check the --endpoint and that the file is "
+        return FetchError(f"{entry.url(endpoint)}: HTTP {status}; check the --endpoint and that the file is "
                           "still published")
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
@@ -142,12 +132,11 @@ def published(entry: ModelFile, endpoint: str, timeout: float, retries: int, ret
 def download(entry: ModelFile, endpoint: str, destination: Path, expected: Published, *,
              timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
              retry_delay: float = DEFAULT_RETRY_DELAY) -> None:
-    """hf_hub_download into the staging folder (huggingface_hub resumes a dropped connection with a
-    Range request), then the size and sha256 check and the rename. The final name appears only after
-    verification; a file that fails it is deleted with its staging folder."""
+    """hf_hub_download into a staging folder beside `destination`, then the size and sha256 check and
+    the rename: a file under the final name is always complete; one that fails is deleted."""
     from huggingface_hub import hf_hub_download
 
-    staging = destination.parent / f".{destination.name}.download"  # beside it, on the same disk: the move is a rename
+    staging = destination.parent / f".{destination.name}.download"  # on the same disk: the move is a rename
     staging.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(staging).free
     if expected.size > free:
@@ -170,7 +159,7 @@ def download(entry: ModelFile, endpoint: str, destination: Path, expected: Publi
     staged = _with_retries(entry, endpoint, download_once, retries, retry_delay, lambda problem: f"{destination}: download "
                            f"failed after {tries} ({problem}); check the network and run again", before_retry)
     try:
-        _verify(staged, destination, expected, file_url(entry, endpoint))
+        _verify(staged, destination, expected, entry.url(endpoint))
     except FetchError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -197,7 +186,7 @@ def _pinned(entry: ModelFile, expected: Published, endpoint: str) -> Published:
     the pin; a mirror is the user's explicit choice, so its own listing is trusted (with a note)."""
     if entry.sha256 is None or expected.sha256 == entry.sha256:
         return expected
-    if endpoint == DEFAULT_ENDPOINT:
+    if endpoint == HUB:
         raise FetchError(f"{entry.repo}/{entry.file}: {endpoint} publishes sha256 {expected.sha256}, the catalog pins "
                          f"{entry.sha256}; nothing was downloaded. The file changed at the source: report it, or "
                          "pick another checkpoint")

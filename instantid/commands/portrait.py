@@ -13,14 +13,14 @@ import logging
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
 from ..paths import FETCH_COMMAND
 from .bootstrap import Steps, StepFailed, prepare_comfyui
 from .image_files import check_photos
-from .catalog import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, ModelFile
+from ..model_files import CATALOG, CHECKPOINTS, DEFAULT_CHECKPOINT, REQUIRED, ModelFile
 from .comfy_home import PACK_ROOT, find_comfyui
 from .fetch import DEFAULT_TIMEOUT, FetchError, fetch_models
 from .model_folders import (FolderError, comfyui_layout, config_files, first_existing, folder_flags, model_folders,
@@ -109,11 +109,11 @@ def fill_portrait(prompt: Mapping[str, dict], inputs: PortraitInputs) -> dict:
                            "text widget, so the prompt has nowhere to go")
         encoder[1]["inputs"]["text"] = inputs.prompt
     if inputs.seed is not None:
-        seeded = [node for node in prompt.values() for name in SEED_INPUTS if isinstance(node["inputs"].get(name), int)]
-        if not seeded:
+        seeds = [(node, name) for node in prompt.values() for name in SEED_INPUTS if isinstance(node["inputs"].get(name), int)]
+        if not seeds:
             raise RunError("the workflow has no seed widget (seed or noise_seed) for --seed to set")
-        for node in seeded:
-            node["inputs"].update({name: inputs.seed for name in SEED_INPUTS if isinstance(node["inputs"].get(name), int)})
+        for node, name in seeds:
+            node["inputs"][name] = inputs.seed
     if inputs.checkpoint is not None:
         loaders = [node for node in prompt.values() if node.get("class_type") == CHECKPOINT_LOADER]
         for node in loaders:
@@ -271,28 +271,25 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
         workflow = load_workflow(workflow_path)
     except RunError as error:
         raise StepFailed("check the inputs", str(error), "pass a workflow saved from ComfyUI with --workflow") from None
-    existing = find_comfyui()
-    search_paths = _search_paths(options, existing)
+    _, search_paths = _search_paths(options, find_comfyui())
     checkpoint = choose_checkpoint(inputs.checkpoint, search_paths.get("checkpoints", []))
     if inputs.on_no_face != "skip":
         check_face(inputs.face, search_paths.get("insightface", []))
     comfyui = prepare_comfyui(workspace=options.workspace, hardware=options.hardware, steps=steps)
     steps.start("fetch the models")
-    search_paths = _search_paths(options, comfyui)
-    base = options.base_directory or comfyui_layout(None, None)[0] or comfyui
+    base, search_paths = _search_paths(options, comfyui)
     try:
         targets = model_folders({entry.folder for entry in CATALOG}, base, options.extra_model_paths_config)
     except FolderError as error:
         raise StepFailed("fetch the models", str(error), "pass --base-directory DIR") from None
     if checkpoint.file is not None:
         link_checkpoint(checkpoint.file, targets["checkpoints"], steps)
-    wanted = [entry for entry in CATALOG if entry.required] + ([checkpoint.entry] if checkpoint.entry else [])
+    wanted = [*REQUIRED] + ([checkpoint.entry] if checkpoint.entry else [])
     fetch_missing(wanted, targets, search_paths, steps, endpoint=options.endpoint, timeout=options.timeout,
                   fix_options=folder_flags(base, options.extra_model_paths_config))
     steps.start(f"draw the portrait with {workflow_path.name} (ComfyUI embedded)")
-    absolute = PortraitInputs(face=str(Path(inputs.face).resolve()), prompt=inputs.prompt,
-                              pose=str(Path(inputs.pose).resolve()) if inputs.pose else None, seed=inputs.seed,
-                              checkpoint=checkpoint.name, on_no_face=inputs.on_no_face)
+    absolute = replace(inputs, face=str(Path(inputs.face).resolve()), checkpoint=checkpoint.name,
+                       pose=str(Path(inputs.pose).resolve()) if inputs.pose else None)
     run_base, configs = comfyui_layout(options.base_directory, options.extra_model_paths_config)
     try:
         return run_embedded(workflow, [], options.out, comfyui=comfyui, cpu=options.cpu, base_directory=run_base,
@@ -308,11 +305,12 @@ def make_portrait(options: PortraitOptions, stream: TextIO | None = None) -> Run
                          "packages and the models") from None
 
 
-def _search_paths(options: PortraitOptions, comfyui: Path | None) -> dict[str, list[Path]]:
-    """The folders ComfyUI searches for the catalog's keys; only the registered ones without a ComfyUI."""
+def _search_paths(options: PortraitOptions, comfyui: Path | None) -> tuple[Path | None, dict[str, list[Path]]]:
+    """The base directory and the folders ComfyUI searches for the catalog's keys (only the registered
+    ones without a ComfyUI)."""
     base = options.base_directory or comfyui_layout(None, None)[0] or comfyui
     try:
         configs = config_files(comfyui, options.base_directory, options.extra_model_paths_config)
-        return model_search_paths({entry.folder for entry in CATALOG}, base, configs)
+        return base, model_search_paths({entry.folder for entry in CATALOG}, base, configs)
     except FolderError as error:
         raise StepFailed("check the inputs", str(error), "pass --base-directory DIR") from None

@@ -1,10 +1,7 @@
-"""`python -m instantid run`: run a workflow without the UI, either with ComfyUI embedded in this
-process (instantid.commands.embedded) or on a running ComfyUI server over its HTTP API.
-
-Both paths share the same steps: read the workflow (UI or API format), convert it to API format,
-apply the `--set NODE.INPUT=VALUE` overrides, run it, copy the images of the SaveImage/PreviewImage
-outputs into the output folder, and read the InstantIDFaceSimilarity results.
-"""
+"""`python -m instantid run`: run a workflow without the UI, with ComfyUI embedded in this process
+(instantid.commands.embedded) or on a running ComfyUI server over its HTTP API. Both read the
+workflow (UI or API format), apply the `--set NODE.INPUT=VALUE` overrides, run it, and copy the
+output images and read the face similarity the same way."""
 from __future__ import annotations
 
 import asyncio
@@ -239,9 +236,10 @@ def _report(prompt_id: str, prompt: dict, outputs: Mapping[str, Mapping], out_di
     return report
 
 
-def node_labels(prompt: Mapping[str, Mapping]) -> dict[str, str]:
-    """Node id -> what the progress line calls it: the node's title, else its class type."""
-    return {i: (n.get("_meta") or {}).get("title") or n.get("class_type", f"node {i}") for i, n in prompt.items()}
+def node_labeller(prompt: Mapping[str, Mapping]) -> Callable[[str | None], str]:
+    """What the progress line calls a node by its id: its title, else its class type."""
+    labels = {i: (n.get("_meta") or {}).get("title") or n.get("class_type", f"node {i}") for i, n in prompt.items()}
+    return lambda node_id: labels.get(node_id, f"node {node_id}") if node_id else "progress"
 
 
 Progress = Callable[[int | None, int | None, str], None]  # (step, of steps, node label); no step: the node began
@@ -307,14 +305,14 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
     prompt = prepare(prompt) if prepare else prompt
     import comfy.utils as comfy_utils  # importable once ComfyUI is booted
 
-    labels = node_labels(prompt)
+    label = node_labeller(prompt)
     stock_bars = comfy_utils.PROGRESS_BAR_ENABLED
     comfy_utils.PROGRESS_BAR_ENABLED = False  # ComfyUI's own tqdm would draw a second bar
     try:
         with StepProgress(progress_stream) as bar:
             # Fresh caches: a cached output node would not report its images again.
-            result = comfy.run(prompt, reuse_outputs=False, progress=lambda value, total, node_id: bar(
-                value, total, _label(labels, node_id or _running_node())))
+            result = comfy.run(prompt, reuse_outputs=False,
+                               progress=lambda value, total, node_id: bar(value, total, label(node_id or _running_node())))
     finally:
         comfy_utils.PROGRESS_BAR_ENABLED = stock_bars
     if result.refused is not None:
@@ -328,10 +326,6 @@ def run_embedded(workflow: dict, overrides: Sequence[Override], out_dir: Path, *
         if not (destination.exists() and destination.samefile(source)):
             shutil.copyfile(source, destination)
     return _report(result.prompt_id, prompt, result.outputs, out_dir, copy)
-
-
-def _label(labels: Mapping[str, str], node_id: str | None) -> str:
-    return labels.get(node_id, f"node {node_id}") if node_id else "progress"
 
 
 def _running_node() -> str | None:
@@ -428,8 +422,9 @@ class ComfyServer:
         if not prompt_id:
             raise RunError(f"ComfyUI accepted the workflow but returned no prompt id ({str(answer)[:200]})")
         if answer.get("node_errors"):
+            refused = refusal_text(answer.get("error", {"message": "Prompt outputs failed validation"}), answer["node_errors"])
             raise RunError(f"ComfyUI refused part of the workflow (its valid outputs still run on the server, as prompt "
-                           f"{prompt_id}): {_refusal_text({'error': {'message': 'Prompt outputs failed validation'}, **answer})}")
+                           f"{prompt_id}): {refused}")
         return prompt_id
 
     def finished_entry(self, prompt_id: str, deadline: float | None = None) -> dict | None:
@@ -463,12 +458,8 @@ def _http_error(url: str, error: urllib.error.HTTPError) -> RunError:
     except ValueError:
         body = None
     if isinstance(body, dict) and ("error" in body or "node_errors" in body):
-        return RunError(f"ComfyUI refused the workflow: {_refusal_text(body)}")
+        return RunError(f"ComfyUI refused the workflow: {refusal_text(body.get('error'), body.get('node_errors'))}")
     return RunError(f"{url}: HTTP {error.code} {error.reason}; check that --comfyui points at ComfyUI")
-
-
-def _refusal_text(body: Mapping) -> str:
-    return refusal_text(body.get("error"), body.get("node_errors"))
 
 
 class PromptExpired(RunError):
@@ -500,8 +491,8 @@ def run_on_server(workflow: dict, overrides: Sequence[Override], out_dir: Path, 
     prompt = apply_overrides(prompt, overrides, lambda kind: object_info.get(kind) or {})
     prompt = prepare(prompt) if prepare else prompt
     client_id = str(uuid.uuid4())
-    labels = node_labels(prompt)
-    report_step = (lambda value, total, node_id: progress(value, total, _label(labels, node_id))) if progress else None
+    label = node_labeller(prompt)
+    report_step = (lambda value, total, node_id: progress(value, total, label(node_id))) if progress else None
     with ProgressFollower(server.url, client_id, report_step, server.timeout):
         prompt_id = server.queue_prompt(prompt, client_id)
         if on_queued is not None:

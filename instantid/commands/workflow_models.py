@@ -1,10 +1,6 @@
 """The model files a ComfyUI workflow loads, read from the file itself (UI or API format) without
-starting ComfyUI, for `python -m instantid doctor --workflow FILE`.
-
-A loader is known by its class type: which inputs name a file, in which ComfyUI folder (the key
-of folder_paths and extra_model_paths.yaml), and the input's widget position, since the UI
-format stores widget values by position. Muted and bypassed nodes load nothing and are skipped.
-"""
+starting ComfyUI, for `python -m instantid doctor --workflow FILE`. A loader is known by its class
+type (MODEL_LOADERS); muted and bypassed nodes load nothing and are skipped."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -16,8 +12,9 @@ from .embedded import MUTED_OR_BYPASSED, is_ui_format
 
 @dataclass(frozen=True)
 class ModelInput:
-    """A loader input naming a model file: its name, its widget position, its folder key, and the
-    values that are not files (built-in choices such as VAELoader's 'taesd')."""
+    """A loader input naming a model file: its name, its widget position (the UI format stores widget
+    values by position), its folder key (of folder_paths and extra_model_paths.yaml), and the values
+    that are not files (built-in choices such as VAELoader's 'taesd')."""
 
     name: str
     widget: int

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-from instantid.commands.catalog import CATALOG
+from instantid.model_files import CATALOG
 
 FIXTURE_SIZES = {"sdxl-base-1.0": 90_000, "adapter": 300_000, "identitynet": 420_000, "antelopev2-detector": 60_000, "antelopev2-recognizer": 200_000,
                  # The FLUX entries (optional): small stand-ins, fetched only with --only.

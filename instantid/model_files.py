@@ -1,22 +1,26 @@
-"""The model files the pack needs: where each goes in ComfyUI, where it is published, its licence.
-
-One table for `fetch-models`, `doctor` and the README. The IdentityNet needs no config.json:
+"""The model files the pack uses: what each is, where it goes in ComfyUI, where it is published, its
+licence. One table for the messages and tooltips that say where to get a file, `fetch-models`,
+`doctor`, the shipped workflows' download links and the README. Standard library only: the command
+line reads it before the pack's packages are installed. The IdentityNet needs no config.json:
 ComfyUI's ControlNet loader infers the SDXL ControlNet layout from the safetensors keys.
 """
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 
-from ..paths import ANTELOPEV2_REPO
-
+HUB = "https://huggingface.co"
 INSTANTID_REPO = "InstantX/InstantID"
+# insightface's own download URL for antelopev2 is dead; this public mirror holds the same files
+# loose at the repository root.
+ANTELOPEV2_REPO = "DIAMONIK7777/antelopev2"
 DEFAULT_CHECKPOINT = "sdxl-base-1.0"
 
 INSTANTID_LICENSE = (
     "Apache-2.0 per the InstantX/InstantID model card; released as a research project, "
     "so read the model card before commercial use"
 )
-INSTANTID_LICENSE_URL = "https://huggingface.co/InstantX/InstantID"
+INSTANTID_LICENSE_URL = f"{HUB}/{INSTANTID_REPO}"
 ANTELOPEV2_LICENSE = "InsightFace pretrained models: non-commercial research purposes only"
 ANTELOPEV2_LICENSE_URL = "https://github.com/deepinsight/insightface#license"
 SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -24,7 +28,7 @@ SDXL_LICENSE = "CreativeML Open RAIL++-M (use-based restrictions; read it before
 SDXL_LICENSE_URL = "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/LICENSE.md"
 INFINITEYOU_REPO = "ByteDance/InfiniteYou"
 INFINITEYOU_LICENSE = "CC-BY-NC-4.0 (weights; non-commercial use only)"
-INFINITEYOU_LICENSE_URL = "https://huggingface.co/ByteDance/InfiniteYou"
+INFINITEYOU_LICENSE_URL = f"{HUB}/{INFINITEYOU_REPO}"
 # facexlib publishes the IR-SE50 only as a GitHub release asset; this public Hub copy holds the same file name.
 IRSE50_REPO = "camenduru/PuLID"
 FLUX_DEV_REPO = "Comfy-Org/flux1-dev"
@@ -56,6 +60,17 @@ class ModelFile:
     def approx_size(self) -> str:
         """The size for display, e.g. '1.7 GB'."""
         return format_size(self.approx_bytes)
+
+    def url(self, endpoint: str = HUB) -> str:
+        """The download link, on huggingface.co or the mirror `endpoint`."""
+        return f"{endpoint}/{self.repo}/resolve/{self.revision}/{urllib.parse.quote(self.file)}"
+
+    @property
+    def source(self) -> str:
+        """Where a message sends the user: 'ip-adapter.bin from https://huggingface.co/InstantX/InstantID',
+        with the folder inside the repository after it."""
+        folder, _, name = self.file.rpartition("/")
+        return f"{name} from {HUB}/{self.repo}" + (f" {folder}/" if folder else "")
 
 
 def format_size(num_bytes: int) -> str:
@@ -140,6 +155,9 @@ CATALOG += FLUX_CATALOG
 CHECKPOINTS: tuple[ModelFile, ...] = tuple(entry for entry in CATALOG
                                            if entry.folder == "checkpoints" and entry not in FLUX_CATALOG)
 
+REQUIRED: tuple[ModelFile, ...] = tuple(entry for entry in CATALOG if entry.required)
+ANTELOPEV2: tuple[ModelFile, ...] = tuple(entry for entry in CATALOG if entry.folder == "insightface")
+
 OPENRAIL_PLUS = "CreativeML Open RAIL++-M (use restrictions in the licence)"
 OPENRAIL_M = "CreativeML Open RAIL-M (use restrictions in the licence)"
 
@@ -157,3 +175,8 @@ WORKFLOW_MODELS: tuple[ModelFile, ...] = (
               approx_bytes=171_000_000, license=OPENRAIL_M, license_url="https://huggingface.co/nerijs/pixel-art-xl",
               required=False),
 )
+
+
+def model_file(id: str) -> ModelFile:
+    """The entry of the catalog or of WORKFLOW_MODELS with this id (KeyError when none has it)."""
+    return {entry.id: entry for entry in (*CATALOG, *WORKFLOW_MODELS)}[id]
