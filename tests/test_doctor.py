@@ -436,11 +436,16 @@ def test_registry_zip_holds_what_comfyui_loads_and_no_tests(tmp_path, monkeypatc
     assert names <= files  # nothing untracked
 
 
-def test_flux_files_are_optional_warnings_and_checked_by_layout(tmp_path):
+def test_flux_files_are_optional_warnings_and_checked_by_layout(tmp_path, monkeypatch):
     """The FLUX (InfiniteYou) default set: missing → a warning naming its --only id (SDXL users stay
-    ready); the InfuseNet's released layout and InfiniteYou's archives pass; a wrong file fails."""
+    ready); the InfuseNet's released layout and InfiniteYou's archives pass; a wrong file fails. The
+    bed's InfuseNet is smaller than the published one: where the catalog pins a file's content, its
+    size alone fails it; with the pins lifted, the layout checks decide."""
+    import dataclasses
+
+    from instantid.commands import doctor
     from instantid.model_files import FLUX_CATALOG, FLUX_DEFAULT
-    from instantid.commands.doctor import check_flux_files
+    check_flux_files = doctor.check_flux_files
     from support.flux_bed import cached_flux_files
     from support.infiniteyou_models import write_infiniteyou_files
     missing = check_flux_files({}, {})
@@ -456,7 +461,13 @@ def test_flux_files_are_optional_warnings_and_checked_by_layout(tmp_path):
     (tmp_path / "infiniteyou" / "aes_stage2").mkdir(parents=True)
     (tmp_path / "scratch" / "image_proj_model.bin").rename(tmp_path / "infiniteyou" / "aes_stage2" / "image_proj_model.bin")
     (tmp_path / "infiniteyou" / "recognition_arcface_ir_se50.pth").write_bytes(b"not a torch archive")
-    checks = {c.name: c for c in check_flux_files({k: [tmp_path / k] for k in ("controlnet", "checkpoints", "infiniteyou")}, {})}
+    folders = {k: [tmp_path / k] for k in ("controlnet", "checkpoints", "infiniteyou")}
+    pinned = {c.name: c for c in check_flux_files(folders, {})}
+    released = entries["released-aes-fp8"]  # the bed's InfuseNet has 1+1 blocks, the released one 4+10
+    assert released.sha256 and pinned[released.id].status == "fail"
+    assert f"but {released.repo}/{released.file} is {released.approx_size}" in pinned[released.id].detail
+    monkeypatch.setattr(doctor, "FLUX_CATALOG", tuple(dataclasses.replace(e, sha256=None) for e in FLUX_CATALOG))
+    checks = {c.name: c for c in check_flux_files(folders, {})}
     assert checks["infusenet-aes-fp8"].status == "ok" and checks["infiniteyou-projection-aes"].status == "ok"
     assert checks["irse50"].status == "fail" and "not a PyTorch archive" in checks["irse50"].detail
     # The InfuseNet under the checkpoint's name: no FLUX checkpoint key.
