@@ -463,7 +463,7 @@ def test_flux_files_are_optional_warnings_and_checked_by_layout(tmp_path, monkey
     (tmp_path / "infiniteyou" / "recognition_arcface_ir_se50.pth").write_bytes(b"not a torch archive")
     folders = {k: [tmp_path / k] for k in ("controlnet", "checkpoints", "infiniteyou")}
     pinned = {c.name: c for c in check_flux_files(folders, {})}
-    released = entries["released-aes-fp8"]  # the bed's InfuseNet has 1+1 blocks, the released one 4+10
+    released = entries["infusenet-aes-fp8"]  # the bed's InfuseNet has 1+1 blocks, the released one 4+10
     assert released.sha256 and pinned[released.id].status == "fail"
     assert f"but {released.repo}/{released.file} is {released.approx_size}" in pinned[released.id].detail
     monkeypatch.setattr(doctor, "FLUX_CATALOG", tuple(dataclasses.replace(e, sha256=None) for e in FLUX_CATALOG))
