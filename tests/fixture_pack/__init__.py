@@ -139,10 +139,31 @@ class LatentStats(io.ComfyNode):
                                              "values": latent.flatten().tolist()}]})
 
 
+class CrashComfyUI(io.ComfyNode):
+    """Ends the ComfyUI process at once, as a crash in a GPU driver would (the Ray batch tests)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TestBedCrash", category="testing", description="Kills the ComfyUI process that runs it.",
+            inputs=[io.Image.Input("images")], outputs=[], is_output_node=True)
+
+    @classmethod
+    def execute(cls, images: torch.Tensor) -> io.NodeOutput:
+        import os
+        import sys
+        sys.stdout.write(f"{CRASH_LINE}\n")
+        sys.stdout.flush()
+        os._exit(3)
+
+
+CRASH_LINE = "test bed: crashing ComfyUI on purpose"
+
+
 class FixtureExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyCheckpoint, FluxCheckpoint, RandomConditioning, LatentStats]
+        return [TinyCheckpoint, FluxCheckpoint, RandomConditioning, LatentStats, CrashComfyUI]
 
 
 async def comfy_entrypoint() -> FixtureExtension:
