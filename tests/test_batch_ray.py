@@ -88,6 +88,14 @@ def done_lines(out: Path) -> int:
     return sum('"status": "done"' in line for line in path.read_text().splitlines()) if path.is_file() else 0
 
 
+def test_doctor_ray_runs_the_doctor_on_every_node(local_ray, base, jobs_file, capsys):
+    code = cli.main(["doctor", "--ray", "--base-directory", str(base), "--workflow", str(jobs_file.parent / "bed.json")])
+    out = capsys.readouterr().out
+    assert f"ray: Ray {ray.__version__}" in out and "cluster: 1 node, 0 GPUs: workers run on the CPU" in out, out
+    [node] = [line for line in out.splitlines() if " node " in line]
+    assert node.endswith(": ComfyUI, this pack and the models are in place") and code == 0, out
+
+
 def write_jobs(jobs_file: Path) -> Path:
     """jobs_file's six jobs, then a job whose workflow kills its ComfyUI (right after the face photo
     loads: no sampling, so each retry costs a boot only) and a job whose photo shows no face."""
@@ -108,7 +116,7 @@ def write_jobs(jobs_file: Path) -> Path:
 
 def test_ctrl_c_then_a_rerun_through_killed_comfyui_killed_worker_crash_and_no_face(
         local_ray, base, jobs_file, tmp_path, capsys):
-    """Run 1 (on the API) is interrupted after its first image: the workers and their ComfyUI are
+    """Run 1 (on the API, one worker) is interrupted after its first image: the workers and their ComfyUI are
     gone, results.jsonl holds whole lines. Run 2 (the command) continues; after its first image one
     worker's ComfyUI and the other worker's process are SIGKILLed at once. Every job ends once."""
     from conftest import COMFYUI
@@ -120,7 +128,7 @@ def test_ctrl_c_then_a_rerun_through_killed_comfyui_killed_worker_crash_and_no_f
     threading.Thread(target=interrupt_after_the_first_image, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         ray_batch.run_ray_batch(batch.read_jobs(jobs), batch.BatchOptions((), out, retries=1),
-                                ray_batch.RayOptions(COMFYUI, workers=2, base_directory=base))
+                                ray_batch.RayOptions(COMFYUI, workers=1, base_directory=base))
     wait_until(lambda: not comfyui_processes(base), 20, "no ComfyUI left after Ctrl-C (ray.kill)")
     first = read_results(out)
     assert 1 <= len(first) < 8 and all(record["status"] == "done" for record in first)

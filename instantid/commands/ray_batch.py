@@ -189,7 +189,9 @@ def _start_workers(ray: Any, options: RayOptions, batch: BatchOptions, workflows
 
 
 def _stop(ray: Any, workers: Sequence, graceful: bool) -> None:
-    if graceful:
+    """ray.kill the workers; their ComfyUI dies with them on Linux (the parent-death signal), elsewhere
+    each stops it first, at the end of a run (a worker still starting would be waited for)."""
+    if graceful and not sys.platform.startswith("linux"):
         ray.wait([worker.stop.remote() for worker in workers], num_returns=len(workers), timeout=2 * STOP_TIMEOUT)
     for worker in workers:
         ray.kill(worker)
