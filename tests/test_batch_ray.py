@@ -17,12 +17,12 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed: the Ray batch tests are SKIPPED "
                                         "(pip install 'ray>=2.60'; CI installs it from requirements-test.txt)")
 
-from PIL import Image  # noqa: E402
-from support.server import SERVER_PYTHONPATH, copy_models, link_custom_nodes  # noqa: E402
-from support.workflows import write_face_photo  # noqa: E402
-from test_batch import PHOTO, PHOTO_NAME, check_results, jobs_file, read_results  # noqa: E402,F401
+from PIL import Image
+from support.server import SERVER_PYTHONPATH, copy_models, link_custom_nodes
+from support.workflows import write_face_photo
+from test_batch import PHOTO, PHOTO_NAME, check_results, jobs_file, read_results  # noqa: F401 (jobs_file: a fixture)
 
-from instantid.commands import batch, cli, ray_batch  # noqa: E402
+from instantid.commands import batch, cli, ray_batch
 
 NO_FACE_ERROR = "FaceNotFound: no face found"
 CRASH_LINE = "test bed: crashing ComfyUI on purpose"  # fixture_pack.CRASH_LINE (that module needs ComfyUI)
@@ -36,19 +36,21 @@ def no_proxy(monkeypatch):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray for the module: two CPUs, so two workers; the workers' ComfyUI finds the
-    fixture pack's imports through PYTHONPATH, which Ray's processes inherit from this one."""
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = SERVER_PYTHONPATH
+    """One local Ray for the module: two CPUs, so two workers. Ray's processes inherit this
+    environment: the workers' ComfyUI find the fixture pack's imports through PYTHONPATH, and run
+    torch on one thread each (two on two cores would spin against each other)."""
+    previous = {name: os.environ.get(name) for name in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ.update(PYTHONPATH=SERVER_PYTHONPATH, OMP_NUM_THREADS="1")
     ray.init(num_cpus=2, **ray_batch.RAY_QUIET)
     try:
         yield
     finally:
         ray.shutdown()
-        if previous is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def done_lines(out: Path) -> int:
     return sum('"status": "done"' in line for line in path.read_text().splitlines()) if path.is_file() else 0
 
 
-def test_doctor_ray_runs_the_doctor_on_every_node(local_ray, base, jobs_file, capsys):
+def test_doctor_ray_runs_the_doctor_on_every_node(local_ray, base, jobs_file, capsys):  # noqa: F811
     code = cli.main(["doctor", "--ray", "--base-directory", str(base), "--workflow", str(jobs_file.parent / "bed.json")])
     out = capsys.readouterr().out
     assert f"ray: Ray {ray.__version__}" in out and "cluster: 1 node, 0 GPUs: workers run on the CPU" in out, out
@@ -96,7 +98,7 @@ def test_doctor_ray_runs_the_doctor_on_every_node(local_ray, base, jobs_file, ca
     assert node.endswith(": ComfyUI, this pack and the models are in place") and code == 0, out
 
 
-def write_jobs(jobs_file: Path) -> Path:
+def write_jobs(jobs_file: Path) -> Path:  # noqa: F811
     """jobs_file's six jobs, then a job whose workflow kills its ComfyUI (right after the face photo
     loads: no sampling, so each retry costs a boot only) and a job whose photo shows no face."""
     folder = jobs_file.parent
@@ -115,7 +117,7 @@ def write_jobs(jobs_file: Path) -> Path:
 
 
 def test_ctrl_c_then_a_rerun_through_killed_comfyui_killed_worker_crash_and_no_face(
-        local_ray, base, jobs_file, tmp_path, capsys):
+        local_ray, base, jobs_file, tmp_path, capsys):  # noqa: F811
     """Run 1 (on the API, one worker) is interrupted after its first image: the workers and their ComfyUI are
     gone, results.jsonl holds whole lines. Run 2 (the command) continues; after its first image one
     worker's ComfyUI and the other worker's process are SIGKILLed at once. Every job ends once."""

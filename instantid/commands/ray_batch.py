@@ -1,24 +1,21 @@
-"""`python -m instantid batch JOBS.jsonl --ray [ADDRESS]`: the batch past one machine, on Ray; and
+"""`python -m instantid batch JOBS.jsonl --ray [ADDRESS]` (the batch past one machine, on Ray) and
 `doctor --ray [ADDRESS]`. Ray is imported here only, and only when --ray is asked for.
 
 Design: plain Ray actors (`ray.remote` with max_restarts and max_task_retries), not Ray Data's
-ActorPoolStrategy: the light `ray` install (no pandas/pyarrow), Ray itself bounds the retries of each
-job (a pool's defaults retry forever), and a job's own failure is a returned row, not an error that
-aborts a dataset. The driver only hands the next job to a free worker and waits with ray.wait
-(ray.util.ActorPool's get_next_unordered cannot tell which job a lost worker's error belongs to).
+ActorPoolStrategy: the light `ray` install (no pandas/pyarrow), Ray itself bounds each job's retries
+(a pool's defaults retry forever), and a job's own failure is a returned row, not an error aborting
+a dataset. The driver hands the next job to a free worker and waits with ray.wait (ActorPool's
+get_next_unordered cannot tell which job a lost worker's error belongs to).
 
-A worker holds one GPU (the CPU when the cluster has none) and starts one ComfyUI there, the same
-folder on every node, `--listen 127.0.0.1` on a free port, in its own process group, with the
-CUDA_VISIBLE_DEVICES Ray set; it stays warm between jobs, and every job goes through batch.run_job,
-the server mode's path. A job's own failure (no face, a missing file, a bad value) comes back as a
-failed row, never retried. A ComfyUI that stops answering ends its worker: Ray restarts it and
-retries the job at most --retries times, then the driver writes the job as failed. Only the driver
-writes results.jsonl (batch.ResultsFile), so Ctrl-C, which kills the workers, leaves it whole, and
-a re-run continues.
+A worker holds one GPU (the CPU when the cluster has none) and starts one ComfyUI there (the same
+folder on every node, 127.0.0.1, a free port, its own process group, the CUDA_VISIBLE_DEVICES Ray
+set), warm between jobs; every job goes through batch.run_job, the server mode's path. A job's own
+failure comes back as a failed row, never retried. A ComfyUI that stops answering ends its worker:
+Ray restarts it and retries the job at most --retries times, then the driver writes it as failed.
+Only the driver writes results.jsonl, so Ctrl-C (which kills the workers) leaves it whole.
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import ctypes
 import functools
@@ -98,10 +95,10 @@ class ComfyProcess:
         linux = sys.platform.startswith("linux")
         before_exec = functools.partial(_die_with, os.getpid(), ctypes.CDLL(None).prctl) if linux else None
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-                 *(["--cpu"] if cpu else []), *options.flags()], cwd=options.comfyui, stdout=log_file,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=before_exec)
+            self.process = subprocess.Popen([sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port),
+                                             "--disable-auto-launch", *(["--cpu"] if cpu else []), *options.flags()],
+                                            cwd=options.comfyui, stdout=log_file, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=before_exec)  # noqa: PLW1509 (prctl only: no lock)
         atexit.register(self.stop)
         self.server = ComfyServer(f"http://127.0.0.1:{port}", timeout)
         deadline = time.monotonic() + BOOT_TIMEOUT
@@ -266,13 +263,13 @@ def _node_doctor(argv: list[str]) -> tuple[int, str]:
     """`python -m instantid doctor ...` on the node this task runs on."""
     try:
         done = subprocess.run([sys.executable, "-m", "instantid", *argv], cwd=PACK_ROOT, capture_output=True,
-                              text=True, timeout=NODE_DOCTOR_TIMEOUT)
+                              text=True, timeout=NODE_DOCTOR_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         return 1, f"FAIL doctor: {error}"
     return done.returncode, done.stdout + done.stderr
 
 
-def ray_doctor(args: argparse.Namespace, stream: TextIO) -> int:
+def ray_doctor(args: Any, stream: TextIO) -> int:
     """doctor --ray: Ray installed, the cluster's nodes and GPUs, and on every node the doctor's own
     checks (ComfyUI, this pack loaded by it, the models of --workflow or the pack's)."""
     argv = ["doctor"] + [part for flag, value in (("--base-directory", args.base_directory), ("--workflow", args.workflow),
