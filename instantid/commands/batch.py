@@ -233,7 +233,7 @@ class BatchSummary:
         spread = ", ".join(f"{name}: {count}" for name, count in self.per_server.items())
         rate = self.done / max(self.seconds, 1e-9) * 60 / max(self.workers, 1)
         jobs = self.done + self.skipped + len(self.failed) + len(self.not_run)
-        lines = [f"{self.done} done ({spread}), {self.skipped} already done, {len(self.failed)} failed, "
+        lines = [f"{self.done} done{f' ({spread})' if spread else ''}, {self.skipped} already done, {len(self.failed)} failed, "
                  f"{len(self.not_run)} not run; {jobs} jobs in {self.seconds:.1f} s, {rate:.2f} images/min per "
                  f"worker; results in {results}"]
         lines += [f"failed: {text}" for text in self.failed]

@@ -194,6 +194,10 @@ def _stop(ray: Any, workers: Sequence, graceful: bool) -> None:
         ray.kill(worker)
 
 
+def _postfix(failed: int, alive: int) -> str:
+    return f"{failed} failed, {alive} worker{'s' if alive != 1 else ''} alive"
+
+
 def run_ray_batch(jobs: Sequence[Job], batch: BatchOptions, options: RayOptions, stream: TextIO | None = None) -> BatchSummary:
     """Run the jobs not finished in batch.out/results.jsonl on Ray workers."""
     ray = import_ray()
@@ -216,7 +220,7 @@ def run_ray_batch(jobs: Sequence[Job], batch: BatchOptions, options: RayOptions,
         names = {worker: f"worker {n}" for n, worker in enumerate(workers, 1)}
         summary.workers, summary.per_server = len(workers), dict.fromkeys(names.values(), 0)
         free, running = list(workers), {}
-        bar.set_postfix_str(f"0 failed, {len(free)} workers alive")
+        bar.set_postfix_str(_postfix(0, len(workers)))
         while todo or running:
             while todo and free:
                 worker, job = free.pop(), results.seeded(todo.popleft())
@@ -243,7 +247,7 @@ def run_ray_batch(jobs: Sequence[Job], batch: BatchOptions, options: RayOptions,
                 summary.per_server[names[worker]] += 1
             else:
                 summary.failed.append(f"{job.id}: {record['error']}")
-            bar.set_postfix_str(f"{len(summary.failed)} failed, {len(workers)} workers alive")
+            bar.set_postfix_str(_postfix(len(summary.failed), len(workers)))
             bar.update(1)
     except BaseException:
         _stop(ray, workers, graceful=False)  # Ctrl-C: the in-flight jobs die with their workers
