@@ -25,7 +25,7 @@ from test_batch import PHOTO, PHOTO_NAME, check_results, jobs_file, read_results
 from instantid.commands import batch, cli, ray_batch
 
 NO_FACE_ERROR = "FaceNotFound: no face found"
-CRASH_LINE = "test bed: crashing ComfyUI on purpose"  # fixture_pack.CRASH_LINE (that module needs ComfyUI)
+CRASH_LINE = "test bed: crashing ComfyUI on purpose"  # what fixture_pack's TestBedCrash prints (that module needs ComfyUI)
 
 
 @pytest.fixture(autouse=True)
