@@ -49,15 +49,23 @@ def test_nothing_imports_ray_unless_ray_is_asked_for():
     assert result.stderr == ""
 
 
-def test_without_ray_doctor_ray_says_how_to_install_it():
+def test_without_ray_doctor_ray_and_batch_ray_say_how_to_install_it(tmp_path):
+    (tmp_path / "face.png").write_bytes(b"a photo")
+    (tmp_path / "jobs.jsonl").write_text('{"face": "face.png"}\n')
     script = ("import sys\n"
               "sys.modules['ray'] = None  # as in a Python without the extra\n"
               "from instantid.commands import cli\n"
-              "sys.exit(cli.main(['doctor', '--ray']))\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1, result.stderr
+              "print(cli.main(['doctor', '--ray']), cli.main(['batch', sys.argv[1], '--ray']),\n"
+              "      cli.main(['batch', sys.argv[1], '--ray', '--comfyui', 'http://127.0.0.1:1']))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "jobs.jsonl")], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == "1 1 1", result.stderr
     assert f"ray: not installed in {sys.executable}" in result.stdout
     assert "-m pip install 'ray>=2.60'" in result.stdout and "NOT READY" in result.stdout
+    assert f"batch: error: --ray needs Ray, which this Python does not have; install it: {sys.executable} -m pip install " \
+           "'ray>=2.60'\n" in result.stderr
+    assert "batch: error: give --comfyui URL (servers you run) or --ray [ADDRESS] (workers on Ray), one of the two" \
+           in result.stderr
 
 
 FRONT_END = ["faces", "keypoints", "drawn_keypoints", "face_inputs", "identity", "identity_files", "regions",
