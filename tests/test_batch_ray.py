@@ -141,17 +141,20 @@ def test_ctrl_c_then_a_rerun_through_killed_comfyui_killed_worker_crash_and_no_f
         wait_until(lambda: done_lines(out) > len(first), 120, "a first image of the re-run")
         running = sorted(comfyui_processes(base).items())
         assert len(running) == 2, running
-        (comfyui, _), (_, worker) = running
+        (comfyui, _), (orphan, worker) = running
         os.kill(comfyui, signal.SIGKILL)
         os.kill(worker, signal.SIGKILL)
         killed.extend([comfyui, worker])
+        # The killed worker ran no clean-up: its ComfyUI goes by the parent-death signal, at once.
+        wait_until(lambda: orphan not in comfyui_processes(base), 5, "the killed worker's ComfyUI to end")
+        killed.append(orphan)
     killer = threading.Thread(target=kill_a_comfyui_and_a_worker, daemon=True)
     killer.start()
     code = cli.main(["batch", str(jobs), "--ray", "--workers", "2", "--retries", "1", "--base-directory", str(base),
                      "--out", str(out)])
     captured = capsys.readouterr()
     killer.join(1)
-    assert len(killed) == 2, f"the run ended before the kills; stderr: {captured.err[-2000:]}"
+    assert len(killed) == 3, f"the kills did not happen as planned ({killed}); stderr: {captured.err[-2000:]}"
     assert code == 1, captured.err
     records = read_results(out)
     assert records[:len(first)] == first
