@@ -31,10 +31,13 @@ COMFYUI = find_comfyui()
 from support.server import ADAPTER_BIN, ADAPTER_SAFETENSORS, IDENTITYNET_NAME, UNET_NAME  # noqa: E402,F401
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    import importlib.util
+    ray = ("Ray: installed; the Ray batch tests will run" if importlib.util.find_spec("ray") else
+           "Ray: NOT INSTALLED, the Ray batch tests will be SKIPPED (pip install -r requirements-test.txt)")
     if COMFYUI is None:
-        return f"ComfyUI: NOT FOUND, the ComfyUI tests will be SKIPPED. {why_not_found()}"
-    return f"ComfyUI: {COMFYUI} (version {comfyui_version(COMFYUI)}); ComfyUI tests will run"
+        return [f"ComfyUI: NOT FOUND, the ComfyUI tests will be SKIPPED. {why_not_found()}", ray]
+    return [f"ComfyUI: {COMFYUI} (version {comfyui_version(COMFYUI)}); ComfyUI tests will run", ray]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -17,7 +17,8 @@ DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid
                   "instantid.model_files", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
                   "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",
-                  "instantid.commands.batch", "workflow_tools.builder", "workflow_tools.specs"]
+                  "instantid.commands.batch", "instantid.commands.ray_batch", "workflow_tools.builder",
+                  "workflow_tools.specs"]
 
 
 def test_domain_modules_import_without_comfyui():
@@ -30,6 +31,41 @@ def test_domain_modules_import_without_comfyui():
     assert result.returncode == 0, result.stderr
     # Importing never loads ComfyUI, and insightface/onnxruntime only load when face analysis is used.
     assert result.stdout.strip() == ""
+
+
+def test_nothing_imports_ray_unless_ray_is_asked_for():
+    """Ray is an optional extra: importing every module and `batch --help` leave it unloaded."""
+    script = ("import runpy, sys\n"
+              f"for name in {DOMAIN_MODULES!r}:\n"
+              "    __import__(name)\n"
+              "sys.argv = ['instantid', 'batch', '--help']\n"
+              "try:\n"
+              "    runpy.run_module('instantid', run_name='__main__')\n"
+              "except SystemExit:\n"
+              "    pass\n"
+              "sys.stderr.write(','.join(sorted(m for m in sys.modules if m.split('.')[0] == 'ray')))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--ray [ADDRESS]" in result.stdout, result.stderr
+    assert result.stderr == ""
+
+
+def test_without_ray_doctor_ray_and_batch_ray_say_how_to_install_it(tmp_path):
+    (tmp_path / "face.png").write_bytes(b"a photo")
+    (tmp_path / "jobs.jsonl").write_text('{"face": "face.png"}\n')
+    script = ("import sys\n"
+              "sys.modules['ray'] = None  # as in a Python without the extra\n"
+              "from instantid.commands import cli\n"
+              "print(cli.main(['doctor', '--ray']), cli.main(['batch', sys.argv[1], '--ray']),\n"
+              "      cli.main(['batch', sys.argv[1], '--ray', '--comfyui', 'http://127.0.0.1:1']))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "jobs.jsonl")], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == "1 1 1", result.stderr
+    assert f"ray: not installed in {sys.executable}" in result.stdout
+    assert "-m pip install 'ray>=2.60'" in result.stdout and "NOT READY" in result.stdout
+    assert f"batch: error: --ray needs Ray, which this Python does not have; install it: {sys.executable} -m pip install " \
+           "'ray>=2.60'\n" in result.stderr
+    assert "batch: error: give --comfyui URL (servers you run) or --ray [ADDRESS] (workers on Ray), one of the two" \
+           in result.stderr
 
 
 FRONT_END = ["faces", "keypoints", "drawn_keypoints", "face_inputs", "identity", "identity_files", "regions",

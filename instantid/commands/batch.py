@@ -189,6 +189,10 @@ class ResultsFile:
             if record.get("status") == "done":
                 self.done[str(record["job"])] = record
 
+    def seeded(self, job: Job) -> Job:
+        """The job with the seed every try of it uses (seed_for)."""
+        return replace(job, inputs=replace(job.inputs, seed=self.seed_for(job)))
+
     def seed_for(self, job: Job) -> int:
         """The job's own seed; else the one an earlier try drew; else a new one, written down first."""
         if job.inputs.seed is not None:
@@ -218,8 +222,25 @@ class BatchSummary:
     done: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)       # "job: why"
-    not_run: list[str] = field(default_factory=list)      # no server was left for them
+    not_run: list[str] = field(default_factory=list)      # no server (or Ray worker) was left for them
     per_server: dict[str, int] = field(default_factory=dict)
+    workers: int = 0                                      # jobs run at once: servers x per_server, or Ray workers
+    seconds: float = 0.0                                  # wall time of the run
+
+    def lines(self, results: Path) -> list[str]:
+        """The end of a run, for both modes: counts, wall time, images per minute per worker, then
+        one line per failed job and what to do about jobs not run."""
+        spread = ", ".join(f"{name}: {count}" for name, count in self.per_server.items())
+        rate = self.done / max(self.seconds, 1e-9) * 60 / max(self.workers, 1)
+        jobs = self.done + self.skipped + len(self.failed) + len(self.not_run)
+        lines = [f"{self.done} done{f' ({spread})' if spread else ''}, {self.skipped} already done, {len(self.failed)} failed, "
+                 f"{len(self.not_run)} not run; {jobs} jobs in {self.seconds:.1f} s, {rate:.2f} images/min per "
+                 f"worker; results in {results}"]
+        lines += [f"failed: {text}" for text in self.failed]
+        if self.not_run:
+            lines.append(f"not run, no worker left: {', '.join(self.not_run)}; start a server (or worker) and run "
+                         "the command again")
+        return lines
 
 
 class _Dispatcher:
@@ -338,7 +359,9 @@ def run_batch(jobs: Sequence[Job], options: BatchOptions, stream: TextIO | None 
     servers = {url.rstrip("/"): ComfyServer(url, options.timeout) for url in options.servers}  # bad URLs fail here
     results = ResultsFile(options.out / RESULTS_NAME)
     todo = [job for job in jobs if job.id not in results.done]
-    summary = BatchSummary(skipped=len(jobs) - len(todo), per_server=dict.fromkeys(servers, 0))
+    summary = BatchSummary(skipped=len(jobs) - len(todo), per_server=dict.fromkeys(servers, 0),
+                           workers=len(servers) * options.per_server)
+    started = time.monotonic()
     workflows: dict[Path, dict] = {}
     for job in todo:
         if job.workflow not in workflows:
@@ -356,7 +379,7 @@ def run_batch(jobs: Sequence[Job], options: BatchOptions, stream: TextIO | None 
     def attempt(item: _Pending, server: ComfyServer) -> bool:
         """One try of the job on the server; False when the server stopped answering."""
         item.tried.append(server.url)
-        job = replace(item.job, inputs=replace(item.job.inputs, seed=results.seed_for(item.job)))
+        job = results.seeded(item.job)
         prompt_ids: list[str] = []
 
         def on_queued(prompt_id: str) -> None:
@@ -428,13 +451,18 @@ def run_batch(jobs: Sequence[Job], options: BatchOptions, stream: TextIO | None 
         dispatcher.stopped = True
         bar.close()
     summary.not_run = [item.job.id for item in dispatcher.pending]
+    summary.seconds = time.monotonic() - started
     return summary
+
+
+def failure_record(job: Job, server_url: str | None, why: str, **more: object) -> dict:
+    """The results line of a job that failed (a re-run tries it again)."""
+    return {"job": job.id, "status": "failed", "server": server_url, "seed": job.inputs.seed, "error": why, **more}
 
 
 def _record_failure(results: ResultsFile, summary: BatchSummary, lock: threading.Lock, item: _Pending, job: Job,
                     server_url: str, why: str, bar: tqdm, prompt_id: str | None = None) -> None:
-    results.append({"job": job.id, "status": "failed", "server": server_url, "seed": job.inputs.seed,
-                    "error": why, "servers_tried": list(item.tried), "prompt_id": prompt_id})
+    results.append(failure_record(job, server_url, why, servers_tried=list(item.tried), prompt_id=prompt_id))
     with lock:
         summary.failed.append(f"{job.id}: {why}")
         bar.update(1)

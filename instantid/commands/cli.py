@@ -154,10 +154,16 @@ def _add_doctor(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--workflow", type=Path, metavar="FILE",
                         help="check the model files this workflow (UI or API format) loads instead of the pack's own: "
                              "each missing one is named with where it goes and, when known, where to download it")
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="check the Ray cluster at ADDRESS (default: $RAY_ADDRESS, else a local Ray) instead: Ray "
+                             "installed, its GPUs, and these checks on every node")
     parser.set_defaults(handler=_doctor)
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        from .ray_batch import ray_doctor
+        return ray_doctor(args, sys.stdout)
     from .doctor import doctor_report, markers_for
 
     report = doctor_report(args.base_directory, args.extra_model_paths_config, args.workflow)
@@ -277,22 +283,29 @@ def _portrait(args: argparse.Namespace) -> int:
 def _add_batch(commands: argparse._SubParsersAction) -> None:
     results_name = LazyDefault("batch", "RESULTS_NAME")
     parser = commands.add_parser(
-        "batch", help="many portraits over one or more running ComfyUI servers",
+        "batch", help="many portraits over running ComfyUI servers, or on Ray workers",
         description="Run the jobs of JOBS.jsonl (one JSON object a line: face, and optionally prompt, pose, seed, "
                     "workflow, checkpoint, set, id) on running ComfyUI servers. Images are uploaded to the server "
                     "that runs the job; a job whose server stops answering is retried on another, and that server "
                     f"again after a pause. Finished jobs go to DIR/{results_name}, one line each, and a re-run skips "
                     "them; a job without a seed gets one at its first try, kept there for re-runs. Ctrl-C cancels "
-                    "every prompt the run queued.")
+                    "every prompt the run queued. With --ray, Ray workers (one per GPU) each start their own ComfyUI "
+                    "and run the jobs; Ray places and restarts them.")
     parser.add_argument("jobs", type=Path, metavar="JOBS.jsonl", help="the jobs, one JSON object per line")
-    parser.add_argument("--comfyui", action="append", required=True, metavar="URL",
+    parser.add_argument("--comfyui", action="append", metavar="URL",
                         help="a running ComfyUI (e.g. http://127.0.0.1:8188); repeat for several servers")
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="run on Ray instead: workers that each start a ComfyUI on one GPU, on the cluster at "
+                             "ADDRESS (default: $RAY_ADDRESS, else a local Ray on this machine); needs the ray extra")
+    parser.add_argument("--workers", type=_number(int), metavar="N",
+                        help="with --ray: the number of workers (default: one per GPU, one without a GPU)")
+    _add(parser, "--base-directory", "--extra-model-paths-config")
     parser.add_argument("--out", type=Path, default=Path("batch-out"), metavar="DIR",
                         help=f"folder for {results_name} and one subfolder of images per job (default: %(default)s)")
     parser.add_argument("--per-server", type=_number(int), default=LazyDefault("batch", "DEFAULT_PER_SERVER"), metavar="N",
                         help="jobs each server holds at once, queued or running (default: %(default)s)")
     parser.add_argument("--retries", type=_number(int, zero_allowed=True), default=LazyDefault("batch", "DEFAULT_RETRIES"),
-                        metavar="N", help="other servers to try when a job's server stops answering (default: %(default)s)")
+                        metavar="N", help="tries again of a job whose server (or Ray worker) is lost (default: %(default)s)")
     parser.add_argument("--retry-delay", type=_number(float), default=LazyDefault("batch", "DEFAULT_RETRY_DELAY"),
                         metavar="SECONDS",
                         help="first pause before a server that stopped answering is tried again; the pause doubles "
@@ -305,20 +318,24 @@ def _add_batch(commands: argparse._SubParsersAction) -> None:
 def _batch(args: argparse.Namespace) -> int:
     from .batch import BatchOptions, JobsError, read_jobs, run_batch
 
+    if (args.ray is None) == (not args.comfyui):
+        raise CommandError("give --comfyui URL (servers you run) or --ray [ADDRESS] (workers on Ray), one of the two")
     try:
         jobs = read_jobs(args.jobs)
+        options = BatchOptions(tuple(args.comfyui or ()), args.out, per_server=args.per_server, retries=args.retries,
+                               timeout=args.timeout, max_wait=args.max_wait, retry_delay=args.retry_delay)
+        if args.ray is not None:
+            from .ray_batch import RayOptions, run_ray_batch
+            comfyui = find_comfyui(args.base_directory)
+            if comfyui is None:
+                raise CommandError(f"{why_not_found(args.base_directory)}; every Ray worker starts this ComfyUI")
+            summary = run_ray_batch(jobs, options, RayOptions(comfyui, args.ray or None, args.workers,
+                                                              args.base_directory, args.extra_model_paths_config))
+        else:
+            summary = run_batch(jobs, options)
     except JobsError as error:
         raise CommandError(str(error)) from None
-    summary = run_batch(jobs, BatchOptions(tuple(args.comfyui), args.out, per_server=args.per_server,
-                                           retries=args.retries, timeout=args.timeout, max_wait=args.max_wait,
-                                           retry_delay=args.retry_delay))
-    spread = ", ".join(f"{url}: {count}" for url, count in summary.per_server.items())
-    lines = [f"{summary.done} done ({spread}), {summary.skipped} already done, {len(summary.failed)} failed, "
-             f"{len(summary.not_run)} not run; results in {args.out / 'results.jsonl'}"]
-    lines += [f"failed: {text}" for text in summary.failed]
-    if summary.not_run:
-        lines.append(f"not run, no server left: {', '.join(summary.not_run)}; start a server and run the command again")
-    _print(lines)
+    _print(summary.lines(args.out / "results.jsonl"))
     return 0 if not summary.failed and not summary.not_run else 1
 
 

@@ -123,12 +123,17 @@ class RandomConditioning(io.ComfyNode):
         return io.NodeOutput(seeded_sdxl_conditioning(seed, tokens))
 
 
+def output_node_schema(node_id: str, description: str, source: io.Input) -> io.Schema:
+    """A test-only output node with one input."""
+    return io.Schema(node_id=node_id, category="testing", description=description, inputs=[source], outputs=[],
+                     is_output_node=True)
+
+
 class LatentStats(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="TestBedLatentStats", category="testing", description="Reports a latent's values to the UI output.",
-            inputs=[io.Latent.Input("samples")], outputs=[], is_output_node=True)
+        return output_node_schema("TestBedLatentStats", "Reports a latent's values to the UI output.",
+                                  io.Latent.Input("samples"))
 
     @classmethod
     def execute(cls, samples: dict) -> io.NodeOutput:
@@ -137,10 +142,26 @@ class LatentStats(io.ComfyNode):
                                              "values": latent.flatten().tolist()}]})
 
 
+class CrashComfyUI(io.ComfyNode):
+    """Ends the ComfyUI process at once, as a crash in a GPU driver would (the Ray batch tests)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return output_node_schema("TestBedCrash", "Kills the ComfyUI process that runs it.", io.Image.Input("images"))
+
+    @classmethod
+    def execute(cls, images: torch.Tensor) -> io.NodeOutput:
+        import os
+        import sys
+        sys.stdout.write("test bed: crashing ComfyUI on purpose\n")  # test_batch_ray.CRASH_LINE counts it
+        sys.stdout.flush()
+        os._exit(3)
+
+
 class FixtureExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyCheckpoint, FluxCheckpoint, RandomConditioning, LatentStats]
+        return [TinyCheckpoint, FluxCheckpoint, RandomConditioning, LatentStats, CrashComfyUI]
 
 
 async def comfy_entrypoint() -> FixtureExtension:

@@ -80,20 +80,28 @@ class ComfyServer:
                 self.process.wait(timeout=20)
 
 
-def start_server(comfyui: Path, base: Path, *, port: int | None = None, timeout: float = 180.0,
-                 extra_args: tuple[str, ...] = ()) -> ComfyServer:
-    """Start `main.py --cpu` on 127.0.0.1 with `base` as its base directory, this pack and the test
-    fixture pack linked into base/custom_nodes. Returns once the server says it is ready; raises
-    with the log's tail when it exits or does not get ready within `timeout` seconds."""
+SERVER_PYTHONPATH = os.pathsep.join([str(TESTS), str(REPO_ROOT)])  # the fixture pack imports `support`
+
+
+def link_custom_nodes(base: Path) -> None:
+    """This pack and the test fixture pack in base/custom_nodes, as a user's ComfyUI has the pack."""
     nodes_dir = base / "custom_nodes"
     nodes_dir.mkdir(parents=True, exist_ok=True)
     for source, name in ((REPO_ROOT, "instantid-nodes"), (FIXTURE_PACK, "test-bed-nodes")):
         link = nodes_dir / name
         if not link.exists():
             link.symlink_to(source, target_is_directory=True)
+
+
+def start_server(comfyui: Path, base: Path, *, port: int | None = None, timeout: float = 180.0,
+                 extra_args: tuple[str, ...] = ()) -> ComfyServer:
+    """Start `main.py --cpu` on 127.0.0.1 with `base` as its base directory, this pack and the test
+    fixture pack linked into base/custom_nodes. Returns once the server says it is ready; raises
+    with the log's tail when it exits or does not get ready within `timeout` seconds."""
+    link_custom_nodes(base)
     port = port or free_port()
     log_path = Path(tempfile.mkstemp(prefix="comfyui-server-", suffix=".log")[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO_ROOT)]), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=SERVER_PYTHONPATH, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                     "--base-directory", str(base), "--disable-auto-launch", *extra_args],
