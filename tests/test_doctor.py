@@ -6,6 +6,7 @@ import ast
 import json
 import re
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -363,6 +364,7 @@ NOT_DECLARED = {
     "onnxruntime": "insightface>=2.1 brings it; onnxruntime-gpu users swap it",
     "comfy_cli": "optional: the 'cli' extra, imported only to convert UI-format workflows",
     "packaging": "optional: checks installed versions before pip runs (without it pip decides)",
+    "ray": "optional: the 'ray' extra, imported only by batch --ray and doctor --ray",
 }
 
 
@@ -396,6 +398,8 @@ def test_requirements_declare_exactly_what_the_pack_imports():
     assert set(NOT_DECLARED) <= imported  # each exemption is still needed
     assert not {"onnxruntime", "onnxruntime-gpu"} & requirements
     assert "insightface>=2.1" in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert _requirement_names(extras["cli"]) == {"comfy-cli"} and _requirement_names(extras["ray"]) == {"ray"}
 
 
 def test_pyproject_is_what_the_comfy_registry_reads():
