@@ -161,12 +161,13 @@ def _add_doctor(commands: argparse._SubParsersAction) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    if args.ray is not None:
-        from .ray_batch import ray_doctor
-        return ray_doctor(args, sys.stdout)
     from .doctor import doctor_report, markers_for
 
-    report = doctor_report(args.base_directory, args.extra_model_paths_config, args.workflow)
+    if args.ray is not None:
+        from .ray_batch import ray_doctor
+        report = ray_doctor(args)
+    else:
+        report = doctor_report(args.base_directory, args.extra_model_paths_config, args.workflow)
     _print(report.lines(markers_for(sys.stdout)))
     return 0 if report.ok else 1
 

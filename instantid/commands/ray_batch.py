@@ -1,18 +1,12 @@
-"""`python -m instantid batch JOBS.jsonl --ray [ADDRESS]` (the batch past one machine, on Ray) and
-`doctor --ray [ADDRESS]`. Ray is imported here only, and only when --ray is asked for.
+"""`batch JOBS.jsonl --ray [ADDRESS]` and `doctor --ray [ADDRESS]`: the batch past one machine, on Ray
+(imported here only, and only when --ray is asked for).
 
-Design: plain Ray actors (`ray.remote` with max_restarts and max_task_retries), not Ray Data's
-ActorPoolStrategy: the light `ray` install (no pandas/pyarrow), Ray itself bounds each job's retries
-(a pool's defaults retry forever), and a job's own failure is a returned row, not an error aborting
-a dataset. The driver hands the next job to a free worker and waits with ray.wait (ActorPool's
-get_next_unordered cannot tell which job a lost worker's error belongs to).
-
-A worker holds one GPU (the CPU when the cluster has none) and starts one ComfyUI there (the same
-folder on every node, 127.0.0.1, a free port, its own process group, the CUDA_VISIBLE_DEVICES Ray
-set), warm between jobs; every job goes through batch.run_job, the server mode's path. A job's own
-failure comes back as a failed row, never retried. A ComfyUI that stops answering ends its worker:
-Ray restarts it and retries the job at most --retries times, then the driver writes it as failed.
-Only the driver writes results.jsonl, so Ctrl-C (which kills the workers) leaves it whole.
+Plain Ray actors (max_restarts, max_task_retries), not Ray Data's actor pools: the light `ray` install,
+retries bounded by Ray itself, and a job's own failure is a row instead of an error that aborts a
+dataset; ray.wait, not ActorPool, as only it tells which job a lost worker was running. Each worker
+holds one GPU (or CPU) and one warm ComfyUI and runs every job through batch.run_job, the server
+mode's path. A ComfyUI that stops answering ends its worker, so Ray restarts it and retries the job
+(at most --retries times). Only the driver writes results.jsonl: Ctrl-C leaves it whole.
 """
 from __future__ import annotations
 
@@ -37,7 +31,7 @@ from tqdm import tqdm
 
 from .batch import RESULTS_NAME, BatchOptions, BatchSummary, Job, ResultsFile, failure_record, run_job
 from .comfy_home import PACK_ROOT
-from .doctor import Check, Report, markers_for
+from .doctor import Check, Report
 from .runner import ComfyServer, RunError, ServerUnreachable, load_workflow
 
 log = logging.getLogger(__name__)
@@ -66,9 +60,14 @@ class RayOptions:
     base_directory: Path | None = None
     extra_model_paths_config: Path | None = None
 
-    def flags(self) -> tuple[str, ...]:
-        pairs = (("--base-directory", self.base_directory), ("--extra-model-paths-config", self.extra_model_paths_config))
-        return tuple(part for flag, value in pairs if value for part in (flag, str(Path(value).resolve())))
+    def flags(self) -> list[str]:
+        return _path_flags(("--base-directory", self.base_directory), ("--extra-model-paths-config",
+                                                                       self.extra_model_paths_config))
+
+
+def _path_flags(*pairs: tuple[str, Path | None]) -> list[str]:
+    """Command-line flags with absolute paths: a worker or node runs from another folder."""
+    return [part for flag, value in pairs if value for part in (flag, str(Path(value).resolve()))]
 
 
 def _free_port() -> int:
@@ -273,18 +272,17 @@ def _node_doctor(argv: list[str]) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
-def ray_doctor(args: Any, stream: TextIO) -> int:
+def ray_doctor(args: Any) -> Report:
     """doctor --ray: Ray installed, the cluster's nodes and GPUs, and on every node the doctor's own
     checks (ComfyUI, this pack loaded by it, the models of --workflow or the pack's)."""
-    argv = ["doctor"] + [part for flag, value in (("--base-directory", args.base_directory), ("--workflow", args.workflow),
-                         ("--extra-model-paths-config", args.extra_model_paths_config)) if value
-                         for part in (flag, str(Path(value).resolve()))]
+    argv = ["doctor", *_path_flags(("--base-directory", args.base_directory), ("--workflow", args.workflow),
+                                   ("--extra-model-paths-config", args.extra_model_paths_config))]
     report = Report()
     try:
         ray = import_ray()
     except RunError:
         report.checks.append(Check("fail", "ray", f"not installed in {sys.executable}", (RAY_INSTALL,)))
-        return _print(report, stream)
+        return report
     report.checks.append(Check("ok", "ray", f"Ray {ray.__version__}"))
     started_here = not ray.is_initialized()
     try:
@@ -301,7 +299,7 @@ def ray_doctor(args: Any, stream: TextIO) -> int:
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as error:
         report.checks.append(Check("fail", "cluster", f"no Ray cluster at {args.ray or os.environ.get('RAY_ADDRESS') or 'this machine'}: "
                                    f"{str(error).splitlines()[0]}", ("ray start --head",)))
-        return _print(report, stream)
+        return report
     finally:
         if started_here and ray.is_initialized():
             ray.shutdown()
@@ -314,9 +312,5 @@ def ray_doctor(args: Any, stream: TextIO) -> int:
                              if code == 0 and not problems else
                              Check("fail", f"node {where}", "; ".join(problems) or text.strip().splitlines()[-1],
                                    (f"on {where}: cd {shlex.quote(str(PACK_ROOT))} && python -m instantid {shlex.join(argv)}",)))
-    return _print(report, stream)
+    return report
 
-
-def _print(report: Report, stream: TextIO) -> int:
-    stream.write("".join(line + "\n" for line in report.lines(markers_for(stream))))
-    return 0 if report.ok else 1
