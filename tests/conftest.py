@@ -41,7 +41,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """One line per distinct skip reason (pytest's -rs would repeat it for every test location)."""
+    """One line per distinct skip reason (pytest's -rs would repeat it for every test location), then
+    the figures the tests recorded."""
     reasons: dict[str, int] = {}
     for report in terminalreporter.stats.get("skipped", []):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
@@ -49,6 +50,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         reasons[reason] = reasons.get(reason, 0) + 1
     for reason, count in reasons.items():
         terminalreporter.write_line(f"SKIPPED {count} test{'s' if count > 1 else ''}: {reason}", yellow=True, bold=True)
+    # The figures tests record (record_property: parity ratios and the like), shown in every run's output.
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in report.user_properties:
+            terminalreporter.write_line(f"FIGURE {report.nodeid.split('::')[0]} {name}: {value}")
 
 
 @pytest.fixture(autouse=True)

@@ -101,10 +101,13 @@ def start_server(comfyui: Path, base: Path, *, port: int | None = None, timeout:
     link_custom_nodes(base)
     port = port or free_port()
     log_path = Path(tempfile.mkstemp(prefix="comfyui-server-", suffix=".log")[1])
-    env = dict(os.environ, PYTHONPATH=SERVER_PYTHONPATH, PYTHONUNBUFFERED="1")
+    # One torch thread: the bed's models are tiny, and two servers beside pytest on two cores would
+    # spin against each other. No API nodes: the tests use none, and they cost every start.
+    env = dict(os.environ, PYTHONPATH=SERVER_PYTHONPATH, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                    "--base-directory", str(base), "--disable-auto-launch", *extra_args],
+                                    "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
+                                    *extra_args],
                                    cwd=comfyui, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
     server = ComfyServer(f"http://127.0.0.1:{port}", base, process, log_path)
