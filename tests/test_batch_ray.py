@@ -99,8 +99,9 @@ def test_doctor_ray_runs_the_doctor_on_every_node(local_ray, base, jobs_file, ca
 
 
 def write_jobs(jobs_file: Path) -> Path:  # noqa: F811
-    """jobs_file's six jobs, then a job whose workflow kills its ComfyUI (right after the face photo
-    loads: no sampling, so each retry costs a boot only) and a job whose photo shows no face."""
+    """jobs_file's six jobs, then a job whose photo shows no face and a job whose workflow kills its
+    ComfyUI (right after the face photo loads: no sampling, so each retry costs a boot only). The
+    crash job comes last: after its last try no job waits for its worker's next boot."""
     folder = jobs_file.parent
     crash = json.loads((folder / "bed.json").read_text())
     [(save_id, _)] = [(node_id, node) for node_id, node in crash.items() if node["class_type"] == "SaveImage"]
@@ -111,8 +112,8 @@ def write_jobs(jobs_file: Path) -> Path:  # noqa: F811
     Image.new("RGB", (320, 320), (90, 90, 90)).save(folder / "blank.png")
     jobs = folder / "ray_jobs.jsonl"  # beside jobs_file, whose paths are relative to its folder
     jobs.write_text(jobs_file.read_text() + "".join(json.dumps(line) + "\n" for line in (
-        {"id": "crash", "face": "faces/face0.png", "seed": 7, "workflow": "crash.json"},
-        {"id": "noface", "face": "blank.png", "seed": 8, "workflow": "bed.json"})))
+        {"id": "noface", "face": "blank.png", "seed": 8, "workflow": "bed.json"},
+        {"id": "crash", "face": "faces/face0.png", "seed": 7, "workflow": "crash.json"})))
     return jobs
 
 
