@@ -129,18 +129,19 @@ def _apply_identity_inputs() -> list[io.Input]:
     return [_face_index_input("each reference photo (not of image_kps, which uses its largest)"), _face_embeds_input()]
 
 
-def _region_inputs() -> list[io.Input]:
+def _region_inputs(identity: str = "face attention and IdentityNet", control: str = "IdentityNet") -> list[io.Input]:
+    """face_region and mask_scope of an Apply node; `identity`: what carries the identity there."""
     return [io.Boolean.Input("face_region", default=False, optional=True, extra_dict=ADVANCED,
-                             tooltip="Official 'enhance non-face region' mode: the identity (face attention and "
-                                     "IdentityNet) acts only inside the face's bounding box on the keypoint image, "
-                                     "placed on the latent as ComfyUI places the keypoints; the prompt still acts "
-                                     "everywhere. With a mask, the region is their product."),
+                             tooltip=f"The identity ({identity}) acts only inside the face's bounding box on the "
+                                     "keypoint image, placed on the latent as ComfyUI places the keypoints; the prompt "
+                                     "still acts everywhere (InstantID's official 'enhance non-face region' mode). "
+                                     "With a mask, the region is their product."),
             io.Combo.Input("mask_scope", options=list(MASK_SCOPES), default=PROMPT_AND_IDENTITY, optional=True,
                            extra_dict=ADVANCED,
-                           tooltip="What the mask limits. 'prompt and identity': this positive prompt and the "
-                                   "IdentityNet act only inside it (the earlier pack's behaviour). 'identity only': "
-                                   "the face attention and the IdentityNet act only inside it and the prompt stays "
-                                   "global, so two Apply nodes can share one prompt (two people).")]
+                           tooltip=f"What the mask limits. 'prompt and identity': this positive prompt and the "
+                                   f"{control} act only inside it (the earlier pack's behaviour). 'identity only': "
+                                   f"the {identity} act only inside it and the prompt stays global, so two Apply "
+                                   "nodes can share one prompt (two people).")]
 
 
 def _apply_outputs() -> list[io.Output]:
@@ -606,13 +607,7 @@ class ApplyInfiniteYou(io.ComfyNode):
                                           "positive prompt) act only inside it; chain two for two people."),
                     _on_no_face_input("passes the conditioning through unchanged and says so on the node"),
                     _face_index_input("each reference photo (not of image_kps, which uses its largest)"),
-                    io.Boolean.Input("face_region", default=False, optional=True,
-                                     tooltip="The InfuseNet acts only inside the face's bounding box on the keypoint "
-                                             "image (the reference face's box without image_kps), placed on the latent "
-                                             "as ComfyUI places the hint; the prompt still acts everywhere."),
-                    io.Combo.Input("mask_scope", options=list(MASK_SCOPES), default=PROMPT_AND_IDENTITY, optional=True,
-                                   tooltip="What the mask limits. 'prompt and identity': this positive prompt and the "
-                                           "InfuseNet. 'identity only': only the InfuseNet; the prompt stays global."),
+                    *_region_inputs("InfuseNet", "InfuseNet"),
                     FaceEmbedsType.Input("face_embeds", optional=True,
                                          tooltip="A saved identity ('InstantID Load Identity (Face Embeds)') used instead of image. "
                                                  "It must hold the IR-SE50 embedding: save it from an InfiniteYou run."),
