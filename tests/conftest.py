@@ -6,11 +6,13 @@ while ComfyUI's own `nodes` module (put first at boot) wins over the pack's node
 ComfyUI tests use the `comfy` fixture: ComfyUI booted once in this process (CPU), the pack and a
 test-only node pack loaded as custom nodes, and generated models (tiny SDXL-layout UNet, tiny
 IdentityNet in diffusers format, an adapter with the real layout, a synthetic antelopev2) in a
-temporary ComfyUI base directory. Without ComfyUI those tests are skipped, and the report header
+temporary ComfyUI base directory (`comfy_booted` is the same ComfyUI before the models are
+written, for tests that need no model). Without ComfyUI those tests are skipped, and the report header
 says why in one line.
 """
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -19,6 +21,11 @@ from types import ModuleType
 
 import pytest
 
+# One torch thread in every test process and server (set before anything imports torch): the bed's
+# tensors are tiny, a second thread gives no speed (measured: same wall time, 40 % more CPU time),
+# and with two pytest workers or a server beside pytest on two cores, OpenMP's spinning threads make
+# a sampling step many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 FIXTURE_PACK = TESTS / "fixture_pack"
@@ -96,16 +103,24 @@ class ComfyBed:
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory: pytest.TempPathFactory) -> ComfyBed:
+def comfy_booted(tmp_path_factory: pytest.TempPathFactory) -> ComfyBed:
+    """ComfyUI booted with the pack and the fixture pack, its base directory still without models:
+    for the tests that only look at the registered nodes."""
     if COMFYUI is None:
         pytest.skip(why_not_found())
     from instantid.commands.embedded import EmbeddedComfyUI
     base = tmp_path_factory.mktemp("comfy-base")
     embedded = EmbeddedComfyUI.start(COMFYUI, cpu=True, base_directory=base, load_custom_nodes=False,
                                      extra_node_dirs=[REPO_ROOT, FIXTURE_PACK])
-    from support.server import write_fixture_models
-    write_fixture_models(base)
     return ComfyBed(embedded, base, sys.modules[str(REPO_ROOT).replace(".", "_x_")])
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_booted: ComfyBed) -> ComfyBed:
+    """The booted ComfyUI with the generated models in its base directory."""
+    from support.server import write_fixture_models
+    write_fixture_models(comfy_booted.base)
+    return comfy_booted
 
 
 @pytest.fixture

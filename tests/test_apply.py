@@ -26,9 +26,9 @@ def face_photo(cell: tuple[int, int] = FACE_CELL, g: int = FACE_GREEN, size: int
     return torch.from_numpy(pixels).float()[None] / 255.0
 
 
-def seeded_conditioning(seed: int) -> list:
+def seeded_conditioning(seed: int, tokens: int = 77) -> list:
     generator = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+    return [[torch.randn(1, tokens, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
 
 
 @dataclass

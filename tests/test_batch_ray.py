@@ -38,19 +38,18 @@ def no_proxy(monkeypatch):
 def local_ray():
     """One local Ray for the module: two CPUs, so two workers. Ray's processes inherit this
     environment: the workers' ComfyUI find the fixture pack's imports through PYTHONPATH, and run
-    torch on one thread each (two on two cores would spin against each other)."""
-    previous = {name: os.environ.get(name) for name in ("PYTHONPATH", "OMP_NUM_THREADS")}
-    os.environ.update(PYTHONPATH=SERVER_PYTHONPATH, OMP_NUM_THREADS="1")
+    torch on one thread each (conftest's OMP_NUM_THREADS)."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = SERVER_PYTHONPATH
     ray.init(num_cpus=2, **ray_batch.RAY_QUIET)
     try:
         yield
     finally:
         ray.shutdown()
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
 
 
 @pytest.fixture(scope="module")

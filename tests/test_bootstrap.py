@@ -29,7 +29,8 @@ def bare_environment(home: Path, repository: str) -> dict[str, str]:
 
 
 def run_comfyui_tests(env: dict[str, str]) -> subprocess.CompletedProcess:
-    """One small ComfyUI test of the suite, as run-tests would run it with this environment."""
+    """One small ComfyUI test of the suite, as run-tests would run it with this environment: it boots
+    ComfyUI but writes no model (the FLUX bed would be built again in the empty HOME's cache)."""
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_comfyui_bed.py",
                            "-k", "registered"], cwd=TESTS, env=env, capture_output=True, text=True, timeout=600)
 

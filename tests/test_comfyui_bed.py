@@ -35,7 +35,8 @@ def latent_values(result) -> list[float]:
     return stats["values"]
 
 
-def test_pack_nodes_are_registered_with_descriptions_and_tooltips(comfy):
+def test_pack_nodes_are_registered_with_descriptions_and_tooltips(comfy_booted):
+    comfy = comfy_booted
     expected = {"InstantIDModelLoader", "InstantIDFaceAnalysis", "FaceKeypointsPreprocessor", "ApplyInstantID",
                 "ApplyInstantIDAdvanced", "InstantIDAttentionPatch", "ApplyInstantIDControlNet"}
     registered = comfy.embedded.nodes.NODE_CLASS_MAPPINGS

@@ -5,11 +5,13 @@ it) and an InfuseNet (diffusers `FluxControlNetModel` keys with the InfuseNet co
 
 ComfyUI's FLUX detection fixes hidden size 3072 and 24 heads, so both keep the real widths and cut the
 depth to 1 double + 1 single block: ~0.5 G parameters each, ~1.1 GB each in bf16. Built once per
-machine (about half a minute) under the user cache, keyed by LAYOUT_VERSION, written atomically so
-that concurrent test sessions never read half a file; test bases link to them.
+machine (about half a minute) under the user cache, keyed by LAYOUT_VERSION, by one process at a time
+and written atomically, so that concurrent test sessions never read half a file nor build twice; test
+bases link to them.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -69,15 +71,20 @@ def infusenet_state(seed: int = 21) -> dict[str, torch.Tensor]:
 def _cached(name: str, build) -> Path:
     from safetensors.torch import save_file
     path = cache_dir() / name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".partial")
-        os.close(handle)
-        try:
-            save_file(build(), partial)
-            os.replace(partial, path)
-        finally:
-            Path(partial).unlink(missing_ok=True)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (the suite's two workers both need the files): the other waits, then finds them.
+    with open(path.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".partial")
+            os.close(handle)
+            try:
+                save_file(build(), partial)
+                os.replace(partial, path)
+            finally:
+                Path(partial).unlink(missing_ok=True)
     return path
 
 
