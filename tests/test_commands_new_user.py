@@ -16,7 +16,8 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from instantid.commands import cli, comfy_home, doctor, image_files, portrait
+from instantid import file_layouts
+from instantid.commands import cli, comfy_home, doctor, image_files
 from instantid.model_files import CATALOG, DEFAULT_CHECKPOINT, format_size
 from instantid.commands.comfy_home import PACK_ROOT
 from support.server import FIXTURE_PACK, free_port
@@ -159,18 +160,18 @@ VAE = {"first_stage_model.decoder.conv_out.weight": (3, 4, 3, 3)}
 
 
 def test_checkpoint_header_names_a_unet_only_file_and_one_without_text_encoders(tmp_path):
-    assert doctor.checkpoint_problem(_save(tmp_path / "full.safetensors", {**UNET, **ENCODERS, **VAE})) == (
+    assert file_layouts.checkpoint_problem(_save(tmp_path / "full.safetensors", {**UNET, **ENCODERS, **VAE})) == (
         None, "SDXL checkpoint: UNet, both text encoders, VAE")
-    assert doctor.checkpoint_problem(_save(tmp_path / "unet.safetensors", UNET))[0] == (
+    assert file_layouts.checkpoint_problem(_save(tmp_path / "unet.safetensors", UNET))[0] == (
         "it is a UNet-only file (no text encoders, no VAE): Load Checkpoint cannot use it; load it with Load Diffusion "
         "Model, or pass a full SDXL checkpoint")
-    assert doctor.checkpoint_problem(_save(tmp_path / "no-te.safetensors", {**UNET, **VAE}))[0] == (
+    assert file_layouts.checkpoint_problem(_save(tmp_path / "no-te.safetensors", {**UNET, **VAE}))[0] == (
         "it has no CLIP-L text encoder and no OpenCLIP-G text encoder: an SDXL checkpoint without its text encoders")
     sd15 = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 768),
             "cond_stage_model.transformer.text_model.final_layer_norm.weight": (4,)}
-    assert doctor.checkpoint_problem(_save(tmp_path / "sd15.safetensors", sd15))[0] == (
+    assert file_layouts.checkpoint_problem(_save(tmp_path / "sd15.safetensors", sd15))[0] == (
         "its UNet takes 768-wide text context (SD1.5 is 768, SD2 1024), not SDXL's 2048: it is not an SDXL checkpoint")
-    assert doctor.checkpoint_problem(_save(tmp_path / "vae.safetensors", VAE))[0] == (
+    assert file_layouts.checkpoint_problem(_save(tmp_path / "vae.safetensors", VAE))[0] == (
         "it has no UNet (no model.diffusion_model.* tensors): it is not a checkpoint")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import COMFYUI, REPO_ROOT
-from instantid import __version__
+from instantid import __version__, file_layouts
 from instantid.commands import cli, doctor
 from instantid.model_files import CATALOG, format_size
 from instantid.commands.comfy_home import PACK_ROOT, comfyui_version
@@ -173,7 +173,7 @@ DIFFUSERS_SDXL = {"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3), "co
 ])
 def test_identitynet_layout_from_the_safetensors_header(tmp_path, name, shapes, problem):
     path = _save_safetensors(tmp_path / f"{name}.safetensors", shapes)
-    reason, what = doctor.identitynet_problem(path)
+    reason, what = file_layouts.identitynet_problem(path)
     assert reason == problem
     assert what == ("diffusers SDXL ControlNet, 2 cross-attention layers with 2048-wide context" if problem is None else "")
 
@@ -183,11 +183,11 @@ def test_truncated_or_foreign_identitynet(tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-100])
     full = good.stat().st_size
-    assert doctor.identitynet_problem(truncated)[0] == (f"truncated or padded: its {full - 100} bytes are not what its "
+    assert file_layouts.identitynet_problem(truncated)[0] == (f"truncated or padded: its {full - 100} bytes are not what its "
                                                         "header describes; the download is incomplete")
     html = tmp_path / "page.safetensors"
     html.write_bytes(b"<html><body>rate limited</body></html>")
-    assert doctor.identitynet_problem(html)[0] == ("not a safetensors file (its header does not parse); the download is "
+    assert file_layouts.identitynet_problem(html)[0] == ("not a safetensors file (its header does not parse); the download is "
                                                    "damaged or it is another kind of file")
 
 
@@ -195,7 +195,7 @@ def test_adapter_with_the_wrong_layout_gets_the_loaders_message(tmp_path):
     from instantid.adapter import EXPECTED_LAYOUT
     path = tmp_path / "ip-adapter.bin"
     torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {}}, str(path))
-    problem = doctor.adapter_problem(path)
+    problem, _ = file_layouts.adapter_problem(path)
     assert problem is not None and str(path) in problem and EXPECTED_LAYOUT in problem
 
 

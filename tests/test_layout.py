@@ -14,7 +14,7 @@ DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid
                   "instantid.similarity", "instantid.progress", "instantid.identity", "instantid.identity_files", "instantid.face_crop", "instantid.paths",
                   "instantid.sdxl_checks", "instantid.resampling", "instantid.weights_files", "instantid.irse50",
                   "instantid.infiniteyou", "instantid.flux_apply",
-                  "instantid.model_files", "instantid.commands.fetch",
+                  "instantid.model_files", "instantid.file_layouts", "instantid.commands.fetch",
                   "instantid.commands.doctor", "instantid.commands.runner", "instantid.commands.embedded",
                   "instantid.commands.cli", "instantid.commands.bootstrap", "instantid.commands.portrait",
                   "instantid.commands.batch", "instantid.commands.ray_batch", "workflow_tools.builder",
@@ -90,6 +90,50 @@ def test_the_face_front_end_imports_no_back_end():
     for module in FRONT_END:
         reached = imported_modules(REPO_ROOT / "instantid" / f"{module}.py") & BACK_ENDS
         assert not reached, f"instantid/{module}.py imports the back end module(s) {sorted(reached)}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of the runtime package -> the package's modules it imports, deferred imports
+    included (`from . import x` names the module x when there is one, else the package)."""
+    import ast
+    files = {}
+    for path in (REPO_ROOT / "instantid").rglob("*.py"):
+        parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def module(dotted: str) -> str | None:
+        while dotted and dotted not in files:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+    graph = {}
+    for name, path in files.items():
+        package = (name if path.name == "__init__.py" else name.rpartition(".")[0]).split(".")
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1] if node.level else [])
+                source = ".".join(part for part in (base, node.module) if part)
+                targets |= {module(f"{source}.{alias.name}") if f"{source}.{alias.name}" in files else module(source)
+                            for alias in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {module(alias.name) for alias in node.names}
+        graph[name] = targets - {None, name}
+    return graph
+
+
+def test_no_import_cycle_deferred_imports_included():
+    graph = import_graph()
+    assert graph["instantid.commands.doctor"] >= {"instantid.file_layouts", "instantid.commands.model_folders"}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        for target in sorted(graph[name]):
+            assert target not in path, "import cycle: " + " -> ".join(path[path.index(target):] + [target])
+            if target not in done:
+                visit(target, path + [target])
+        done.add(name)
+    for name in sorted(graph):
+        visit(name, [name])
 
 
 def test_comfyui_is_found_through_comfyui_path(tmp_path, monkeypatch):
