@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from instantid.commands import comfy_home
+import pytest
+
+from instantid.commands import cli, comfy_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOMAIN_MODULES = ["resampler", "instantid.sdxl", "instantid.adapter", "instantid.faces", "instantid.keypoints",
@@ -66,6 +68,18 @@ def test_without_ray_doctor_ray_and_batch_ray_say_how_to_install_it(tmp_path):
            "'ray>=2.60'\n" in result.stderr
     assert "batch: error: give --comfyui URL (servers you run) or --ray [ADDRESS] (workers on Ray), one of the two" \
            in result.stderr
+
+
+@pytest.mark.parametrize("mode, option, message", [
+    (["--ray"], ["--per-server", "2"], "--per-server is for --comfyui, not --ray: a Ray worker runs one job at a time "
+                                       "on its own ComfyUI; leave it out"),
+    (["--ray"], ["--retry-delay", "1"], "--retry-delay is for --comfyui, not --ray: Ray restarts a lost worker itself"),
+    (["--comfyui", "http://127.0.0.1:1"], ["--workers", "2"], "--workers is for --ray, not --comfyui"),
+    (["--comfyui", "http://127.0.0.1:1"], ["--base-directory", "."], "--base-directory is for --ray, not --comfyui")])
+def test_a_batch_option_of_the_other_mode_is_refused_not_ignored(tmp_path, capsys, mode, option, message):
+    (tmp_path / "jobs.jsonl").write_text('{"face": "face.png"}\n')
+    assert cli.main(["batch", str(tmp_path / "jobs.jsonl"), *mode, *option]) == 1
+    assert message in capsys.readouterr().err
 
 
 FRONT_END = ["faces", "keypoints", "drawn_keypoints", "face_inputs", "identity", "identity_files", "regions",

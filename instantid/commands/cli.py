@@ -316,11 +316,25 @@ def _add_batch(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_batch)
 
 
+# The batch options of one mode, and why the other has no use for them: given there, they are refused.
+BATCH_SERVER_OPTIONS = {"--per-server": "a Ray worker runs one job at a time on its own ComfyUI",
+                        "--retry-delay": "Ray restarts a lost worker itself"}
+BATCH_RAY_OPTIONS = {"--workers": "the servers are the ones --comfyui names",
+                     "--base-directory": "each server has its own folders",
+                     "--extra-model-paths-config": "each server reads its own"}
+
+
 def _batch(args: argparse.Namespace) -> int:
     from .batch import BatchOptions, JobsError, read_jobs, run_batch
 
     if (args.ray is None) == (not args.comfyui):
         raise CommandError("give --comfyui URL (servers you run) or --ray [ADDRESS] (workers on Ray), one of the two")
+    mode, other, unused = (("--ray", "--comfyui", BATCH_SERVER_OPTIONS) if args.ray is not None else
+                           ("--comfyui", "--ray", BATCH_RAY_OPTIONS))
+    for flag, why in unused.items():
+        name = flag.removeprefix("--").replace("-", "_")
+        if getattr(args, name) is not None and name not in args.defaulted:
+            raise CommandError(f"{flag} is for {other}, not {mode}: {why}; leave it out")
     try:
         jobs = read_jobs(args.jobs)
         options = BatchOptions(tuple(args.comfyui or ()), args.out, per_server=args.per_server, retries=args.retries,
@@ -373,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if not verbose:
         logging.getLogger().addFilter(tracebacks)
     try:
+        args.defaulted = {name for name, value in vars(args).items() if isinstance(value, LazyDefault)}
         for name, value in vars(args).items():
             if isinstance(value, LazyDefault):
                 setattr(args, name, value.value())
