@@ -198,9 +198,30 @@ def test_comfyui_url_bounds_the_total_wait_and_cancels_the_prompt(tmp_path, caps
     assert queued == f"queued on {url} as prompt {fake.prompt_id}; waiting at most 1 s"
     assert line == (f"python -m instantid run: error: prompt {fake.prompt_id} did not finish within 1 s (--max-wait); "
                     f"it was cancelled on {url}; wait longer with --max-wait")
-    # Cancelled on the server: out of its queue, and interrupted should it be the running prompt.
+    # Cancelled on the server: out of its queue, interrupted should it be the running prompt, and gone.
     assert fake.posted[1:] == [{"delete": [fake.prompt_id]}, {"prompt_id": fake.prompt_id}]
-    assert [path for path in fake.requests if path in ("/queue", "/interrupt")] == ["/queue", "/interrupt"]
+    assert [path for path in fake.requests if path in ("/queue", "/interrupt")] == ["/queue", "/interrupt", "/queue"]
+    assert fake.running == []
+
+
+def test_an_interrupt_comfyui_drops_as_the_prompt_starts_is_sent_again():
+    """ComfyUI clears its interrupt flag when a prompt starts, so an interrupt landing then is lost:
+    cancel sends it again while the queue still shows the prompt running."""
+    fake = FakeComfyUI()
+    fake.running, fake.lost_interrupts = [fake.prompt_id], 1
+    with serve(fake) as url:
+        finishes_within(10, runner.ComfyServer(url).cancel, fake.prompt_id)
+    assert fake.running == [] and fake.requests.count("/interrupt") == 2
+
+
+def test_cancel_of_a_prompt_that_keeps_running_gives_up_after_the_settle_time():
+    fake = FakeComfyUI()
+    fake.running, fake.lost_interrupts = [fake.prompt_id], 10_000
+    with serve(fake) as url:
+        started = time.monotonic()
+        finishes_within(10, runner.ComfyServer(url).cancel, fake.prompt_id)
+    assert runner.CANCEL_SETTLE <= time.monotonic() - started < runner.CANCEL_SETTLE + 2
+    assert fake.running == [fake.prompt_id] and fake.requests.count("/interrupt") > 2
 
 
 @pytest.mark.parametrize("failure, message", [

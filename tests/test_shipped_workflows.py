@@ -137,7 +137,6 @@ def test_shipped_files_are_what_the_generator_writes(comfy):
 
 
 def test_the_thumbnail_is_a_drawing_of_the_graph():
-    from PIL import Image
     from workflow_tools import thumbnail
     workflow = load_ui_workflow(WORKFLOWS_DIR / "01 Basic portrait.json")
     picture = thumbnail.draw(workflow, {}, {"ApplyInstantID"})

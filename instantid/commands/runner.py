@@ -37,6 +37,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_WAIT = 1800.0
 DEFAULT_POLL_INTERVAL = 0.5
 PROGRESS_CONNECT_WAIT = 5.0
+CANCEL_SETTLE, CANCEL_RESEND = 2.0, 0.2
 
 class RunError(CommandError):
     """An expected failure; the message says what is wrong and what to do."""
@@ -446,9 +447,17 @@ class ComfyServer:
 
     def cancel(self, prompt_id: str) -> None:
         """Take the prompt off the server: out of the pending queue, then interrupted if it is the
-        running one (ComfyUI's /interrupt with a prompt_id leaves any other prompt alone)."""
+        running one (ComfyUI's /interrupt with a prompt_id leaves any other prompt alone). ComfyUI
+        clears its interrupt flag as a prompt starts, so an interrupt that lands just as the prompt
+        leaves the pending queue is lost: it is sent again while the queue still shows the prompt
+        running, for CANCEL_SETTLE seconds (after that the flag stands until its node next checks it)."""
+        deadline = time.monotonic() + CANCEL_SETTLE
         self.request("/queue", {"delete": [prompt_id]})
-        self.request("/interrupt", {"prompt_id": prompt_id})
+        while True:
+            self.request("/interrupt", {"prompt_id": prompt_id})
+            if prompt_id not in self.queued()[0] or time.monotonic() > deadline:
+                break
+            time.sleep(CANCEL_RESEND)
         log.debug("cancelled prompt %s on %s", prompt_id, self.url)
 
 

@@ -60,6 +60,8 @@ class FakeComfyUI:
         self.history_after: int | None = 1
         self.status: dict = {"status_str": "success", "completed": True, "messages": []}
         self.refusal: dict | None = None  # a 400 body for POST /prompt
+        self.running: list[str] = []  # a queued prompt runs until an interrupt takes it off
+        self.lost_interrupts = 0  # interrupts dropped, as ComfyUI drops one that lands as a prompt starts
         self.posted: list[dict] = []
         self.requests: list[str] = []
         self.lock = threading.Lock()
@@ -91,11 +93,19 @@ class _Handler(BaseHTTPRequestHandler):
             fake.requests.append(self.path)
             fake.posted.append(body)
         if self.path in ("/queue", "/interrupt"):  # ComfyUI answers both with an empty 200
+            with fake.lock:
+                if self.path == "/interrupt" and body.get("prompt_id") in fake.running:
+                    if fake.lost_interrupts:
+                        fake.lost_interrupts -= 1
+                    else:
+                        fake.running.remove(body["prompt_id"])
             return self._send(200, b"", "text/plain")
         if self.path != "/prompt":
             return self._json(404, {"error": "not found"})
         if fake.refusal is not None:
             return self._json(400, fake.refusal)
+        with fake.lock:
+            fake.running.append(fake.prompt_id)
         self._json(200, {"prompt_id": fake.prompt_id, "number": 0, "node_errors": {}})
 
     def do_GET(self) -> None:
@@ -106,6 +116,9 @@ class _Handler(BaseHTTPRequestHandler):
             polls = fake.history_polls()
         if url.path == "/object_info":
             return self._json(200, fake.object_info)
+        if url.path == "/queue":
+            return self._json(200, {"queue_running": [[0, prompt_id, {}, {}, []] for prompt_id in fake.running],
+                                    "queue_pending": []})
         if url.path == f"/history/{fake.prompt_id}":
             if fake.history_after is None or polls <= fake.history_after:
                 return self._json(200, {})
