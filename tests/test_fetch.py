@@ -115,8 +115,8 @@ def test_ctrl_c_mid_download_leaves_no_file_and_the_rerun_finishes(hub, tmp_path
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGINT)
     threading.Thread(target=interrupt_once_the_body_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        finishes_within(15, fetch.fetch_models, [entry], {"instantid": final.parent}, endpoint=hub.endpoint, timeout=5)
+    with pytest.raises(KeyboardInterrupt):  # in this thread, as Ctrl-C reaches the command (a stalled read ends it too)
+        fetch.fetch_models([entry], {"instantid": final.parent}, endpoint=hub.endpoint, timeout=5, retries=0)
     assert not final.exists()
     assert [name for name in files_under(final.parent) if not name.startswith(".ip-adapter.bin.download/")] == []
     del hub.stall_after[(entry.repo, entry.file)]
