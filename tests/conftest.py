@@ -7,8 +7,8 @@ ComfyUI tests use the `comfy` fixture: ComfyUI booted once in this process (CPU)
 test-only node pack loaded as custom nodes, and generated models (tiny SDXL-layout UNet, tiny
 IdentityNet in diffusers format, an adapter with the real layout, a synthetic antelopev2) in a
 temporary ComfyUI base directory (`comfy_booted` is the same ComfyUI before the models are
-written, for tests that need no model). Without ComfyUI those tests are skipped, and the report header
-says why in one line.
+written, for tests that need no model). Without ComfyUI those tests are skipped, and the report
+header says why in one line.
 """
 from __future__ import annotations
 

@@ -220,7 +220,7 @@ def test_cancel_of_a_prompt_that_keeps_running_gives_up_after_the_settle_time():
     with serve(fake) as url:
         started = time.monotonic()
         finishes_within(10, runner.ComfyServer(url).cancel, fake.prompt_id)
-    assert runner.CANCEL_SETTLE <= time.monotonic() - started < runner.CANCEL_SETTLE + 2
+    assert runner.CANCEL_SETTLE <= time.monotonic() - started < runner.CANCEL_SETTLE + 5
     assert fake.running == [fake.prompt_id] and fake.requests.count("/interrupt") > 2
 
 
